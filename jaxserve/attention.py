@@ -1,0 +1,81 @@
+"""Attention over the paged KV cache behind a small backend interface.
+
+A backend does two things per layer: write the step's new K/V into their cache slots, and attend
+the step's queries over the cache. The XLA backend (pure jnp, `pallas_kernels.reference`) runs
+everywhere and is the reference; the Pallas GPU backend plugs in with the same two methods.
+`pallas_kernels.select` picks one for the platform.
+
+Metadata is an explicit pytree argument of the jitted step (never global state):
+  slot_mapping   i32[T]      cache slot of each new token (block * block_size + offset); padding -> null block 0
+  positions      i32[T]      absolute position of each token (rope, causal mask)
+  token_seq_ids  i32[T]      row of each token in the sequence axis (padding tokens -> a padding row)
+  block_tables   i32[B, P]   pages of each sequence (padding entries -> null block 0)
+  seq_lens       i32[B]      context length incl. this step's tokens (0 for padding rows)
+  query_start_loc i32[B + 1] cu_q_lens: sequence b's tokens are [qsl[b], qsl[b+1]) on the token axis
+  decode_only    static bool every sequence has exactly one new token and T == B (the decode kernel applies)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class AttentionMetadata:
+    slot_mapping: jax.Array
+    positions: jax.Array
+    token_seq_ids: jax.Array
+    block_tables: jax.Array
+    seq_lens: jax.Array
+    query_start_loc: jax.Array
+    decode_only: bool = struct.field(pytree_node=False, default=False)
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def write_kv(self, k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
+                 meta: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
+        """k, v: [T, Hkv, D] -> caches [Hkv, num_blocks, block_size, D] with the new slots written."""
+
+    def attend(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, meta: AttentionMetadata,
+               scale: float) -> jax.Array:
+        """q: [T, Hq, D] -> [T, Hq, D], causal over each sequence's cached context."""
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaBackend:
+    """Pure-jnp paged attention: the CPU path and the numerical reference for the kernels."""
+
+    name: str = "xla"
+
+    def write_kv(self, k_cache, v_cache, k, v, meta):
+        from jaxserve.pallas_kernels.reference import kv_write_reference
+        return kv_write_reference(k_cache, v_cache, k, v, meta.slot_mapping)
+
+    def attend(self, q, k_cache, v_cache, meta, scale):
+        from jaxserve.pallas_kernels import reference as ref
+        if meta.decode_only:
+            return ref.paged_decode_reference(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+        return ref.ragged_attention_reference(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                              meta.query_start_loc, meta.token_seq_ids, meta.positions, scale)
+
+
+def get_backend(name: str = "auto") -> AttentionBackend:
+    """`auto` asks pallas_kernels.select for the platform's best; `xla` forces the reference path."""
+    if name == "xla":
+        return XlaBackend()
+    from jaxserve.pallas_kernels import select
+    return select.make_backend(name)
+
+
+def dummy_metadata(num_tokens: int, num_seqs: int, pages_per_seq: int, decode_only: bool = False) -> AttentionMetadata:
+    """All-padding metadata of the given bucket shape (warm-up, shape inference)."""
+    z = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
+    return AttentionMetadata(slot_mapping=z(num_tokens), positions=z(num_tokens), token_seq_ids=z(num_tokens),
+                             block_tables=z(num_seqs, pages_per_seq), seq_lens=z(num_seqs),
+                             query_start_loc=z(num_seqs + 1), decode_only=decode_only)

@@ -1,0 +1,139 @@
+"""Engine configuration: one frozen EngineConfig of small sub-configs, built from EngineArgs whose
+fields and CLI flags keep vLLM's names (`--block-size`, `--gpu-memory-utilization`, ...).
+
+Each component takes only the sub-config it needs. Nothing is read from the environment behind the
+config's back; the one exception is where JAX itself must be told before its backend starts
+(memory preallocation), which `jaxserve.platform` does from these values.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # a local HF folder (resolved path)
+    served_model_name: str
+    tokenizer: str | None  # folder; None with skip_tokenizer_init
+    dtype: str  # "bfloat16" | "float16" | "float32" after resolving "auto"
+    max_model_len: int
+    load_format: str = "auto"  # "auto" | "dummy" | "safetensors"
+    seed: int = 0
+    skip_tokenizer_init: bool = False
+    chat_template: str | None = None
+    max_logprobs: int = 20
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    swap_space: float = 0.0  # GiB of host memory for preempted KV; 0 = recompute
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory: int | None = None  # bytes; the CPU rule when set
+    kv_cache_dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: "object"  # jaxserve.scheduler.SchedulerConfig
+    parallel: ParallelConfig
+    device: str = "auto"  # "auto" | "cpu" | "gpu"
+    enforce_eager: bool = False
+    compile_cache_dir: str | None = None
+    async_scheduling: bool = True
+
+
+def _bool(v: str) -> bool:
+    return v.lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class EngineArgs:
+    """User-facing knobs with vLLM's names. `None` model means the embedded default (SmolLM2-135M-Instruct)."""
+
+    model: str | None = None
+    served_model_name: str | None = None
+    tokenizer: str | None = None
+    skip_tokenizer_init: bool = False
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    load_format: str = "auto"
+    seed: int = 0
+    chat_template: str | None = None
+    max_logprobs: int = 20
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    swap_space: float = 0.0
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory: int | None = None
+    kv_cache_dtype: str = "auto"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    device: str = "auto"
+    enforce_eager: bool = False
+    compile_cache_dir: str | None = None
+    async_scheduling: bool = True
+
+    HELP = {
+        "model": "Local HF model folder (config.json + safetensors). Default: the embedded SmolLM2-135M-Instruct.",
+        "served_model_name": "Model name clients send in requests (default: the --model value).",
+        "tokenizer": "HF tokenizer folder (default: the model folder).",
+        "skip_tokenizer_init": "Do not load a tokenizer: prompts and outputs are token ids only.",
+        "dtype": "Weight/activation dtype: auto (follow the checkpoint), bfloat16, float16, float32.",
+        "max_model_len": "Context length (prompt + output). Default: the model's max_position_embeddings.",
+        "load_format": "auto (safetensors), or dummy (random weights from config.json, for benchmarks).",
+        "seed": "Seed for dummy weights and for requests that give no seed.",
+        "chat_template": "Jinja chat template (file path or inline) overriding the tokenizer's.",
+        "max_logprobs": "Largest top-N logprobs a request may ask for.",
+        "block_size": "Tokens per KV-cache page (16, 32, 64 or 128).",
+        "gpu_memory_utilization": "Share of device memory for weights + activations + KV cache (0..1].",
+        "swap_space": "GiB of host memory for KV blocks of preempted requests (0: preemption recomputes).",
+        "enable_prefix_caching": "Reuse KV blocks of identical prompt prefixes (true/false).",
+        "num_gpu_blocks_override": "Exact number of KV blocks (tests and experts).",
+        "kv_cache_memory": "Bytes for the KV cache; the rule on CPU, where no memory statistics exist.",
+        "kv_cache_dtype": "KV cache dtype: auto (the model dtype).",
+        "max_num_seqs": "Most requests running at once.",
+        "max_num_batched_tokens": "Token budget per step (also the chunked-prefill chunk). Default 2048 (512 on CPU).",
+        "tensor_parallel_size": "Devices to shard each layer over (tensor parallelism).",
+        "pipeline_parallel_size": "Pipeline stages.",
+        "device": "auto, cpu or gpu. gpu fails loudly if JAX fell back to CPU.",
+        "enforce_eager": "Compile step shapes lazily instead of at warm-up.",
+        "compile_cache_dir": "JAX persistent compilation cache folder (default ~/.cache/jaxserve/xla).",
+        "async_scheduling": "Prepare step t+1 on the host while the device runs step t.",
+    }
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default
+            kind = f.type if isinstance(f.type, str) else str(f.type)
+            if "bool" in kind:
+                parser.add_argument(flag, type=_bool, nargs="?", const=True, default=default,
+                                    help=cls.HELP[f.name] + f" (default: {default})")
+            elif "int" in kind:
+                parser.add_argument(flag, type=int, default=default, help=cls.HELP[f.name])
+            elif "float" in kind:
+                parser.add_argument(flag, type=float, default=default, help=cls.HELP[f.name])
+            else:
+                parser.add_argument(flag, type=str, default=default, help=cls.HELP[f.name])
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> "EngineArgs":
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})

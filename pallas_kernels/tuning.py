@@ -1,0 +1,65 @@
+"""Tuning knobs of the Pallas attention kernels, kept off the kernels' public signatures.
+
+The defaults are first guesses for Hopper/Ampere (H100: 132 SMs) until the lead's GPU sweep
+(`scripts/bench_kernels.py`) replaces them with measured values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Programs wanted in flight per launch: ~2 per SM on an H100, so a small decode batch still fills the chip.
+_TARGET_PROGRAMS = 264
+
+
+def next_pow2(x: int) -> int:
+  return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTuning:
+  """Paged decode kernel.
+
+  pages_per_compute_block: pages gathered per inner step (power of 2); keys per step = this * block_size.
+  num_splits: split-K partitions of each sequence's context, merged with log-sum-exp; 0 = pick from shape.
+  num_warps, num_stages: Triton launch parameters.
+  """
+  pages_per_compute_block: int = 0  # 0 = enough pages for ~128 keys per step
+  num_splits: int = 0
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def resolve(self, batch: int, num_kv_heads: int, pages_per_seq: int, block_size: int) -> "DecodeTuning":
+    """Fills the 0 (= auto) fields for one call's static shape."""
+    ppcb = self.pages_per_compute_block or max(1, 128 // block_size)
+    ppcb = min(ppcb, next_pow2(pages_per_seq))
+    splits = self.num_splits
+    if splits == 0:
+      # Enough programs to fill the chip, but each split keeps >= 2 compute blocks of work (the merge and the
+      # per-split q load are not free).
+      want = max(1, _TARGET_PROGRAMS // max(1, batch * num_kv_heads))
+      splits = max(1, min(want, pages_per_seq // (2 * ppcb), 16))
+    return dataclasses.replace(self, pages_per_compute_block=ppcb, num_splits=splits)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillTuning:
+  """Ragged prefill kernel.
+
+  block_q: query tokens per program (power of 2); rows per tile = block_q * padded group size; 0 = ~128 rows.
+  pages_per_compute_block: pages per inner step (power of 2); 0 = ~64 keys per step.
+  """
+  block_q: int = 0
+  pages_per_compute_block: int = 0
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def resolve(self, group_padded: int, block_size: int, pages_per_seq: int) -> "PrefillTuning":
+    bq = self.block_q or max(16 // min(group_padded, 16), 128 // group_padded, 1)
+    ppcb = self.pages_per_compute_block or max(1, 64 // block_size)
+    ppcb = min(ppcb, next_pow2(pages_per_seq))
+    return dataclasses.replace(self, block_q=bq, pages_per_compute_block=ppcb)
+
+
+DEFAULT_DECODE = DecodeTuning()
+DEFAULT_PREFILL = PrefillTuning()
