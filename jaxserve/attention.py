@@ -67,7 +67,8 @@ class XlaBackend:
 
 def get_backend(name: str = "auto") -> AttentionBackend:
     """`auto` asks pallas_kernels.select for the platform's best; `xla` forces the reference path."""
-    if name == "xla":
+    import jax
+    if name == "xla" or (name == "auto" and jax.devices()[0].platform == "cpu"):
         return XlaBackend()
     from jaxserve.pallas_kernels import select
     return select.make_backend(name)

@@ -182,7 +182,7 @@ def _counts(ids: jax.Array, v: int) -> jax.Array:
 def process_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
     """Step 1 of the note: logit_bias, min_tokens mask, penalties. f32[S, V] -> f32[S, V]."""
     f, (s, v) = md.flags, logits.shape
-    x = logits.astype(jnp.float32)
+    x = jnp.asarray(logits, jnp.float32)
     rows = jnp.arange(s)[:, None]  # (S, 1)
     if f.logit_bias:
         x = x.at[rows, _ids_or_drop(md.bias_ids, v)].add(md.bias_values, mode="drop")
@@ -240,7 +240,7 @@ def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
     if not f.all_greedy:
         greedy = md.temperature <= 0.0
         t = jnp.where(greedy, 1.0, md.temperature)[:, None]  # (S, 1), no 0-division
-        y = _truncate(x / t, md)
+        y = _truncate(x, md) / t
         drawn = jax.vmap(jax.random.categorical)(row_keys(md), y).astype(jnp.int32)  # (S,)
         tokens = jnp.where(greedy, tokens, drawn)
 

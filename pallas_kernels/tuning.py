@@ -48,17 +48,19 @@ class PrefillTuning:
 
   block_q: query tokens per program (power of 2); rows per tile = block_q * padded group size; 0 = ~128 rows.
   pages_per_compute_block: pages per inner step (power of 2); 0 = ~64 keys per step.
+  num_warps, num_stages: Triton launch parameters.
   """
   block_q: int = 0
   pages_per_compute_block: int = 0
-  num_warps: int = 4
+  num_warps: int = 0  # 0 = 8 when the f32 accumulator tile is >= 128 x 128, else 4
   num_stages: int = 2
 
-  def resolve(self, group_padded: int, block_size: int, pages_per_seq: int) -> "PrefillTuning":
+  def resolve(self, group_padded: int, block_size: int, pages_per_seq: int, head_dim: int) -> "PrefillTuning":
     bq = self.block_q or max(16 // min(group_padded, 16), 128 // group_padded, 1)
     ppcb = self.pages_per_compute_block or max(1, 64 // block_size)
     ppcb = min(ppcb, next_pow2(pages_per_seq))
-    return dataclasses.replace(self, block_q=bq, pages_per_compute_block=ppcb)
+    warps = self.num_warps or (8 if bq * group_padded * head_dim >= 128 * 128 else 4)
+    return dataclasses.replace(self, block_q=bq, pages_per_compute_block=ppcb, num_warps=warps)
 
 
 DEFAULT_DECODE = DecodeTuning()

@@ -1,0 +1,307 @@
+"""LLMEngine: `step()` = schedule -> run -> update. The offline LLM and the async server engine wrap it.
+
+One user request is a group of `n` sample records (`Request`): the parent is scheduled alone; when
+its prompt completes, the runner draws n first tokens from its last logits and children fork off
+sharing its KV blocks (copy-on-write). Detokenization, stop strings and logprob dicts are done here
+on the host; stop ids and max_tokens end a sample the step its token is appended.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxserve.request import Request, RequestStatus
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.tokenizer import find_stop_string, stop_string_holdback
+
+log = logging.getLogger("jaxserve")
+
+
+@dataclass
+class _Sample:
+    req: Request
+    seed: int
+    detok: object = None  # IncrementalDetokenizer
+    text: str = ""  # text after stop-string handling
+    logprobs: list | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _Group:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    arrival_time: float
+    prompt_logprobs: list | None = None
+    finished_sent: bool = False
+    metrics: RequestMetrics = field(default=None)
+
+
+class LLMEngine:
+    def __init__(self, *, config, arch, tokenizer, runner, scheduler, generation_defaults: dict):
+        self.config = config
+        self.model_config = config.model
+        self.arch = arch
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.scheduler = scheduler
+        self.block_manager = scheduler.block_manager
+        self.generation_defaults = generation_defaults
+        self.groups: dict[str, _Group] = {}
+        self._rng = np.random.default_rng(config.model.seed)
+        self.stats_counters = dict(prompt_tokens_total=0, generation_tokens_total=0, num_steps=0,
+                                   last_step_tokens=0)
+        self.finished_listeners: list = []
+
+    @classmethod
+    def from_engine_args(cls, args) -> LLMEngine:
+        from jaxserve.engine_builder import build_engine
+        return build_engine(cls, args)
+
+    # ------------------------------------------------------------------------------------- requests
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams(**{k: v for k, v in self.generation_defaults.items()
+                                 if k in SamplingParams.__dataclass_fields__})
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine was started with skip_tokenizer_init: give prompt_token_ids, not text")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not all(isinstance(t, (int, np.integer)) for t in ids):
+            raise ValueError("a prompt must be a string or a list of token ids")
+        return None, [int(t) for t in ids]
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request. ValueError (the server's 400) for anything that could never be served."""
+        params = params or self.default_sampling_params()
+        text, ids = self._tokenize(prompt)
+        max_len = self.model_config.max_model_len
+        vocab = self.arch.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.logit_bias and any(not 0 <= t < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if len(ids) >= max_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context length (max_model_len) is "
+                             f"{max_len}: at most {max_len - 1} prompt tokens leave room for one output token")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > max_len:
+            raise ValueError(f"this model's context length is {max_len} tokens, but {len(ids)} prompt tokens + "
+                             f"max_tokens {params.max_tokens} = {len(ids) + params.max_tokens}; lower max_tokens "
+                             f"or shorten the prompt")
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stop_ids = set(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            stop_ids |= set(self._eos_ids())
+        params.all_stop_token_ids = stop_ids
+        base_seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
+        now = arrival_time or time.monotonic()
+        req = Request(request_id, ids, params, arrival_time=now)
+        self.scheduler.add(req)  # may raise: can never fit the KV cache
+        g = _Group(request_id, text, ids, params, [], now, metrics=RequestMetrics(arrival_time=now))
+        g.samples = [self._new_sample(req, base_seed)] + [None] * (params.n - 1)
+        g.base_seed = base_seed
+        if params.prompt_logprobs is not None:
+            g.prompt_logprobs = [None]
+        self.groups[request_id] = g
+        self.stats_counters["prompt_tokens_total"] += len(ids)
+
+    def _eos_ids(self) -> list[int]:
+        if self.tokenizer is not None:
+            return list(self.tokenizer.stop_token_ids)
+        return list(self.arch.eos_token_ids)
+
+    def _new_sample(self, req: Request, seed: int) -> _Sample:
+        s = _Sample(req, seed, logprobs=[] if req.sampling_params.logprobs is not None else None)
+        if self.tokenizer is not None and req.sampling_params.detokenize:
+            s.detok = self.tokenizer.incremental_detokenizer(req.prompt_token_ids,
+                                                             req.sampling_params.skip_special_tokens)
+        return s
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        g = self.groups.pop(request_id, None)
+        if g is None:
+            return None
+        self.scheduler.abort(request_id)
+        for s in g.samples:
+            if s is not None and s.finish_reason is None:
+                s.finish_reason = "abort"
+        return self._output(g)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ----------------------------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        runner = self.runner
+        runner.run_block_ops(out)
+        batch = runner.prepare(out)
+        self.stats_counters["last_step_tokens"] = batch.num_tokens
+        self.stats_counters["num_steps"] += 1
+        if not out.scheduled:
+            return []
+        logits, all_logits = runner.forward(batch)
+        seeds = [self._group_of(r.request).base_seed + r.sample_index for r in batch.rows]
+        sampled = runner.sample(logits, batch, seeds) if batch.rows else None
+        plp = runner.prompt_logprobs(all_logits, batch) if batch.prompt_logprob_spans else {}
+        want_lp = any(r.request.sampling_params.logprobs is not None for r in batch.rows)
+        host = _to_host(sampled, len(batch.rows), want_lp) if sampled is not None else None
+        self.scheduler.on_step_done(out)
+        for rid, res in plp.items():
+            self._add_prompt_logprobs(self.groups[rid], *res)
+        touched: dict[str, _Group] = {}
+        children: dict[str, list[Request]] = {}
+        ended: list[tuple[Request, RequestStatus]] = []
+        for i, row in enumerate(batch.rows):
+            req = row.request
+            g = self.groups.get(self._group_id(req))
+            if g is None or req.is_finished:
+                continue
+            touched[g.request_id] = g
+            if req.parent is None and req.sampling_params.n > 1 and row.sample_index > 0:
+                req = self._fork(g, req, row.sample_index)
+                children.setdefault(g.request_id, []).append(req)
+            status = self._append(g, req, host, i)
+            if status is not None:
+                ended.append((req, status))
+        # Children join before anyone finishes: a parent done at its first token still lends its blocks.
+        done = {id(r) for r, _ in ended}
+        for gid, kids in children.items():
+            self.scheduler.fork_children(self.groups[gid].samples[0].req, [c for c in kids if id(c) not in done])
+        for req, status in ended:
+            self.scheduler.finish(req, status)
+            req.status = status
+        outputs = [self._output(g) for g in touched.values()]
+        for g, o in zip(touched.values(), outputs):
+            if o.finished:
+                self.groups.pop(g.request_id, None)
+                g.metrics.finished_time = time.monotonic()
+                for fn in self.finished_listeners:
+                    fn(g, o)
+        return outputs
+
+    @staticmethod
+    def _group_id(req: Request) -> str:
+        return req.parent.request_id if req.parent is not None else req.request_id
+
+    def _group_of(self, req: Request) -> _Group:
+        return self.groups[self._group_id(req)]
+
+    def _fork(self, g: _Group, parent: Request, index: int) -> Request:
+        child = Request(f"{parent.request_id}#{index}", parent.prompt_token_ids, parent.sampling_params,
+                        arrival_time=parent.arrival_time, sample_index=index, parent=parent)
+        g.samples[index] = self._new_sample(child, g.base_seed + index)
+        return child  # joins the scheduler (fork_children) once all n first tokens are appended
+
+    def _append(self, g: _Group, req: Request, host, i: int) -> RequestStatus | None:
+        """Append row i's sampled token to req; returns the status that ends it, if any."""
+        s = g.samples[req.sample_index]
+        tok = int(host["ids"][i])
+        sp = req.sampling_params
+        now = time.monotonic()
+        req.append_token(tok)
+        req.first_token_time = req.first_token_time or now
+        req.last_token_time = now
+        if g.metrics.first_token_time is None:
+            g.metrics.first_token_time = now
+            g.metrics.first_scheduled_time = req.first_scheduled_time
+            g.metrics.num_cached_tokens = req.num_cached_tokens
+        g.metrics.last_token_time = now
+        self.stats_counters["generation_tokens_total"] += 1
+        if s.logprobs is not None or "lp" in host:
+            lp = float(host["lp"][i])
+            s.cumulative_logprob += lp
+            if s.logprobs is not None:
+                s.logprobs.append(self._logprob_dict(tok, lp, int(host["rank"][i]), host["top_ids"][i],
+                                                     host["top_lp"][i], sp.logprobs))
+        status = None
+        if req.num_output_tokens >= sp.min_tokens and tok in sp.all_stop_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+            s.stop_reason = tok if tok in sp.stop_token_ids else None  # eos: None, as vLLM
+        if s.detok is not None and (status is None or sp.include_stop_str_in_output):
+            before = len(s.detok.text)
+            s.detok.add(tok)
+            s.text = s.detok.text
+            if status is None and sp.stop:
+                cut, stop = find_stop_string(s.text, sp.stop, sp.include_stop_str_in_output, before)
+                if stop is not None:
+                    status, s.stop_reason, s.text = RequestStatus.FINISHED_STOPPED, stop, cut
+        if status is None and sp.max_tokens is not None and req.num_output_tokens >= sp.max_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is None and req.num_tokens >= self.model_config.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            s.finish_reason = status.value
+        return status
+
+    def _logprob_dict(self, tok, lp, rank, top_ids, top_lp, n) -> dict[int, Logprob]:
+        d = {tok: Logprob(lp, rank, self._decode_token(tok))}
+        for j in range(n or 0):
+            t = int(top_ids[j])
+            if t not in d:
+                d[t] = Logprob(float(top_lp[j]), j + 1, self._decode_token(t))
+        return d
+
+    def _decode_token(self, tok: int) -> str | None:
+        return self.tokenizer.decode([tok], skip_special_tokens=False) if self.tokenizer is not None else None
+
+    def _add_prompt_logprobs(self, g: _Group, first_pos, tok_lp, rank, top_ids, top_lp) -> None:
+        n = g.params.prompt_logprobs
+        for j in range(len(tok_lp)):
+            tok = g.prompt_token_ids[first_pos + j]
+            g.prompt_logprobs.append(self._logprob_dict(tok, float(tok_lp[j]), int(rank[j]), top_ids[j], top_lp[j], n))
+
+    def _output(self, g: _Group) -> RequestOutput:
+        outs = []
+        for i, s in enumerate(g.samples):
+            if s is None:
+                continue
+            text = s.text
+            if s.finish_reason is None and g.params.stop:  # never show a partial stop string
+                text = text[:len(text) - stop_string_holdback(text, g.params.stop)]
+            outs.append(CompletionOutput(i, text, list(s.req.output_token_ids),
+                                         s.cumulative_logprob if s.logprobs is not None else None,
+                                         s.logprobs, s.finish_reason, s.stop_reason))
+        finished = len(outs) == g.params.n and all(o.finish_reason for o in outs)
+        return RequestOutput(g.request_id, g.prompt, g.prompt_token_ids, g.prompt_logprobs, outs, finished,
+                             g.metrics, g.metrics.num_cached_tokens)
+
+    # ---------------------------------------------------------------------------------------- stats
+    def stats(self) -> dict:
+        bm, sch = self.block_manager, self.scheduler
+        return dict(num_running=sch.num_running, num_waiting=sch.num_waiting, num_swapped=sch.num_swapped,
+                    kv_cache_usage=bm.usage, num_preemptions_total=sch.num_preemptions_total,
+                    prefix_cache_queries_total=getattr(bm, "prefix_queries", 0),
+                    prefix_cache_hits_total=getattr(bm, "prefix_hits", 0), **self.stats_counters)
+
+
+def _to_host(so, n: int, want_logprobs: bool) -> dict:
+    """The one device->host transfer of a step: sampled ids (and logprobs when a row asked for them)."""
+    d = {"ids": np.asarray(so.token_ids)[:n]}
+    if want_logprobs:
+        d["lp"] = np.asarray(so.logprob)[:n]
+        d["rank"] = np.asarray(so.ranks)[:n]
+        d["top_ids"] = np.asarray(so.top_ids)[:n]
+        d["top_lp"] = np.asarray(so.top_logprobs)[:n]
+    return d

@@ -1,0 +1,160 @@
+"""EngineArgs -> a running LLMEngine: platform, model folder, weights, KV cache sizing, warm-up.
+
+Order matters: JAX's platform is configured first (memory fraction, compile cache), then weights
+load, a profiling step measures peak activation memory, the KV cache takes what is left, and
+every step shape is compiled before the first request.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import CacheConfig, EngineArgs, EngineConfig, ModelConfig, ParallelConfig
+from jaxserve.platform import init_platform
+
+log = logging.getLogger("jaxserve")
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """A local HF folder: the given path, a snapshot in the local HF cache, or the embedded default."""
+    if model is None:
+        from jaxserve.models.default_model import default_model_path
+        return default_model_path()
+    p = Path(model).expanduser()
+    if (p / "config.json").exists():
+        return p.resolve()
+    hub = Path.home() / ".cache" / "huggingface" / "hub" / f"models--{model.replace('/', '--')}" / "snapshots"
+    snaps = sorted(hub.glob("*/config.json"), key=lambda f: f.stat().st_mtime) if hub.exists() else []
+    if snaps:
+        return snaps[-1].parent
+    raise StartupError(f"model {model!r} is neither a local folder with a config.json nor in the local HF cache "
+                       f"({hub.parent}); jaxserve never reaches a model hub: download the model elsewhere and "
+                       f"pass --model /path/to/folder (or omit --model for the embedded SmolLM2-135M-Instruct)")
+
+
+def _generation_defaults(path: Path) -> dict:
+    try:
+        gc = json.loads((path / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    keys = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+            "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+    out = {v: gc[k] for k, v in keys.items() if gc.get(k) is not None}
+    if gc.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def make_config(args: EngineArgs, path: Path, arch) -> EngineConfig:
+    from jaxserve.scheduler import SchedulerConfig
+    dtype = arch.checkpoint_dtype if args.dtype == "auto" else {"half": "float16", "bf16": "bfloat16"}.get(
+        args.dtype, args.dtype)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise StartupError(f"--dtype {args.dtype!r} is not supported (auto, bfloat16, float16, float32)")
+    max_len = args.max_model_len or arch.max_position_embeddings
+    if arch.sliding_window and max_len > arch.sliding_window:
+        if args.max_model_len:
+            raise StartupError(f"{arch.architecture} uses sliding-window attention (window {arch.sliding_window}), "
+                               f"which jaxserve does not implement; --max-model-len {max_len} exceeds the window. "
+                               f"Pass --max-model-len {arch.sliding_window} or less (there it equals full attention)")
+        max_len = arch.sliding_window
+        log.warning("sliding window %d: max_model_len limited to it (full attention is exact there)", max_len)
+    if max_len > arch.max_position_embeddings and not arch.rope_scaling:
+        raise StartupError(f"--max-model-len {max_len} exceeds the model's max_position_embeddings "
+                           f"({arch.max_position_embeddings})")
+    if args.block_size not in (8, 16, 32, 64, 128):
+        raise StartupError(f"--block-size must be one of 8, 16, 32, 64, 128 (got {args.block_size})")
+    on_cpu = jax.devices()[0].platform == "cpu"
+    budget = args.max_num_batched_tokens or (512 if on_cpu else 2048)
+    tok = None if args.skip_tokenizer_init else str(Path(args.tokenizer).expanduser() if args.tokenizer else path)
+    model = ModelConfig(model=str(path), served_model_name=args.served_model_name or args.model or path.name,
+                        tokenizer=tok, dtype=dtype, max_model_len=max_len, load_format=args.load_format,
+                        seed=args.seed, skip_tokenizer_init=args.skip_tokenizer_init,
+                        chat_template=_read_template(args.chat_template), max_logprobs=args.max_logprobs)
+    cache = CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                        swap_space=args.swap_space, enable_prefix_caching=args.enable_prefix_caching,
+                        num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_memory=args.kv_cache_memory)
+    sched = SchedulerConfig(max_model_len=max_len, max_num_seqs=args.max_num_seqs,
+                            max_num_batched_tokens=max(budget, args.max_num_seqs) if budget < args.max_num_seqs
+                            else budget)
+    return EngineConfig(model=model, cache=cache, scheduler=sched,
+                        parallel=ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size),
+                        device=args.device, enforce_eager=args.enforce_eager,
+                        compile_cache_dir=args.compile_cache_dir, async_scheduling=args.async_scheduling)
+
+
+def _read_template(t: str | None) -> str | None:
+    if t and Path(t).expanduser().is_file():
+        return Path(t).expanduser().read_text()
+    return t
+
+
+def build_engine(cls, args: EngineArgs):
+    t_start = time.perf_counter()
+    init_platform(args.device, args.gpu_memory_utilization, args.compile_cache_dir)
+    from jaxserve.attention import get_backend
+    from jaxserve.block_manager import BlockManager
+    from jaxserve.kv_cache import HostSwapSpace, bytes_per_block, kv_memory_budget
+    from jaxserve.model_runner import ModelRunner
+    from jaxserve.models.arch import load_arch
+    from jaxserve.models.llama import abstract_params
+    from jaxserve.models.loader import load_params
+    from jaxserve.models.registry import build_model
+    from jaxserve.scheduler import Scheduler
+    from jaxserve.tokenizer import load_tokenizer
+
+    path = resolve_model_path(args.model)
+    arch = load_arch(path)
+    config = make_config(args, path, arch)
+    if config.parallel.tensor_parallel_size != 1 or config.parallel.pipeline_parallel_size != 1:
+        raise StartupError("tensor/pipeline parallelism is not built yet: use --tensor-parallel-size 1")
+    mc, cc = config.model, config.cache
+    tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.tokenizer)
+    if tokenizer is not None and mc.chat_template:
+        tokenizer.hf.chat_template = mc.chat_template
+    backend = get_backend("auto")
+    model = build_model(arch, mc.dtype, backend)
+    shapes, specs = abstract_params(model)
+    t0 = time.perf_counter()
+    params = load_params(path, arch, mc.dtype, shapes, specs, load_format=mc.load_format, seed=mc.seed)
+    load_s = time.perf_counter() - t0
+    kv_dtype = jnp.dtype(mc.dtype)
+    sc = config.scheduler
+    runner = ModelRunner(model, params, arch, block_size=cc.block_size, max_model_len=mc.max_model_len,
+                         max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
+                         kv_dtype=kv_dtype)
+    per_block = bytes_per_block(arch, cc.block_size, kv_dtype)
+    if cc.num_gpu_blocks_override:
+        num_blocks, why = cc.num_gpu_blocks_override, "--num-gpu-blocks-override"
+    else:
+        runner.profile_run()
+        budget, why = kv_memory_budget(jax.devices(), cc.gpu_memory_utilization, cc.kv_cache_memory)
+        num_blocks = budget // per_block
+    need = -(-mc.max_model_len // cc.block_size) + 1  # one full-length sequence plus the null block
+    if num_blocks < need:
+        raise StartupError(
+            f"max_model_len {mc.max_model_len} needs {need - 1} KV blocks of {cc.block_size} tokens "
+            f"({(need - 1) * per_block / 2**30:.2f} GiB) but only {max(num_blocks - 1, 0)} fit "
+            f"({max(num_blocks, 0) * per_block / 2**30:.2f} GiB by {why}); lower --max-model-len, or raise "
+            f"--gpu-memory-utilization / --kv-cache-memory / --num-gpu-blocks-override")
+    host_blocks = HostSwapSpace.blocks_for(cc.swap_space, arch, cc.block_size, kv_dtype) if cc.swap_space else 0
+    runner.allocate_kv(num_blocks, host_blocks)
+    log.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s); %d host swap blocks", num_blocks, cc.block_size,
+             num_blocks * per_block / 2**30, why, host_blocks)
+    compile_s = 0.0 if config.enforce_eager else runner.warmup()
+    bm = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching, host_blocks)
+    engine = cls(config=config, arch=arch, tokenizer=tokenizer, runner=runner, scheduler=Scheduler(sc, bm),
+                 generation_defaults=_generation_defaults(path))
+    engine.startup_times = dict(load_s=load_s, compile_s=compile_s, total_s=time.perf_counter() - t_start)
+    log.info("engine ready in %.1f s (weights %.1f s, compile %.1f s)", engine.startup_times["total_s"], load_s,
+             compile_s)
+    return engine

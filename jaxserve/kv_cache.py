@@ -1,0 +1,105 @@
+"""KV cache pages on the device: sizing, allocation, block copies (copy-on-write) and swap.
+
+Layout: a tuple over layers of (k, v), each [num_kv_heads, num_blocks, block_size, head_dim] (the
+layout of jax's bundled paged attention). Block 0 is the null page padding points at.
+
+Sizing (nano-vllm's rule): after the weights are loaded and a profiling step has run at the
+largest token bucket, the KV cache gets what is left of `gpu_memory_utilization` of the device:
+  blocks = (util * device bytes - peak bytes in use) / bytes per block (all layers, k and v).
+On CPU there are no memory statistics: `kv_cache_memory` bytes if given, else min(4 GiB, 25% of
+available host memory) (the stated rule). `num_gpu_blocks_override` wins over both.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.models.arch import ArchConfig
+
+log = logging.getLogger(__name__)
+CPU_DEFAULT_MAX = 4 << 30
+
+
+def bytes_per_block(arch: ArchConfig, block_size: int, dtype, num_kv_heads: int | None = None) -> int:
+    heads = num_kv_heads or arch.num_kv_heads
+    return 2 * arch.num_layers * heads * block_size * arch.head_dim * jnp.dtype(dtype).itemsize
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 8 << 30
+
+
+def kv_memory_budget(devices, gpu_memory_utilization: float, kv_cache_memory: int | None) -> tuple[int, str]:
+    """Bytes the KV cache may take on each device, and how that number was reached."""
+    if kv_cache_memory:
+        return int(kv_cache_memory), "--kv-cache-memory"
+    stats = devices[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return min(CPU_DEFAULT_MAX, _host_available() // 4), "CPU rule: min(4 GiB, 25% of available memory)"
+    # JAX's allocator was given util * device memory (platform.init_platform); the limit is that share.
+    limit = stats["bytes_limit"]
+    peak = max(stats.get("peak_bytes_in_use", 0), stats.get("bytes_in_use", 0))
+    return max(0, int(limit - peak)), (f"{gpu_memory_utilization:.0%} of device memory minus "
+                                       f"{peak / 2**30:.2f} GiB peak after profiling")
+
+
+def allocate(arch: ArchConfig, num_blocks: int, block_size: int, dtype, sharding=None, num_kv_heads=None):
+    heads = num_kv_heads or arch.num_kv_heads
+    shape = (heads, num_blocks, block_size, arch.head_dim)
+    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return tuple((make(), make()) for _ in range(arch.num_layers))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def copy_blocks(kv_caches, src: jax.Array, dst: jax.Array):
+    """Copy pages src[i] -> dst[i] in every layer (copy-on-write). src, dst: i32[n]."""
+    return jax.tree.map(lambda c: c.at[:, dst].set(c[:, src]), kv_caches)
+
+
+@jax.jit
+def gather_blocks(kv_caches, ids: jax.Array):
+    """-> per layer (k, v) of [heads, n, block_size, head_dim]: the pages to swap out."""
+    return jax.tree.map(lambda c: c[:, ids], kv_caches)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def scatter_blocks(kv_caches, ids: jax.Array, pages):
+    return jax.tree.map(lambda c, p: c.at[:, ids].set(p), kv_caches, pages)
+
+
+class HostSwapSpace:
+    """Host-memory pages for preempted requests' KV (vLLM's --swap-space), numpy, same layout."""
+
+    def __init__(self, arch: ArchConfig, num_blocks: int, block_size: int, dtype, num_kv_heads=None):
+        heads = num_kv_heads or arch.num_kv_heads
+        shape = (arch.num_layers, 2, heads, num_blocks, block_size, arch.head_dim)
+        self.pages = np.zeros(shape, dtype=jnp.dtype(dtype))
+        self.num_blocks = num_blocks
+
+    @staticmethod
+    def blocks_for(swap_space_gib: float, arch: ArchConfig, block_size: int, dtype) -> int:
+        return int(swap_space_gib * (1 << 30)) // bytes_per_block(arch, block_size, dtype)
+
+    def swap_out(self, kv_caches, mapping: list[tuple[int, int]]) -> None:
+        dev = np.array([d for d, _ in mapping], np.int32)
+        host = np.array([h for _, h in mapping], np.int32)
+        pages = jax.device_get(gather_blocks(kv_caches, jnp.asarray(dev)))
+        for layer, (k, v) in enumerate(pages):
+            self.pages[layer, 0][:, host] = k
+            self.pages[layer, 1][:, host] = v
+
+    def swap_in(self, kv_caches, mapping: list[tuple[int, int]]):
+        host = np.array([h for h, _ in mapping], np.int32)
+        dev = jnp.asarray(np.array([d for _, d in mapping], np.int32))
+        pages = tuple((self.pages[layer, 0][:, host], self.pages[layer, 1][:, host])
+                      for layer in range(self.pages.shape[0]))
+        return scatter_blocks(kv_caches, dev, pages)

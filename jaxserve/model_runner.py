@@ -1,0 +1,154 @@
+"""Runs one scheduled step on the device: jitted forward per bucket, donated KV, on-device sampling.
+
+Design note. The step is two jitted calls: `forward(params, kv, token_ids, meta, logits_indices)
+-> (logits, kv)` with the KV cache donated (updated in place), compiled once per token bucket
+(and a decode-only variant per bucket up to max_num_seqs, where the decode kernel applies), and
+`sample(logits, md)` compiled per (rows bucket, sampler flags). Both are dispatched
+asynchronously; the only device->host transfer per step is the sampled ids (and logprobs when a
+request asked for them). `warmup()` compiles every forward bucket before serving, and reports
+what it compiled and how long it took; with the persistent compilation cache a restart reloads
+them. Block copies (copy-on-write) and swaps run before the forward pass.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve import kv_cache, sampler
+from jaxserve.attention import AttentionMetadata
+from jaxserve.batch import InputBatch, build_batch, make_buckets
+from jaxserve.sampling_params import MAX_LOGPROBS
+
+log = logging.getLogger(__name__)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def prompt_logprobs_fn(logits, next_ids, k: int):
+    """logits f32[N, V], next_ids i32[N] -> (logprob of next token [N], its rank [N], top ids/logprobs [N, k])."""
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    tok_lp = jnp.take_along_axis(lp, next_ids[:, None], axis=-1)[:, 0]
+    rank = jnp.sum(lp > tok_lp[:, None], axis=-1) + 1
+    top_lp, top_ids = jax.lax.top_k(lp, k)
+    return tok_lp, rank, top_ids, top_lp
+
+
+class ModelRunner:
+    def __init__(self, model, params, arch, *, block_size: int, max_model_len: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, kv_dtype, mesh=None, kv_sharding=None, num_kv_heads=None):
+        self.model, self.params, self.arch = model, params, arch
+        self.block_size = block_size
+        self.pages_per_seq = -(-max_model_len // block_size)
+        self.max_num_seqs = max_num_seqs
+        self.token_buckets = make_buckets(max(max_num_batched_tokens, max_num_seqs))
+        self.kv_dtype = kv_dtype
+        self.kv_sharding = kv_sharding
+        self.num_kv_heads = num_kv_heads
+        self.kv_caches = None
+        self.swap: kv_cache.HostSwapSpace | None = None
+        self.compiled: dict[tuple, float] = {}
+
+        def fwd(params, kv, token_ids, meta, logits_indices):
+            return model.apply({"params": params}, token_ids, kv, meta, logits_indices)
+
+        self._forward = jax.jit(fwd, donate_argnums=(1,))
+        self._sample = jax.jit(sampler.sample)
+
+    # ----------------------------------------------------------------------------------------- memory
+    def allocate_kv(self, num_blocks: int, num_host_blocks: int = 0) -> None:
+        self.num_blocks = num_blocks
+        self.kv_caches = kv_cache.allocate(self.arch, num_blocks, self.block_size, self.kv_dtype,
+                                           self.kv_sharding, self.num_kv_heads)
+        if num_host_blocks:
+            self.swap = kv_cache.HostSwapSpace(self.arch, num_host_blocks, self.block_size, self.kv_dtype,
+                                               self.num_kv_heads)
+
+    def profile_run(self) -> None:
+        """One forward at the largest token bucket on a tiny cache, so peak activation memory is known."""
+        saved = self.kv_caches
+        self.kv_caches = kv_cache.allocate(self.arch, 2, self.block_size, self.kv_dtype, self.kv_sharding,
+                                           self.num_kv_heads)
+        T = self.token_buckets[-1]
+        meta, ids, li = self._dummy_inputs(T, decode_only=False)
+        logits, self.kv_caches = self._forward(self.params, self.kv_caches, ids, meta, li)
+        jax.block_until_ready(logits)
+        self.kv_caches = saved
+
+    # ---------------------------------------------------------------------------------------- compile
+    def _dummy_inputs(self, T: int, decode_only: bool):
+        B = T if decode_only else min(T, self.max_num_seqs)
+        z = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
+        meta = AttentionMetadata(slot_mapping=z(T), positions=z(T), token_seq_ids=z(T),
+                                 block_tables=z(B, self.pages_per_seq), seq_lens=z(B), query_start_loc=z(B + 1),
+                                 decode_only=decode_only)
+        return meta, z(T), z(B)
+
+    def warmup(self) -> float:
+        """Compile every forward bucket now (not while serving). Returns seconds spent."""
+        t0 = time.perf_counter()
+        shapes = [(T, False) for T in self.token_buckets]
+        shapes += [(T, True) for T in self.token_buckets if T <= self.max_num_seqs]
+        for T, dec in shapes:
+            t1 = time.perf_counter()
+            meta, ids, li = self._dummy_inputs(T, dec)
+            logits, self.kv_caches = self._forward(self.params, self.kv_caches, ids, meta, li)
+            jax.block_until_ready(logits)
+            self.compiled[("forward", T, dec)] = time.perf_counter() - t1
+        dt = time.perf_counter() - t0
+        log.info("compiled %d step shapes in %.1f s: tokens %s (+ decode-only up to %d)", len(shapes), dt,
+                 self.token_buckets, self.max_num_seqs)
+        return dt
+
+    # ------------------------------------------------------------------------------------------- step
+    def prepare(self, sched_out) -> InputBatch:
+        return build_batch(sched_out, block_size=self.block_size, pages_per_seq=self.pages_per_seq,
+                           token_buckets=self.token_buckets, max_seqs=self.max_num_seqs)
+
+    def run_block_ops(self, sched_out) -> None:
+        if sched_out.blocks_to_swap_out:
+            self.swap.swap_out(self.kv_caches, sched_out.blocks_to_swap_out)
+        if sched_out.blocks_to_swap_in:
+            self.kv_caches = self.swap.swap_in(self.kv_caches, sched_out.blocks_to_swap_in)
+        if sched_out.blocks_to_copy:
+            src = jnp.asarray([s for s, _ in sched_out.blocks_to_copy], jnp.int32)
+            dst = jnp.asarray([d for _, d in sched_out.blocks_to_copy], jnp.int32)
+            self.kv_caches = kv_cache.copy_blocks(self.kv_caches, src, dst)
+
+    def forward(self, batch: InputBatch):
+        """Dispatch the forward pass; returns logits f32[S, V] (or f32[T, V] with prompt logprobs) on device."""
+        meta = AttentionMetadata(slot_mapping=batch.slot_mapping, positions=batch.positions,
+                                 token_seq_ids=batch.token_seq_ids, block_tables=batch.block_tables,
+                                 seq_lens=batch.seq_lens, query_start_loc=batch.query_start_loc,
+                                 decode_only=batch.decode_only)
+        li = batch.logits_indices
+        if batch.prompt_logprob_spans:  # every token's logits; the sampled rows are gathered from them
+            li = np.arange(len(batch.token_ids), dtype=np.int32)
+        logits, self.kv_caches = self._forward(self.params, self.kv_caches, batch.token_ids, meta, li)
+        if batch.prompt_logprob_spans:
+            return logits[batch.logits_indices], logits
+        return logits, None
+
+    def sample(self, logits, batch: InputBatch, seeds: list[int]):
+        # An n > 1 parent's rows all draw a first token (no outputs yet), each with its own seed.
+        rows = [sampler.SamplingRow(r.request.sampling_params, r.request.prompt_token_ids,
+                                    r.request.output_token_ids, seed) for r, seed in zip(batch.rows, seeds)]
+        md = sampler.SamplingMetadata.build(rows, pad_to=len(batch.logits_indices))
+        return self._sample(logits, md)
+
+    def prompt_logprobs(self, all_logits, batch: InputBatch):
+        """-> {request_id: (first prompt position, tok_lp, rank, top_ids, top_lp)} as numpy, for this step's span."""
+        out = {}
+        for req, t0, n in batch.prompt_logprob_spans:
+            start = req.num_computed_tokens
+            # logits at token p predict token p+1; the last prompt position predicts the first output.
+            n_pred = min(n, req.num_prompt_tokens - 1 - start)
+            if n_pred <= 0:
+                continue
+            nxt = np.asarray(req.prompt_token_ids[start + 1:start + 1 + n_pred], np.int32)
+            res = prompt_logprobs_fn(all_logits[t0:t0 + n_pred], jnp.asarray(nxt), MAX_LOGPROBS)
+            out[req.request_id] = (start + 1,) + tuple(np.asarray(x) for x in res)
+        return out

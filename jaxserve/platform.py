@@ -1,0 +1,55 @@
+"""JAX platform set-up: memory preallocation, the compile cache, and the one startup line.
+
+JAX preallocates 75% of GPU memory when its backend starts unless told otherwise, and can only be
+told before that moment. `init_platform` runs before any device is touched and gives JAX's
+allocator `gpu_memory_utilization` of the card (weights, activations and the KV cache all live
+inside it; the KV cache gets what a profiling run leaves). If a GPU was asked for (`device="gpu"`
+or JAX_PLATFORMS naming cuda/gpu) and JAX fell back to CPU (a broken CUDA plugin does that
+silently), startup fails with a message that says so.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("jaxserve")
+_initialized = False
+
+
+class PlatformError(RuntimeError):
+    pass
+
+
+def init_platform(device: str = "auto", gpu_memory_utilization: float = 0.9,
+                  compile_cache_dir: str | None = None, quiet: bool = False) -> str:
+    """Configure JAX once per process; returns the platform name ("cpu" or "gpu")."""
+    global _initialized
+    if not 0.0 < gpu_memory_utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if not _initialized:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{gpu_memory_utilization:.3f}")
+        if device == "cpu":
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    if not _initialized:
+        cache = Path(compile_cache_dir or Path.home() / ".cache" / "jaxserve" / "xla")
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            jax.config.update("jax_compilation_cache_dir", str(cache))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        except OSError as e:  # a read-only home must not stop serving
+            log.warning("persistent compilation cache disabled: %s", e)
+    devices = jax.devices()
+    platform = devices[0].platform
+    wanted_gpu = device == "gpu" or any(p in os.environ.get("JAX_PLATFORMS", "") for p in ("cuda", "gpu", "rocm"))
+    if wanted_gpu and platform == "cpu":
+        raise PlatformError("a GPU was asked for (--device gpu or JAX_PLATFORMS) but JAX is running on CPU: the "
+                            "CUDA plugin is missing or failed to load (pip install 'jaxserve[cuda13]' or [cuda12]; "
+                            "check nvidia-smi and the jax-cuda plugin version against jaxlib)")
+    if not _initialized and not quiet:
+        kinds = sorted({getattr(d, "device_kind", d.platform) for d in devices})
+        print(f"jaxserve: jax {jax.__version__} platform={platform} devices={len(devices)} ({', '.join(kinds)})",
+              flush=True)
+    _initialized = True
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform

@@ -1,0 +1,82 @@
+"""`python -m jaxserve.serve` (also the `jaxserve` script): CLI -> engine -> Starlette app -> uvicorn.
+
+Flags: the engine's (EngineArgs.add_cli_args, vLLM's names) plus the server's (jaxserve/server/args.py).
+With no --model the engine serves its embedded SmolLM2 default.
+
+Shutdown on SIGTERM / Ctrl-C, using uvicorn's own machinery:
+1. `_Server.handle_exit` marks the app as draining: new generation requests get 503 + Retry-After
+   and /health turns 503, so a load balancer stops sending;
+2. uvicorn closes the listening socket and waits for in-flight responses up to
+   --shutdown-grace-seconds (timeout_graceful_shutdown), then cancels what is left: each cancelled
+   response aborts its engine request (jaxserve/server/streaming.py);
+3. the lifespan shutdown calls engine.shutdown(grace left), and the process exits 0.
+uvicorn re-raises a caught signal after shutdown, which for SIGTERM would kill the process with
+status 143; `_Server` does not record the signal, so a drained shutdown exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from jaxserve.config import EngineArgs
+from jaxserve.server.app import build_app
+from jaxserve.server.args import ServerArgs, add_server_args, server_args_from
+
+logger = logging.getLogger("jaxserve.serve")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxserve.serve",
+        description="OpenAI-compatible LLM server on JAX (/v1/completions, /v1/chat/completions, /metrics, ...).")
+    EngineArgs.add_cli_args(parser.add_argument_group("engine"))
+    add_server_args(parser)
+    return parser
+
+
+def build_engine(engine_args: EngineArgs, server_args: ServerArgs) -> Any:
+    """The real AsyncLLMEngine, or (tests only) the fake named by --engine-factory module:function."""
+    if server_args.engine_factory:
+        module, _, fn = server_args.engine_factory.partition(":")
+        return getattr(importlib.import_module(module), fn)(engine_args)
+    from jaxserve.async_engine import AsyncLLMEngine  # imports JAX: only when a real engine is wanted
+
+    return AsyncLLMEngine.from_engine_args(engine_args)
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: Any) -> None:
+        super().__init__(config)
+        self.app_state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.app_state.start_draining()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting
+        else:
+            self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = make_parser().parse_args(argv)
+    engine_args, server_args = EngineArgs.from_cli_args(ns), server_args_from(ns)
+    level = server_args.uvicorn_log_level.upper()
+    logging.basicConfig(level=getattr(logging, level, 5), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = build_engine(engine_args, server_args)
+    app = build_app(engine, server_args)
+    config = uvicorn.Config(app, host=server_args.host, port=server_args.port, lifespan="on",
+                            log_level=server_args.uvicorn_log_level,
+                            timeout_graceful_shutdown=max(server_args.shutdown_grace_seconds, 0.1))
+    _Server(config, app.state.server).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
