@@ -204,8 +204,9 @@ def _truncate(x: jax.Array, md: SamplingMetadata) -> jax.Array:
         n = v if f.top_p else min(f.top_k, v)  # static; n = V is a full per-row sort
         vals = lax.top_k(x, n)[0]  # (S, n) descending
         if f.top_k:
-            k = jnp.where((md.top_k > 0) & (md.top_k < n), md.top_k, n)  # (S,), k = n: off
-            kth = jnp.take_along_axis(vals, (k - 1)[:, None], axis=1)  # (S, 1)
+            on = ((md.top_k > 0) & (md.top_k < v))[:, None]  # (S, 1); top_k <= n when on
+            kth = jnp.take_along_axis(vals, jnp.clip(md.top_k - 1, 0, n - 1)[:, None], axis=1)
+            kth = jnp.where(on, kth, -jnp.inf)  # (S, 1)
             vals = jnp.where(vals < kth, -jnp.inf, vals)
             x = jnp.where(x < kth, -jnp.inf, x)
         if f.top_p:
@@ -240,7 +241,7 @@ def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
     if not f.all_greedy:
         greedy = md.temperature <= 0.0
         t = jnp.where(greedy, 1.0, md.temperature)[:, None]  # (S, 1), no 0-division
-        y = _truncate(x, md) / t
+        y = _truncate(x / t, md)
         drawn = jax.vmap(jax.random.categorical)(row_keys(md), y).astype(jnp.int32)  # (S,)
         tokens = jnp.where(greedy, tokens, drawn)
 
