@@ -97,7 +97,8 @@ class EngineCollector:
         h = HistogramMetricFamily(P + "iteration_tokens_total", "Tokens scheduled per engine step.",
                                   labels=["model_name"])
         cum, buckets = 0, []
-        for le, count in zip([*map(str, ITERATION_TOKENS_BUCKETS), "+Inf"], s.iteration_tokens.counts):
+        bounds = [*(str(float(b)) for b in ITERATION_TOKENS_BUCKETS), "+Inf"]
+        for le, count in zip(bounds, s.iteration_tokens.counts):
             cum += count
             buckets.append((le, cum))
         h.add_metric(m, buckets, sum_value=s.iteration_tokens.total)

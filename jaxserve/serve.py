@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, host=server_args.host, port=server_args.port, lifespan="on",
                             log_level=server_args.uvicorn_log_level,
                             timeout_graceful_shutdown=max(server_args.shutdown_grace_seconds, 0.1))
-    _Server(config, app.state.server).run()
-    return 0
+    server = _Server(config, app.state.server)
+    server.run()
+    return 0 if server.started else 3  # 3: uvicorn's startup-failure status (port taken, lifespan error)
 
 
 if __name__ == "__main__":

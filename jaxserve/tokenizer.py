@@ -9,11 +9,11 @@ Design notes
   tokenizer.eos_token: chat models often stop on a token the tokenizer does not call eos.
 - IncrementalDetokenizer is vLLM's prefix_offset/read_offset method, on ids:
       prefix_text = decode(ids[prefix_offset:read_offset]);  new_text = decode(ids[prefix_offset:])
-  The delta new_text[len(prefix_text):] is emitted only when it is non-empty and does not end in U+FFFD (a
-  UTF-8 character split over several byte-level tokens is held back until complete); then the window slides
-  (prefix_offset = read_offset, read_offset = len(ids)). Decoding a window that starts a few tokens back,
-  rather than the new token alone, keeps decoder-dependent spacing (leading-space stripping in SentencePiece
-  decoders, merges across tokens) identical to a full decode.
+  The delta new_text[len(prefix_text):] is emitted less any trailing U+FFFD (a UTF-8 character split over
+  several byte-level tokens is held back until complete; the text before it goes out at once); once new_text
+  ends in a complete character the window slides (prefix_offset = read_offset, read_offset = len(ids)).
+  Decoding a window that starts a few tokens back, rather than the new token alone, keeps decoder-dependent
+  spacing (leading-space stripping in SentencePiece decoders, merges across tokens) identical to a full decode.
 - Stop strings: `find_stop_string` finds the earliest stop in the text; `stop_string_holdback` is the length
   of the longest suffix of the text that is a proper prefix of some stop string. A streaming client is sent
   text[:len(text) - holdback], so it never sees characters that a later stop match would take back.
@@ -119,6 +119,7 @@ class IncrementalDetokenizer:
         self.ids: list[int] = list(prompt_ids[-(_PROMPT_CONTEXT + 1):])
         self.prefix_offset = max(len(self.ids) - _PROMPT_CONTEXT, 0)
         self.read_offset = len(self.ids)
+        self.pending = 0  # chars past decode(ids[prefix_offset:read_offset]) already emitted (see add)
         self.text = ""
 
     def add(self, token_id: int) -> str:
@@ -129,10 +130,16 @@ class IncrementalDetokenizer:
         decode = self.tokenizer.decode
         prefix_text = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
         new_text = decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return ""  # nothing printable yet (e.g. the first bytes of a multi-byte character)
-        delta = new_text[len(prefix_text):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        complete = not new_text.endswith("\ufffd")
+        # Text before a trailing incomplete character is final already (appending bytes cannot change it),
+        # so it goes out now: " " + half an emoji emits the space.
+        stable = new_text if complete else new_text.rstrip("\ufffd")
+        start = len(prefix_text) + self.pending
+        delta = stable[start:] if len(stable) > start else ""
+        if complete and len(new_text) > len(prefix_text):
+            self.prefix_offset, self.read_offset, self.pending = self.read_offset, len(self.ids), 0
+        else:
+            self.pending += len(delta)
         self.text += delta
         return delta
 

@@ -40,128 +40,128 @@ def _decode_kernel(
     lse_ref,  # f32[Gp]        this split's log-sum-exp (-inf when the split is empty)
     *, scale: float, ppcb: int, num_splits: int, precision,
 ):
-  split = pl.program_id(2)
-  S = k_ref.shape[1]
-  Gp, D = q_ref.shape
-  K = ppcb * S  # keys per step
-  seq_len = len_ref[0]
-  n_chunks = pl.cdiv(pl.cdiv(seq_len, S), ppcb)
-  per_split = pl.cdiv(n_chunks, num_splits)
-  c0 = split * per_split
-  c1 = jnp.minimum(c0 + per_split, n_chunks)
-  q = q_ref[...]
-  key_in_chunk = jnp.arange(ppcb)[:, None, None] * S + jnp.arange(S)[None, :, None]  # (ppcb, S, 1)
-  slot_idx = jnp.broadcast_to(jnp.arange(S)[None, :, None], (ppcb, S, D))  # (ppcb, S, D)
-  dim_idx = jnp.broadcast_to(jnp.arange(D)[None, None, :], (ppcb, S, D))  # (ppcb, S, D)
+    split = pl.program_id(2)
+    S = k_ref.shape[1]
+    Gp, D = q_ref.shape
+    K = ppcb * S  # keys per step
+    seq_len = len_ref[0]
+    n_chunks = pl.cdiv(pl.cdiv(seq_len, S), ppcb)
+    per_split = pl.cdiv(n_chunks, num_splits)
+    c0 = split * per_split
+    c1 = jnp.minimum(c0 + per_split, n_chunks)
+    q = q_ref[...]
+    key_in_chunk = jnp.arange(ppcb)[:, None, None] * S + jnp.arange(S)[None, :, None]  # (ppcb, S, 1)
+    slot_idx = jnp.broadcast_to(jnp.arange(S)[None, :, None], (ppcb, S, D))  # (ppcb, S, D)
+    dim_idx = jnp.broadcast_to(jnp.arange(D)[None, None, :], (ppcb, S, D))  # (ppcb, S, D)
 
-  def body(c, carry):
-    m, l, acc = carry  # f32[Gp], f32[Gp], f32[Gp, D]
-    ids = bt_ref[pl.ds(c * ppcb, ppcb)]  # i32[ppcb]
-    start = c * K
-    load_mask = jnp.broadcast_to(start + key_in_chunk < seq_len, (ppcb, S, D))
-    # Gather by full integer indices (pointer gather in Triton; the interpreter rejects mixed int/slice).
-    idx = (jnp.broadcast_to(ids[:, None, None], (ppcb, S, D)), slot_idx, dim_idx)
-    k = plgpu.load(k_ref.at[idx], mask=load_mask, other=0.0).reshape(K, D)  # (K, D)
-    v = plgpu.load(v_ref.at[idx], mask=load_mask, other=0.0).reshape(K, D)  # (K, D)
-    s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # (Gp, K) f32
-    valid = (start + jnp.arange(K) < seq_len)[None, :]  # (1, K)
-    s = jnp.where(valid, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    corr = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[:, None])  # (Gp, K)
-    l = l * corr + jnp.sum(p, axis=1)
-    acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
-    return m_new, l, acc
+    def body(c, carry):
+        m, l, acc = carry  # f32[Gp], f32[Gp], f32[Gp, D]
+        ids = bt_ref[pl.ds(c * ppcb, ppcb)]  # i32[ppcb]
+        start = c * K
+        load_mask = jnp.broadcast_to(start + key_in_chunk < seq_len, (ppcb, S, D))
+        # Gather by full integer indices (pointer gather in Triton; the interpreter rejects mixed int/slice).
+        idx = (jnp.broadcast_to(ids[:, None, None], (ppcb, S, D)), slot_idx, dim_idx)
+        k = plgpu.load(k_ref.at[idx], mask=load_mask, other=0.0).reshape(K, D)  # (K, D)
+        v = plgpu.load(v_ref.at[idx], mask=load_mask, other=0.0).reshape(K, D)  # (K, D)
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # (Gp, K) f32
+        valid = (start + jnp.arange(K) < seq_len)[None, :]  # (1, K)
+        s = jnp.where(valid, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[:, None])  # (Gp, K)
+        l = l * corr + jnp.sum(p, axis=1)
+        acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        return m_new, l, acc
 
-  init = (jnp.full((Gp,), _MIN_FINITE, jnp.float32), jnp.zeros((Gp,), jnp.float32),
-          jnp.zeros((Gp, D), jnp.float32))
-  m, l, acc = lax.fori_loop(c0, c1, body, init)
-  nonempty = l > 0
-  o_ref[...] = (acc / jnp.where(nonempty, l, 1.0)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
+    init = (jnp.full((Gp,), _MIN_FINITE, jnp.float32), jnp.zeros((Gp,), jnp.float32),
+            jnp.zeros((Gp, D), jnp.float32))
+    m, l, acc = lax.fori_loop(c0, c1, body, init)
+    nonempty = l > 0
+    o_ref[...] = (acc / jnp.where(nonempty, l, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
 
 
 def _decode_call(q4, k_pages, v_pages, block_tables, seq_lens, *, scale, tune: tuning_lib.DecodeTuning,
                  interpret: bool):
-  """q4 [B, Hkv, Gp, D] -> (o [splits, B, Hkv, Gp, D], lse f32[splits, B, Hkv, Gp])."""
-  B, Hkv, Gp, D = q4.shape
-  _, N, S, _ = k_pages.shape
-  ppcb, splits = tune.pages_per_compute_block, tune.num_splits
-  P = block_tables.shape[1]
-  block_tables = jnp.pad(block_tables, ((0, 0), (0, -P % ppcb)))  # a chunk may run past P; pads = page 0
-  P2 = block_tables.shape[1]
-  out_dtype = q4.dtype if splits == 1 else jnp.float32
-  precision = lax.Precision.HIGHEST if q4.dtype == jnp.float32 else None  # no TF32 for f32 callers
-  kernel = functools.partial(_decode_kernel, scale=scale, ppcb=ppcb, num_splits=splits, precision=precision)
-  return pl.pallas_call(
-      kernel,
-      grid=(B, Hkv, splits),
-      in_specs=[
-          pl.BlockSpec((None, P2), lambda b, h, s: (b, 0)),  # block_tables: row b
-          pl.BlockSpec((1,), lambda b, h, s: (b,)),  # seq_lens: element b
-          pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0)),  # q: group of kv head h
-          pl.BlockSpec((None, N, S, D), lambda b, h, s: (h, 0, 0, 0)),  # k_pages: kv head h's pool
-          pl.BlockSpec((None, N, S, D), lambda b, h, s: (h, 0, 0, 0)),  # v_pages: kv head h's pool
-      ],
-      out_specs=[
-          pl.BlockSpec((None, None, None, Gp, D), lambda b, h, s: (s, b, h, 0, 0)),  # o: split s
-          pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (s, b, h, 0)),  # lse: split s
-      ],
-      out_shape=[jax.ShapeDtypeStruct((splits, B, Hkv, Gp, D), out_dtype),
-                 jax.ShapeDtypeStruct((splits, B, Hkv, Gp), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=tune.num_warps, num_stages=tune.num_stages),
-      interpret=interpret,
-      name=f"paged_decode_ppcb{ppcb}_splits{splits}",
-  )(block_tables, seq_lens, q4, k_pages, v_pages)
+    """q4 [B, Hkv, Gp, D] -> (o [splits, B, Hkv, Gp, D], lse f32[splits, B, Hkv, Gp])."""
+    B, Hkv, Gp, D = q4.shape
+    _, N, S, _ = k_pages.shape
+    ppcb, splits = tune.pages_per_compute_block, tune.num_splits
+    P = block_tables.shape[1]
+    block_tables = jnp.pad(block_tables, ((0, 0), (0, -P % ppcb)))  # a chunk may run past P; pads = page 0
+    P2 = block_tables.shape[1]
+    out_dtype = q4.dtype if splits == 1 else jnp.float32
+    precision = lax.Precision.HIGHEST if q4.dtype == jnp.float32 else None  # no TF32 for f32 callers
+    kernel = functools.partial(_decode_kernel, scale=scale, ppcb=ppcb, num_splits=splits, precision=precision)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, Hkv, splits),
+        in_specs=[
+            pl.BlockSpec((None, P2), lambda b, h, s: (b, 0)),  # block_tables: row b
+            pl.BlockSpec((1,), lambda b, h, s: (b,)),  # seq_lens: element b
+            pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0)),  # q: group of kv head h
+            pl.BlockSpec((None, N, S, D), lambda b, h, s: (h, 0, 0, 0)),  # k_pages: kv head h's pool
+            pl.BlockSpec((None, N, S, D), lambda b, h, s: (h, 0, 0, 0)),  # v_pages: kv head h's pool
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, Gp, D), lambda b, h, s: (s, b, h, 0, 0)),  # o: split s
+            pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (s, b, h, 0)),  # lse: split s
+        ],
+        out_shape=[jax.ShapeDtypeStruct((splits, B, Hkv, Gp, D), out_dtype),
+                   jax.ShapeDtypeStruct((splits, B, Hkv, Gp), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=tune.num_warps, num_stages=tune.num_stages),
+        interpret=interpret,
+        name=f"paged_decode_ppcb{ppcb}_splits{splits}",
+    )(block_tables, seq_lens, q4, k_pages, v_pages)
 
 
 def merge_splits(o, lse):
-  """Log-sum-exp merge of split-K partials: o [splits, ..., D] normalised, lse f32[splits, ...] -> [..., D]."""
-  m = jnp.max(lse, axis=0)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)  # every split empty (seq_len 0)
-  w = jnp.exp(lse - m)  # (splits, ...); empty splits weigh 0
-  den = jnp.sum(w, axis=0)
-  return jnp.sum(w[..., None] * o.astype(jnp.float32), axis=0) / jnp.where(den == 0, 1.0, den)[..., None]
+    """Log-sum-exp merge of split-K partials: o [splits, ..., D] normalised, lse f32[splits, ...] -> [..., D]."""
+    m = jnp.max(lse, axis=0)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # every split empty (seq_len 0)
+    w = jnp.exp(lse - m)  # (splits, ...); empty splits weigh 0
+    den = jnp.sum(w, axis=0)
+    return jnp.sum(w[..., None] * o.astype(jnp.float32), axis=0) / jnp.where(den == 0, 1.0, den)[..., None]
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "tuning", "interpret"))
 def paged_decode(q, k_pages, v_pages, block_tables, seq_lens, *, scale: float | None = None,
                  tuning: tuning_lib.DecodeTuning = tuning_lib.DEFAULT_DECODE, interpret: bool = False):
-  """Paged GQA decode attention.
+    """Paged GQA decode attention.
 
-  Args:
-    q: [batch, num_q_heads, head_dim] (one new token per sequence).
-    k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim]; block 0 is the null page.
-    block_tables: i32[batch, pages_per_seq]; entries past a sequence's pages may be anything in range.
-    seq_lens: i32[batch] context length including the new token; 0 (padding row) gives zeros.
-    scale: softmax scale, default 1/sqrt(head_dim).
-    tuning: DecodeTuning; 0 fields are picked from the shapes.
-    interpret: run the Pallas interpreter (CPU tests).
-  Returns:
-    [batch, num_q_heads, head_dim] in q.dtype.
-  """
-  if q.ndim != 3 or k_pages.ndim != 4:
-    raise ValueError(f"want q [B, Hq, D] and pages [Hkv, N, S, D], got {q.shape} and {k_pages.shape}")
-  B, Hq, D = q.shape
-  Hkv, _, S, Dk = k_pages.shape
-  if k_pages.shape != v_pages.shape:
-    raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
-  if Dk != D:
-    raise ValueError(f"head_dim of q ({D}) and pages ({Dk}) differ")
-  if Hq % Hkv:
-    raise ValueError(f"num_q_heads {Hq} is not a multiple of num_kv_heads {Hkv}")
-  if block_tables.ndim != 2 or block_tables.shape[0] != B or block_tables.dtype != jnp.int32:
-    raise ValueError(f"block_tables must be i32[{B}, pages_per_seq], got {block_tables.dtype}{block_tables.shape}")
-  if seq_lens.shape != (B,) or seq_lens.dtype != jnp.int32:
-    raise ValueError(f"seq_lens must be i32[{B}], got {seq_lens.dtype}{seq_lens.shape}")
-  for name, x in (("block_size", S), ("head_dim", D)):
-    if x & (x - 1):
-      raise ValueError(f"{name} must be a power of 2 for the Triton lowering, got {x}")
-  G = Hq // Hkv
-  Gp = max(16, tuning_lib.next_pow2(G))
-  scale = default_scale(D) if scale is None else scale
-  tune = tuning.resolve(B, Hkv, block_tables.shape[1], S)
-  q4 = jnp.pad(q.reshape(B, Hkv, G, D), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))  # (B, Hkv, Gp, D)
-  o, lse = _decode_call(q4, k_pages, v_pages, block_tables, seq_lens, scale=scale, tune=tune, interpret=interpret)
-  o = o[0] if tune.num_splits == 1 else merge_splits(o, lse)  # (B, Hkv, Gp, D)
-  return o[:, :, :G].reshape(B, Hq, D).astype(q.dtype)
+    Args:
+      q: [batch, num_q_heads, head_dim] (one new token per sequence).
+      k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim]; block 0 is the null page.
+      block_tables: i32[batch, pages_per_seq]; entries past a sequence's pages may be anything in range.
+      seq_lens: i32[batch] context length including the new token; 0 (padding row) gives zeros.
+      scale: softmax scale, default 1/sqrt(head_dim).
+      tuning: DecodeTuning; 0 fields are picked from the shapes.
+      interpret: run the Pallas interpreter (CPU tests).
+    Returns:
+      [batch, num_q_heads, head_dim] in q.dtype.
+    """
+    if q.ndim != 3 or k_pages.ndim != 4:
+        raise ValueError(f"want q [B, Hq, D] and pages [Hkv, N, S, D], got {q.shape} and {k_pages.shape}")
+    B, Hq, D = q.shape
+    Hkv, _, S, Dk = k_pages.shape
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
+    if Dk != D:
+        raise ValueError(f"head_dim of q ({D}) and pages ({Dk}) differ")
+    if Hq % Hkv:
+        raise ValueError(f"num_q_heads {Hq} is not a multiple of num_kv_heads {Hkv}")
+    if block_tables.ndim != 2 or block_tables.shape[0] != B or block_tables.dtype != jnp.int32:
+        raise ValueError(f"block_tables must be i32[{B}, pages_per_seq], got {block_tables.dtype}{block_tables.shape}")
+    if seq_lens.shape != (B,) or seq_lens.dtype != jnp.int32:
+        raise ValueError(f"seq_lens must be i32[{B}], got {seq_lens.dtype}{seq_lens.shape}")
+    for name, x in (("block_size", S), ("head_dim", D)):
+        if x & (x - 1):
+            raise ValueError(f"{name} must be a power of 2 for the Triton lowering, got {x}")
+    G = Hq // Hkv
+    Gp = max(16, tuning_lib.next_pow2(G))
+    scale = default_scale(D) if scale is None else scale
+    tune = tuning.resolve(B, Hkv, block_tables.shape[1], S)
+    q4 = jnp.pad(q.reshape(B, Hkv, G, D), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))  # (B, Hkv, Gp, D)
+    o, lse = _decode_call(q4, k_pages, v_pages, block_tables, seq_lens, scale=scale, tune=tune, interpret=interpret)
+    o = o[0] if tune.num_splits == 1 else merge_splits(o, lse)  # (B, Hkv, Gp, D)
+    return o[:, :, :G].reshape(B, Hq, D).astype(q.dtype)

@@ -21,36 +21,36 @@ MOSAIC_AVAILABLE = False
 
 def attention_backend(platform: str, compute_capability: tuple[int, int] | None = None,
                       override: str | None = None) -> str:
-  """Returns one of BACKENDS.
+    """Returns one of BACKENDS.
 
-  Args:
-    platform: "cpu", "gpu" (or "cuda"/"rocm"), "tpu", ...
-    compute_capability: (major, minor) for NVIDIA GPUs, e.g. (9, 0) for H100.
-    override: a name from BACKENDS (or "auto"/None); a Pallas backend the device cannot run raises ValueError.
-  """
-  platform = "gpu" if platform in ("gpu", "cuda") else platform
-  if override not in (None, "auto"):
-    if override not in BACKENDS:
-      raise ValueError(f"unknown attention backend {override!r}; choose from {BACKENDS} or 'auto'")
-    if override == "xla":
-      return override
-    if platform != "gpu" or compute_capability is None or compute_capability < (8, 0):
-      raise ValueError(f"{override} needs an NVIDIA GPU with sm >= 8.0, got {platform} {compute_capability}")
-    if override == "pallas_mosaic" and (compute_capability[0] != 9 or not MOSAIC_AVAILABLE):
-      raise ValueError(f"pallas_mosaic is Hopper-only and built={MOSAIC_AVAILABLE}; got sm {compute_capability}")
-    return override
-  if platform != "gpu" or compute_capability is None:
-    return "xla"
-  if compute_capability[0] == 9:
-    return "pallas_mosaic" if MOSAIC_AVAILABLE else "pallas_triton"
-  if compute_capability[0] == 8:
-    return "pallas_triton"
-  return "xla"  # pre-Ampere, or Blackwell until measured there
+    Args:
+      platform: "cpu", "gpu" (or "cuda"/"rocm"), "tpu", ...
+      compute_capability: (major, minor) for NVIDIA GPUs, e.g. (9, 0) for H100.
+      override: a name from BACKENDS (or "auto"/None); a Pallas backend the device cannot run raises ValueError.
+    """
+    platform = "gpu" if platform in ("gpu", "cuda") else platform
+    if override not in (None, "auto"):
+        if override not in BACKENDS:
+            raise ValueError(f"unknown attention backend {override!r}; choose from {BACKENDS} or 'auto'")
+        if override == "xla":
+            return override
+        if platform != "gpu" or compute_capability is None or compute_capability < (8, 0):
+            raise ValueError(f"{override} needs an NVIDIA GPU with sm >= 8.0, got {platform} {compute_capability}")
+        if override == "pallas_mosaic" and (compute_capability[0] != 9 or not MOSAIC_AVAILABLE):
+            raise ValueError(f"pallas_mosaic is Hopper-only and built={MOSAIC_AVAILABLE}; got sm {compute_capability}")
+        return override
+    if platform != "gpu" or compute_capability is None:
+        return "xla"
+    if compute_capability[0] == 9:
+        return "pallas_mosaic" if MOSAIC_AVAILABLE else "pallas_triton"
+    if compute_capability[0] == 8:
+        return "pallas_triton"
+    return "xla"  # pre-Ampere, or Blackwell until measured there
 
 
 def device_attention_backend(device: jax.Device | None = None, override: str | None = None) -> str:
-  """attention_backend for a concrete device (default: the first device)."""
-  device = device or jax.devices()[0]
-  cc = getattr(device, "compute_capability", None)  # "9.0" on CUDA devices
-  cap = tuple(int(x) for x in cc.split(".")[:2]) if isinstance(cc, str) and cc[:1].isdigit() else None
-  return attention_backend(device.platform, cap, override)
+    """attention_backend for a concrete device (default: the first device)."""
+    device = device or jax.devices()[0]
+    cc = getattr(device, "compute_capability", None)  # "9.0" on CUDA devices
+    cap = tuple(int(x) for x in cc.split(".")[:2]) if isinstance(cc, str) and cc[:1].isdigit() else None
+    return attention_backend(device.platform, cap, override)

@@ -13,54 +13,54 @@ _TARGET_PROGRAMS = 264
 
 
 def next_pow2(x: int) -> int:
-  return 1 if x <= 1 else 1 << (x - 1).bit_length()
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeTuning:
-  """Paged decode kernel.
+    """Paged decode kernel.
 
-  pages_per_compute_block: pages gathered per inner step (power of 2); keys per step = this * block_size.
-  num_splits: split-K partitions of each sequence's context, merged with log-sum-exp; 0 = pick from shape.
-  num_warps, num_stages: Triton launch parameters.
-  """
-  pages_per_compute_block: int = 0  # 0 = enough pages for ~128 keys per step
-  num_splits: int = 0
-  num_warps: int = 4
-  num_stages: int = 2
+    pages_per_compute_block: pages gathered per inner step (power of 2); keys per step = this * block_size.
+    num_splits: split-K partitions of each sequence's context, merged with log-sum-exp; 0 = pick from shape.
+    num_warps, num_stages: Triton launch parameters.
+    """
+    pages_per_compute_block: int = 0  # 0 = enough pages for ~128 keys per step
+    num_splits: int = 0
+    num_warps: int = 4
+    num_stages: int = 2
 
-  def resolve(self, batch: int, num_kv_heads: int, pages_per_seq: int, block_size: int) -> "DecodeTuning":
-    """Fills the 0 (= auto) fields for one call's static shape."""
-    ppcb = self.pages_per_compute_block or max(1, 128 // block_size)
-    ppcb = min(ppcb, next_pow2(pages_per_seq))
-    splits = self.num_splits
-    if splits == 0:
-      # Enough programs to fill the chip, but each split keeps >= 2 compute blocks of work (the merge and the
-      # per-split q load are not free).
-      want = max(1, _TARGET_PROGRAMS // max(1, batch * num_kv_heads))
-      splits = max(1, min(want, pages_per_seq // (2 * ppcb), 16))
-    return dataclasses.replace(self, pages_per_compute_block=ppcb, num_splits=splits)
+    def resolve(self, batch: int, num_kv_heads: int, pages_per_seq: int, block_size: int) -> "DecodeTuning":
+        """Fills the 0 (= auto) fields for one call's static shape."""
+        ppcb = self.pages_per_compute_block or max(1, 128 // block_size)
+        ppcb = min(ppcb, next_pow2(pages_per_seq))
+        splits = self.num_splits
+        if splits == 0:
+            # Enough programs to fill the chip, but each split keeps >= 2 compute blocks of work (the merge and the
+            # per-split q load are not free).
+            want = max(1, _TARGET_PROGRAMS // max(1, batch * num_kv_heads))
+            splits = max(1, min(want, pages_per_seq // (2 * ppcb), 16))
+        return dataclasses.replace(self, pages_per_compute_block=ppcb, num_splits=splits)
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefillTuning:
-  """Ragged prefill kernel.
+    """Ragged prefill kernel.
 
-  block_q: query tokens per program (power of 2); rows per tile = block_q * padded group size; 0 = ~128 rows.
-  pages_per_compute_block: pages per inner step (power of 2); 0 = ~64 keys per step.
-  num_warps, num_stages: Triton launch parameters.
-  """
-  block_q: int = 0
-  pages_per_compute_block: int = 0
-  num_warps: int = 0  # 0 = 8 when the f32 accumulator tile is >= 128 x 128, else 4
-  num_stages: int = 2
+    block_q: query tokens per program (power of 2); rows per tile = block_q * padded group size; 0 = ~128 rows.
+    pages_per_compute_block: pages per inner step (power of 2); 0 = ~64 keys per step.
+    num_warps, num_stages: Triton launch parameters.
+    """
+    block_q: int = 0
+    pages_per_compute_block: int = 0
+    num_warps: int = 0  # 0 = 8 when the f32 accumulator tile is >= 128 x 128, else 4
+    num_stages: int = 2
 
-  def resolve(self, group_padded: int, block_size: int, pages_per_seq: int, head_dim: int) -> "PrefillTuning":
-    bq = self.block_q or max(16 // min(group_padded, 16), 128 // group_padded, 1)
-    ppcb = self.pages_per_compute_block or max(1, 64 // block_size)
-    ppcb = min(ppcb, next_pow2(pages_per_seq))
-    warps = self.num_warps or (8 if bq * group_padded * head_dim >= 128 * 128 else 4)
-    return dataclasses.replace(self, block_q=bq, pages_per_compute_block=ppcb, num_warps=warps)
+    def resolve(self, group_padded: int, block_size: int, pages_per_seq: int, head_dim: int) -> "PrefillTuning":
+        bq = self.block_q or max(16 // min(group_padded, 16), 128 // group_padded, 1)
+        ppcb = self.pages_per_compute_block or max(1, 64 // block_size)
+        ppcb = min(ppcb, next_pow2(pages_per_seq))
+        warps = self.num_warps or (8 if bq * group_padded * head_dim >= 128 * 128 else 4)
+        return dataclasses.replace(self, block_q=bq, pages_per_compute_block=ppcb, num_warps=warps)
 
 
 DEFAULT_DECODE = DecodeTuning()

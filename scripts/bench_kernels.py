@@ -35,190 +35,197 @@ DTYPE = jnp.bfloat16
 
 
 def time_fn(fn, *args, repeats: int) -> float:
-  """Median seconds per call after one uncounted warm-up."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
+    """Median seconds per call after one uncounted warm-up."""
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def copy_bandwidth(n_bytes: int, repeats: int) -> float:
-  """Bytes/s of a device copy (read + write counted)."""
-  x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
-  f = jax.jit(lambda a: a * 2)  # not a no-op, so XLA must stream the whole array
-  return 2 * x.nbytes / time_fn(f, x, repeats=repeats)
+    """Bytes/s of a device copy (read + write counted)."""
+    x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * 2)  # not a no-op, so XLA must stream the whole array
+    return 2 * x.nbytes / time_fn(f, x, repeats=repeats)
 
 
 def matmul_flops(n: int, repeats: int) -> float:
-  a = jnp.ones((n, n), jnp.bfloat16)
-  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-  return 2 * n**3 / time_fn(f, a, a, repeats=repeats)
+    a = jnp.ones((n, n), jnp.bfloat16)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    return 2 * n**3 / time_fn(f, a, a, repeats=repeats)
 
 
 def make_cache(key, batch: int, ctx: int, hkv: int, d: int):
-  """Pages for `batch` sequences of `ctx` tokens, randomly permuted tables; block 0 stays the null page."""
-  pages_per_seq = math.ceil(ctx / BLOCK)
-  n = batch * pages_per_seq + 1
-  kk, kv, kp = jax.random.split(key, 3)
-  k = jax.random.normal(kk, (hkv, n, BLOCK, d), DTYPE)
-  v = jax.random.normal(kv, (hkv, n, BLOCK, d), DTYPE)
-  tables = (jax.random.permutation(kp, n - 1) + 1).reshape(batch, pages_per_seq).astype(jnp.int32)
-  return k, v, tables
+    """Pages for `batch` sequences of `ctx` tokens, randomly permuted tables; block 0 stays the null page."""
+    pages_per_seq = math.ceil(ctx / BLOCK)
+    n = batch * pages_per_seq + 1
+    kk, kv, kp = jax.random.split(key, 3)
+    k = jax.random.normal(kk, (hkv, n, BLOCK, d), DTYPE)
+    v = jax.random.normal(kv, (hkv, n, BLOCK, d), DTYPE)
+    tables = (jax.random.permutation(kp, n - 1) + 1).reshape(batch, pages_per_seq).astype(jnp.int32)
+    return k, v, tables
 
 
 def bench_decode(args, interpret: bool):
-  warnings.simplefilter("ignore", DeprecationWarning)
-  from jax.experimental.pallas.ops.gpu import paged_attention as bundled  # deprecated module, still shipped
-  rows = []
-  scale = 1 / math.sqrt(args.head_dim)
-  for ctx in args.ctxs:
-    for batch in args.batches:
-      key = jax.random.PRNGKey(batch * 7919 + ctx)
-      k, v, tables = make_cache(key, batch, ctx, args.kv_heads, args.head_dim)
-      q = jax.random.normal(jax.random.fold_in(key, 1), (batch, args.q_heads, args.head_dim), DTYPE)
-      lens = jnp.full((batch,), ctx, jnp.int32)
-      kv_bytes = 2 * batch * ctx * args.kv_heads * args.head_dim * jnp.dtype(DTYPE).itemsize
-      pps = tables.shape[1]
-      impls = {
-          "ours": functools.partial(paged_decode, scale=scale, interpret=interpret),
-          "jax_bundled": lambda q, k, v, t, l: bundled.paged_attention(
-              q * scale, k, v, t, l, block_h=16, k_splits=math.gcd(16, pps),
-              pages_per_compute_block=min(8, pps // math.gcd(16, pps)), interpret=interpret),
-          "xla": functools.partial(paged_decode_reference, scale=scale),
-      }
-      ref_out = None
-      for name, fn in impls.items():
-        row = dict(kind="decode", impl=name, batch=batch, ctx=ctx)
-        try:
-          jf = jax.jit(fn)
-          out = jf(q, k, v, tables, lens)
-          if ref_out is None:
-            ref_out = out
-          row["max_err_vs_first"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32))))
-          sec = time_fn(jf, q, k, v, tables, lens, repeats=args.repeats)
-          row.update(us=sec * 1e6, gbps=kv_bytes / sec / 1e9, frac_copy=kv_bytes / sec / args.copy_bw)
-        except Exception as e:  # a failing impl is recorded, not fatal
-          row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        rows.append(row)
-        print(_fmt(row), flush=True)
-      del k, v
-  return rows
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from jax.experimental.pallas.ops.gpu import paged_attention as bundled  # deprecated module, still shipped
+    rows = []
+    scale = 1 / math.sqrt(args.head_dim)
+    for ctx in args.ctxs:
+        for batch in args.batches:
+            key = jax.random.PRNGKey(batch * 7919 + ctx)
+            k, v, tables = make_cache(key, batch, ctx, args.kv_heads, args.head_dim)
+            q = jax.random.normal(jax.random.fold_in(key, 1), (batch, args.q_heads, args.head_dim), DTYPE)
+            lens = jnp.full((batch,), ctx, jnp.int32)
+            kv_bytes = 2 * batch * ctx * args.kv_heads * args.head_dim * jnp.dtype(DTYPE).itemsize
+            pps = tables.shape[1]
+            impls = {
+                "ours": functools.partial(paged_decode, scale=scale, interpret=interpret),
+                "jax_bundled": lambda q, k, v, t, l: bundled.paged_attention(
+                    q * scale, k, v, t, l, block_h=16, k_splits=math.gcd(16, pps),
+                    pages_per_compute_block=min(8, pps // math.gcd(16, pps)), interpret=interpret),
+                "xla": functools.partial(paged_decode_reference, scale=scale),
+            }
+            ref_out = None
+            for name, fn in impls.items():
+                row = dict(kind="decode", impl=name, batch=batch, ctx=ctx)
+                try:
+                    jf = jax.jit(fn)
+                    out = jf(q, k, v, tables, lens)
+                    if ref_out is None:
+                        ref_out = out
+                    err = jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32))
+                    row["max_err_vs_first"] = float(jnp.max(err))
+                    sec = time_fn(jf, q, k, v, tables, lens, repeats=args.repeats)
+                    row.update(us=sec * 1e6, gbps=kv_bytes / sec / 1e9, frac_copy=kv_bytes / sec / args.copy_bw)
+                except Exception as e:  # a failing impl is recorded, not fatal
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                rows.append(row)
+                print(_fmt(row), flush=True)
+            del k, v
+    return rows
 
 
 def _prefill_batch(key, ctx_lens, q_lens, hq, hkv, d):
-  """Flat batch of new tokens (their K/V already in the cache) + metadata."""
-  seq_lens = np.asarray(ctx_lens) + np.asarray(q_lens)
-  B, max_len = len(seq_lens), int(seq_lens.max())
-  k, v, tables = make_cache(key, B, max_len, hkv, d)
-  cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-  seq_ids = np.repeat(np.arange(B), q_lens).astype(np.int32)
-  pos = np.concatenate([np.arange(c, c + n) for c, n in zip(ctx_lens, q_lens)]).astype(np.int32)
-  q = jax.random.normal(jax.random.fold_in(key, 2), (int(cu[-1]), hq, d), DTYPE)
-  flops = 4 * hq * d * sum(n * c + n * (n + 1) // 2 for c, n in zip(ctx_lens, q_lens))  # QK^T + PV, causal
-  meta = (tables, jnp.asarray(seq_lens, jnp.int32), jnp.asarray(cu), jnp.asarray(seq_ids), jnp.asarray(pos))
-  return q, k, v, meta, flops
+    """Flat batch of new tokens (their K/V already in the cache) + metadata."""
+    seq_lens = np.asarray(ctx_lens) + np.asarray(q_lens)
+    B, max_len = len(seq_lens), int(seq_lens.max())
+    k, v, tables = make_cache(key, B, max_len, hkv, d)
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    seq_ids = np.repeat(np.arange(B), q_lens).astype(np.int32)
+    pos = np.concatenate([np.arange(c, c + n) for c, n in zip(ctx_lens, q_lens)]).astype(np.int32)
+    q = jax.random.normal(jax.random.fold_in(key, 2), (int(cu[-1]), hq, d), DTYPE)
+    flops = 4 * hq * d * sum(n * c + n * (n + 1) // 2 for c, n in zip(ctx_lens, q_lens))  # QK^T + PV, causal
+    meta = (tables, jnp.asarray(seq_lens, jnp.int32), jnp.asarray(cu), jnp.asarray(seq_ids), jnp.asarray(pos))
+    return q, k, v, meta, flops
 
 
 def bench_prefill(args, interpret: bool):
-  rows = []
-  scale = 1 / math.sqrt(args.head_dim)
-  for name, (ctx_lens, q_lens) in args.prefill_cases.items():
-    q, k, v, (tables, lens, cu, seq_ids, pos), flops = _prefill_batch(
-        jax.random.PRNGKey(len(name)), ctx_lens, q_lens, args.q_heads, args.kv_heads, args.head_dim)
-    impls = {
-        "ours": lambda q, k, v: ragged_prefill(q, k, v, tables, lens, cu, scale=scale, interpret=interpret),
-        "xla": lambda q, k, v: ragged_attention_reference(q, k, v, tables, lens, cu, seq_ids, pos, scale=scale,
-                                                          pages_per_iter=args.xla_pages_per_iter),
-    }
-    ref_out = None
-    for impl, fn in impls.items():
-      row = dict(kind="prefill", impl=impl, case=name, tokens=int(q.shape[0]))
-      try:
-        jf = jax.jit(fn)
-        out = jf(q, k, v)
-        ref_out = out if ref_out is None else ref_out
-        row["max_err_vs_first"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32))))
-        sec = time_fn(jf, q, k, v, repeats=args.repeats)
-        row.update(us=sec * 1e6, tflops=flops / sec / 1e12, frac_matmul=flops / sec / args.matmul_flops)
-      except Exception as e:
-        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-      rows.append(row)
-      print(_fmt(row), flush=True)
-  return rows
+    rows = []
+    scale = 1 / math.sqrt(args.head_dim)
+    for name, (ctx_lens, q_lens) in args.prefill_cases.items():
+        q, k, v, (tables, lens, cu, seq_ids, pos), flops = _prefill_batch(
+            jax.random.PRNGKey(len(name)), ctx_lens, q_lens, args.q_heads, args.kv_heads, args.head_dim)
+        impls = {
+            "ours": lambda q, k, v: ragged_prefill(q, k, v, tables, lens, cu, scale=scale, interpret=interpret),
+            "xla": lambda q, k, v: ragged_attention_reference(q, k, v, tables, lens, cu, seq_ids, pos, scale=scale,
+                                                              pages_per_iter=args.xla_pages_per_iter),
+        }
+        ref_out = None
+        for impl, fn in impls.items():
+            row = dict(kind="prefill", impl=impl, case=name, tokens=int(q.shape[0]))
+            try:
+                jf = jax.jit(fn)
+                out = jf(q, k, v)
+                ref_out = out if ref_out is None else ref_out
+                row["max_err_vs_first"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32))))
+                sec = time_fn(jf, q, k, v, repeats=args.repeats)
+                row.update(us=sec * 1e6, tflops=flops / sec / 1e12, frac_matmul=flops / sec / args.matmul_flops)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(_fmt(row), flush=True)
+    return rows
 
 
 def _fmt(r):
-  head = f"{r['kind']:8s} {r['impl']:12s} " + (f"B={r['batch']:<4d} ctx={r['ctx']:<6d}" if r["kind"] == "decode"
-                                               else f"{r['case']:14s} T={r['tokens']:<6d}")
-  if "error" in r:
-    return f"{head} ERROR {r['error']}"
-  if r["kind"] == "decode":
-    return f"{head} {r['us']:10.1f} us  {r['gbps']:8.1f} GB/s  {100 * r['frac_copy']:5.1f}% of copy"
-  return f"{head} {r['us']:10.1f} us  {r['tflops']:8.2f} TFLOP/s  {100 * r['frac_matmul']:5.1f}% of matmul"
+    head = f"{r['kind']:8s} {r['impl']:12s} " + (f"B={r['batch']:<4d} ctx={r['ctx']:<6d}" if r["kind"] == "decode"
+                                                 else f"{r['case']:14s} T={r['tokens']:<6d}")
+    if "error" in r:
+        return f"{head} ERROR {r['error']}"
+    head += f" err={r['max_err_vs_first']:.1e}"
+    if r["kind"] == "decode":
+        return f"{head} {r['us']:10.1f} us  {r['gbps']:8.1f} GB/s  {100 * r['frac_copy']:5.1f}% of copy"
+    return f"{head} {r['us']:10.1f} us  {r['tflops']:8.2f} TFLOP/s  {100 * r['frac_matmul']:5.1f}% of matmul"
 
 
 def plot(rows, args, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(args.ctxs) + 1, figsize=(5 * (len(args.ctxs) + 1), 4))
-  for ax, ctx in zip(axes, args.ctxs):
-    for impl in ("ours", "jax_bundled", "xla"):
-      pts = [(r["batch"], r["frac_copy"]) for r in rows
-             if r["kind"] == "decode" and r["ctx"] == ctx and r["impl"] == impl and "error" not in r]
-      if pts:
-        ax.plot(*zip(*pts), marker="o", label=impl)
-    ax.set(xscale="log", xlabel="batch", ylabel="KV read BW / copy BW", title=f"decode ctx={ctx}", ylim=(0, 1.1))
-    ax.legend()
-  pre = [r for r in rows if r["kind"] == "prefill" and "error" not in r]
-  labels = [f"{r['case']}\n{r['impl']}" for r in pre]
-  axes[-1].bar(range(len(pre)), [r["frac_matmul"] for r in pre])
-  axes[-1].set_xticks(range(len(pre)), labels, fontsize=7)
-  axes[-1].set(ylabel="causal FLOP/s / matmul FLOP/s", title="prefill")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed (pip install jaxserve[test]); no PNG")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(args.ctxs) + 1, figsize=(5 * (len(args.ctxs) + 1), 4))
+    for ax, ctx in zip(axes, args.ctxs):
+        for impl in ("ours", "jax_bundled", "xla"):
+            pts = [(r["batch"], r["frac_copy"]) for r in rows
+                   if r["kind"] == "decode" and r["ctx"] == ctx and r["impl"] == impl and "error" not in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set(xscale="log", xlabel="batch", ylabel="KV read BW / copy BW", title=f"decode ctx={ctx}", ylim=(0, 1.1))
+        ax.legend()
+    pre = [r for r in rows if r["kind"] == "prefill" and "error" not in r]
+    labels = [f"{r['case']}\n{r['impl']}" for r in pre]
+    axes[-1].bar(range(len(pre)), [r["frac_matmul"] for r in pre])
+    axes[-1].set_xticks(range(len(pre)), labels, fontsize=7)
+    axes[-1].set(ylabel="causal FLOP/s / matmul FLOP/s", title="prefill")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", required=True)
-  p.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpret mode (CPU)")
-  p.add_argument("--repeats", type=int, default=20)
-  p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 64, 128, 256])
-  p.add_argument("--ctxs", type=int, nargs="*", default=[512, 2048, 8192])
-  p.add_argument("--xla-pages-per-iter", type=int, default=4)
-  args = p.parse_args()
-  interpret = args.smoke or jax.devices()[0].platform == "cpu"
-  args.q_heads, args.kv_heads, args.head_dim = HQ, HKV, D
-  if args.smoke:
-    args.q_heads, args.kv_heads, args.head_dim = 8, 2, 64
-    args.batches, args.ctxs, args.repeats = [1, 3], [40, 64], min(args.repeats, 2)
-    args.prefill_cases = {"prompts": ([0, 0], [24, 17]), "mixed": ([0, 33, 20, 20], [16, 8, 1, 1])}
-    bw_bytes, mm_n = 1 << 22, 256
-  else:
-    args.prefill_cases = {
-        "8x2048": ([0] * 8, [2048] * 8),
-        # a 2048-token chunk at offset 4096, two prefix-cache hits, 64 decode rows at 2k context
-        "mixed_chunked": ([4096, 1024, 1024] + [2047] * 64, [2048, 512, 512] + [1] * 64),
-    }
-    bw_bytes, mm_n = 1 << 30, 8192
-  os.makedirs(args.out, exist_ok=True)
-  dev = jax.devices()[0]
-  args.copy_bw = copy_bandwidth(bw_bytes, args.repeats)
-  args.matmul_flops = matmul_flops(mm_n, args.repeats)
-  print(f"device {dev.device_kind}: copy {args.copy_bw / 1e9:.1f} GB/s, bf16 matmul "
-        f"{args.matmul_flops / 1e12:.1f} TFLOP/s (interpret={interpret})", flush=True)
-  rows = bench_decode(args, interpret) + bench_prefill(args, interpret)
-  result = dict(device=dev.device_kind, jax=jax.__version__, interpret=interpret, copy_bw=args.copy_bw,
-                matmul_flops=args.matmul_flops, rows=rows)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  plot(rows, args, os.path.join(args.out, "kernels.png"))
-  print(f"wrote {args.out}/results.json and {args.out}/kernels.png")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpret mode (CPU)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 64, 128, 256])
+    p.add_argument("--ctxs", type=int, nargs="*", default=[512, 2048, 8192])
+    p.add_argument("--xla-pages-per-iter", type=int, default=4)
+    args = p.parse_args()
+    interpret = args.smoke or jax.devices()[0].platform == "cpu"
+    args.q_heads, args.kv_heads, args.head_dim = HQ, HKV, D
+    if args.smoke:
+        args.q_heads, args.kv_heads, args.head_dim = 8, 2, 64
+        args.batches, args.ctxs, args.repeats = [1, 3], [40, 64], min(args.repeats, 2)
+        args.prefill_cases = {"prompts": ([0, 0], [24, 17]), "mixed": ([0, 33, 20, 20], [16, 8, 1, 1])}
+        bw_bytes, mm_n = 1 << 22, 256
+    else:
+        args.prefill_cases = {
+            "8x2048": ([0] * 8, [2048] * 8),
+            # a 2048-token chunk at offset 4096, two prefix-cache hits, 64 decode rows at 2k context
+            "mixed_chunked": ([4096, 1024, 1024] + [2047] * 64, [2048, 512, 512] + [1] * 64),
+        }
+        bw_bytes, mm_n = 1 << 30, 8192
+    os.makedirs(args.out, exist_ok=True)
+    dev = jax.devices()[0]
+    args.copy_bw = copy_bandwidth(bw_bytes, args.repeats)
+    args.matmul_flops = matmul_flops(mm_n, args.repeats)
+    print(f"device {dev.device_kind}: copy {args.copy_bw / 1e9:.1f} GB/s, bf16 matmul "
+          f"{args.matmul_flops / 1e12:.1f} TFLOP/s (interpret={interpret})", flush=True)
+    rows = bench_decode(args, interpret) + bench_prefill(args, interpret)
+    result = dict(device=dev.device_kind, jax=jax.__version__, interpret=interpret, copy_bw=args.copy_bw,
+                  matmul_flops=args.matmul_flops, rows=rows)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}/results.json")
+    plot(rows, args, os.path.join(args.out, "kernels.png"))
 
 
 if __name__ == "__main__":
-  main()
+    main()

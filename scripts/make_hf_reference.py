@@ -76,7 +76,15 @@ def smollm_reference(folder: Path, out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     out.mkdir(parents=True, exist_ok=True)
-    ref, arrays = {"model_dir": "<default_model_path()>", "new_tokens": 32, "prompts": {}}, {}
+    # Which conversion the references were made from: a converter change that alters weights shows here.
+    conversion = json.loads((folder / "jaxserve_conversion.json").read_text())
+    digest = hashlib.sha256()
+    with open(folder / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    ref = {"model_dir": "<default_model_path()>", "conversion": conversion,
+           "model_safetensors_sha256": digest.hexdigest(), "new_tokens": 32, "prompts": {}}
+    arrays = {}
     for name, (kind, text) in SMOL_PROMPTS.items():
         if kind == "chat":
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,

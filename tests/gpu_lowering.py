@@ -10,6 +10,6 @@ from jax.sharding import AbstractDevice, AbstractMesh
 
 
 def lower_for_h100(fn, *avals) -> str:
-  device = AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
-  with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device)):
-    return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    device = AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device)):
+        return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()

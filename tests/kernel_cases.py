@@ -11,77 +11,77 @@ import numpy as np
 
 @dataclasses.dataclass
 class Case:
-  q: np.ndarray  # [T, Hq, D] flat new tokens (T includes padding tokens)
-  k_pages: np.ndarray  # [Hkv, N, S, D], NaN where no sequence owns the slot (page 0 included)
-  v_pages: np.ndarray
-  block_tables: np.ndarray  # i32[B, P]
-  seq_lens: np.ndarray  # i32[B]
-  cu_q_lens: np.ndarray  # i32[B + 1]
-  token_seq_ids: np.ndarray  # i32[T]
-  positions: np.ndarray  # i32[T]
-  slot_mapping: np.ndarray  # i32[T]; padding tokens -> slots of block 0
+    q: np.ndarray  # [T, Hq, D] flat new tokens (T includes padding tokens)
+    k_pages: np.ndarray  # [Hkv, N, S, D], NaN where no sequence owns the slot (page 0 included)
+    v_pages: np.ndarray
+    block_tables: np.ndarray  # i32[B, P]
+    seq_lens: np.ndarray  # i32[B]
+    cu_q_lens: np.ndarray  # i32[B + 1]
+    token_seq_ids: np.ndarray  # i32[T]
+    positions: np.ndarray  # i32[T]
+    slot_mapping: np.ndarray  # i32[T]; padding tokens -> slots of block 0
 
 
 def make_case(rng, *, num_kv_heads, group, head_dim, block_size, ctx_lens, q_lens, dtype=np.float32,
               pad_tokens=0, extra_pages=3, extra_table_cols=1) -> Case:
-  """ctx_lens[b] cached tokens + q_lens[b] new tokens per sequence; new tokens' K/V are already in the pages."""
-  Hkv, G, D, S = num_kv_heads, group, head_dim, block_size
-  seq_lens = np.asarray(ctx_lens, np.int32) + np.asarray(q_lens, np.int32)
-  B = len(seq_lens)
-  pages_needed = [math.ceil(n / S) for n in seq_lens]
-  P = max(max(pages_needed), 1) + extra_table_cols
-  N = 1 + sum(pages_needed) + extra_pages
-  k = np.full((Hkv, N, S, D), np.nan, np.float32)
-  v = np.full((Hkv, N, S, D), np.nan, np.float32)
-  free = list(rng.permutation(np.arange(1, N)))
-  bt = np.zeros((B, P), np.int32)
-  slot_of = {}
-  for b in range(B):
-    for j in range(pages_needed[b]):
-      bt[b, j] = free.pop()
-      used = min(S, seq_lens[b] - j * S)
-      k[:, bt[b, j], :used] = rng.standard_normal((Hkv, used, D))
-      v[:, bt[b, j], :used] = rng.standard_normal((Hkv, used, D))
-    for j in range(pages_needed[b], P):  # unused table entries point at NaN pages (null or unowned)
-      bt[b, j] = rng.choice([0] + free) if free else 0
-  cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-  T = int(cu[-1]) + pad_tokens
-  seq_ids = np.zeros(T, np.int32)
-  pos = np.zeros(T, np.int32)
-  slots = rng.integers(0, S, size=T).astype(np.int32)  # padding: somewhere in block 0
-  for b in range(B):
-    for i in range(q_lens[b]):
-      t = cu[b] + i
-      seq_ids[t] = b
-      pos[t] = ctx_lens[b] + i
-      slots[t] = bt[b, pos[t] // S] * S + pos[t] % S
-  q = rng.standard_normal((T, Hkv * G, D)).astype(np.float32)
-  cast = lambda x: x.astype(dtype)
-  return Case(cast(q), cast(k), cast(v), bt, seq_lens, cu, seq_ids, pos, slots)
+    """ctx_lens[b] cached tokens + q_lens[b] new tokens per sequence; new tokens' K/V are already in the pages."""
+    Hkv, G, D, S = num_kv_heads, group, head_dim, block_size
+    seq_lens = np.asarray(ctx_lens, np.int32) + np.asarray(q_lens, np.int32)
+    B = len(seq_lens)
+    pages_needed = [math.ceil(n / S) for n in seq_lens]
+    P = max(max(pages_needed), 1) + extra_table_cols
+    N = 1 + sum(pages_needed) + extra_pages
+    k = np.full((Hkv, N, S, D), np.nan, np.float32)
+    v = np.full((Hkv, N, S, D), np.nan, np.float32)
+    free = list(rng.permutation(np.arange(1, N)))
+    bt = np.zeros((B, P), np.int32)
+    slot_of = {}
+    for b in range(B):
+        for j in range(pages_needed[b]):
+            bt[b, j] = free.pop()
+            used = min(S, seq_lens[b] - j * S)
+            k[:, bt[b, j], :used] = rng.standard_normal((Hkv, used, D))
+            v[:, bt[b, j], :used] = rng.standard_normal((Hkv, used, D))
+        for j in range(pages_needed[b], P):  # unused table entries point at NaN pages (null or unowned)
+            bt[b, j] = rng.choice([0] + free) if free else 0
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    T = int(cu[-1]) + pad_tokens
+    seq_ids = np.zeros(T, np.int32)
+    pos = np.zeros(T, np.int32)
+    slots = rng.integers(0, S, size=T).astype(np.int32)  # padding: somewhere in block 0
+    for b in range(B):
+        for i in range(q_lens[b]):
+            t = cu[b] + i
+            seq_ids[t] = b
+            pos[t] = ctx_lens[b] + i
+            slots[t] = bt[b, pos[t] // S] * S + pos[t] % S
+    q = rng.standard_normal((T, Hkv * G, D)).astype(np.float32)
+    cast = lambda x: x.astype(dtype)
+    return Case(cast(q), cast(k), cast(v), bt, seq_lens, cu, seq_ids, pos, slots)
 
 
 def numpy_attention(case: Case, scale: float) -> np.ndarray:
-  """Token-by-token, key-by-key float64 loop. Returns [T, Hq, D] (zeros for padding tokens)."""
-  q = case.q.astype(np.float64)
-  k = case.k_pages.astype(np.float64)
-  v = case.v_pages.astype(np.float64)
-  T, Hq, D = q.shape
-  Hkv, _, S, _ = k.shape
-  G = Hq // Hkv
-  out = np.zeros((T, Hq, D))
-  for t in range(int(case.cu_q_lens[-1])):
-    b, p = case.token_seq_ids[t], case.positions[t]
-    pages = case.block_tables[b, np.arange(p + 1) // S]
-    slots = np.arange(p + 1) % S
-    for h in range(Hq):
-      keys = k[h // G, pages, slots]  # (p+1, D)
-      vals = v[h // G, pages, slots]
-      logits = keys @ q[t, h] * scale
-      w = np.exp(logits - logits.max())
-      out[t, h] = (w / w.sum()) @ vals
-  return out
+    """Token-by-token, key-by-key float64 loop. Returns [T, Hq, D] (zeros for padding tokens)."""
+    q = case.q.astype(np.float64)
+    k = case.k_pages.astype(np.float64)
+    v = case.v_pages.astype(np.float64)
+    T, Hq, D = q.shape
+    Hkv, _, S, _ = k.shape
+    G = Hq // Hkv
+    out = np.zeros((T, Hq, D))
+    for t in range(int(case.cu_q_lens[-1])):
+        b, p = case.token_seq_ids[t], case.positions[t]
+        pages = case.block_tables[b, np.arange(p + 1) // S]
+        slots = np.arange(p + 1) % S
+        for h in range(Hq):
+            keys = k[h // G, pages, slots]  # (p+1, D)
+            vals = v[h // G, pages, slots]
+            logits = keys @ q[t, h] * scale
+            w = np.exp(logits - logits.max())
+            out[t, h] = (w / w.sum()) @ vals
+    return out
 
 
 def tol(dtype):
-  """Stated tolerances: f32 kernels agree with f64 loops to ~1e-5; bf16 inputs to ~2e-2."""
-  return dict(atol=2e-5, rtol=2e-5) if np.dtype(dtype) == np.float32 else dict(atol=2e-2, rtol=2e-2)
+    """Stated tolerances: f32 kernels agree with f64 loops to ~1e-5; bf16 inputs to ~2e-2."""
+    return dict(atol=2e-5, rtol=2e-5) if np.dtype(dtype) == np.float32 else dict(atol=2e-2, rtol=2e-2)

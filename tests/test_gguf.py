@@ -188,3 +188,19 @@ def test_hf_greedy_answer(smollm_dir):
     ids = tok(text, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=16, do_sample=False)
     assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == "The capital of France is Paris."
+
+
+def test_tokenizer_matches_transformers_gguf_tokenizer(smollm_dir, gguf_reader):
+    """transformers' own GGUF tokenizer conversion (needs torch to import) encodes varied text the same."""
+    pytest.importorskip("torch")
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    path = Path(gguf_reader.data.filename)
+    theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ours = load_tokenizer(smollm_dir)
+    for text in ["Hello world!", "emoji 😀👍🏽 family 👨‍👩‍👧", "中文：AI 的未来发展，日本語，한국어",
+                 "def f(x):\n    return x**2  # c\n\tpass", "<|im_start|>user\nhi<|im_end|>",
+                 "  spaces   and 12345 3.14159\r\n\n"]:
+        assert ours.encode(text) == theirs.encode(text), text

@@ -14,24 +14,24 @@ from jaxserve.pallas_kernels.ragged_prefill import work_items
 
 
 def _mixed_case(rng, group, head_dim, block_size, dtype=np.float32):
-  S = block_size
-  # prefill from empty; prefix hit ending on a block boundary; chunked continuation at an odd offset;
-  # a decode row; an empty (padding) row; a prompt ending exactly on a block boundary
-  return make_case(rng, num_kv_heads=2, group=group, head_dim=head_dim, block_size=S,
-                   ctx_lens=[0, S, S + 3, 2 * S - 1, 0, 0], q_lens=[S + 5, 7, S, 1, 0, 2 * S], dtype=dtype,
-                   pad_tokens=5)
+    S = block_size
+    # prefill from empty; prefix hit ending on a block boundary; chunked continuation at an odd offset;
+    # a decode row; an empty (padding) row; a prompt ending exactly on a block boundary
+    return make_case(rng, num_kv_heads=2, group=group, head_dim=head_dim, block_size=S,
+                     ctx_lens=[0, S, S + 3, 2 * S - 1, 0, 0], q_lens=[S + 5, 7, S, 1, 0, 2 * S], dtype=dtype,
+                     pad_tokens=5)
 
 
 def _check(c, tuning, dtype=np.float32, scale=None):
-  got = ragged_prefill(c.q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, c.cu_q_lens, scale=scale,
-                       tuning=tuning, interpret=True)
-  want = ragged_attention_reference(c.q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, c.cu_q_lens,
-                                    c.token_seq_ids, c.positions, scale=scale)
-  assert got.dtype == c.q.dtype
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  assert not np.isnan(got).any()
-  np.testing.assert_allclose(got, want, **tol(dtype))
-  np.testing.assert_array_equal(got[int(c.cu_q_lens[-1]):], 0.0)  # padding tokens
+    got = ragged_prefill(c.q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, c.cu_q_lens, scale=scale,
+                         tuning=tuning, interpret=True)
+    want = ragged_attention_reference(c.q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, c.cu_q_lens,
+                                      c.token_seq_ids, c.positions, scale=scale)
+    assert got.dtype == c.q.dtype
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, want, **tol(dtype))
+    np.testing.assert_array_equal(got[int(c.cu_q_lens[-1]):], 0.0)  # padding tokens
 
 
 @pytest.mark.parametrize("group,head_dim,block_size,tuning", [
@@ -42,50 +42,50 @@ def _check(c, tuning, dtype=np.float32, scale=None):
     (8, 128, 128, PrefillTuning(block_q=4)),
 ])
 def test_ragged_prefill(group, head_dim, block_size, tuning):
-  c = _mixed_case(np.random.default_rng(group * 3 + block_size), group, head_dim, block_size)
-  _check(c, tuning, scale=0.15)
+    c = _mixed_case(np.random.default_rng(group * 3 + block_size), group, head_dim, block_size)
+    _check(c, tuning, scale=0.15)
 
 
 def test_ragged_prefill_bf16_default_tuning():
-  c = _mixed_case(np.random.default_rng(2), 4, 64, 16, dtype=jnp.bfloat16)
-  _check(c, PrefillTuning(), dtype=jnp.bfloat16)
+    c = _mixed_case(np.random.default_rng(2), 4, 64, 16, dtype=jnp.bfloat16)
+    _check(c, PrefillTuning(), dtype=jnp.bfloat16)
 
 
 def test_work_items():
-  cu = jnp.array([0, 5, 5, 6, 15], jnp.int32)  # q lens 5, 0, 1, 9
-  seq_lens = jnp.array([5, 0, 10, 20], jnp.int32)
-  seq, q0, nq, pos0 = (np.asarray(x) for x in work_items(cu, seq_lens, block_q=4, num_items=8))
-  np.testing.assert_array_equal(seq[:6], [0, 0, 2, 3, 3, 3])
-  np.testing.assert_array_equal(q0[:6], [0, 4, 5, 6, 10, 14])
-  np.testing.assert_array_equal(nq, [4, 1, 1, 4, 4, 1, 0, 0])
-  np.testing.assert_array_equal(pos0[:6], [0, 4, 9, 11, 15, 19])
+    cu = jnp.array([0, 5, 5, 6, 15], jnp.int32)  # q lens 5, 0, 1, 9
+    seq_lens = jnp.array([5, 0, 10, 20], jnp.int32)
+    seq, q0, nq, pos0 = (np.asarray(x) for x in work_items(cu, seq_lens, block_q=4, num_items=8))
+    np.testing.assert_array_equal(seq[:6], [0, 0, 2, 3, 3, 3])
+    np.testing.assert_array_equal(q0[:6], [0, 4, 5, 6, 10, 14])
+    np.testing.assert_array_equal(nq, [4, 1, 1, 4, 4, 1, 0, 0])
+    np.testing.assert_array_equal(pos0[:6], [0, 4, 9, 11, 15, 19])
 
 
 def test_ragged_prefill_errors():
-  q = jnp.zeros((6, 8, 64))
-  k = jnp.zeros((2, 5, 16, 64))
-  bt = jnp.zeros((2, 3), jnp.int32)
-  lens = jnp.ones((2,), jnp.int32)
-  with pytest.raises(ValueError, match="cu_q_lens"):
-    ragged_prefill(q, k, k, bt, lens, jnp.zeros((2,), jnp.int32), interpret=True)
-  with pytest.raises(ValueError, match="multiple"):
-    ragged_prefill(jnp.zeros((6, 5, 64)), k, k, bt, lens, jnp.zeros((3,), jnp.int32), interpret=True)
-  with pytest.raises(ValueError, match="powers of 2"):
-    ragged_prefill(q, k, k, bt, lens, jnp.zeros((3,), jnp.int32), tuning=PrefillTuning(block_q=3),
-                   interpret=True)
+    q = jnp.zeros((6, 8, 64))
+    k = jnp.zeros((2, 5, 16, 64))
+    bt = jnp.zeros((2, 3), jnp.int32)
+    lens = jnp.ones((2,), jnp.int32)
+    with pytest.raises(ValueError, match="cu_q_lens"):
+        ragged_prefill(q, k, k, bt, lens, jnp.zeros((2,), jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match="multiple"):
+        ragged_prefill(jnp.zeros((6, 5, 64)), k, k, bt, lens, jnp.zeros((3,), jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match="powers of 2"):
+        ragged_prefill(q, k, k, bt, lens, jnp.zeros((3,), jnp.int32), tuning=PrefillTuning(block_q=3),
+                       interpret=True)
 
 
 @pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (3, 128, 128), (8, 128, 16)])
 def test_ragged_prefill_lowers_to_triton(group, head_dim, block_size):
-  A = jax.ShapeDtypeStruct
-  q = A((100, 2 * group, head_dim), jnp.bfloat16)
-  k = A((2, 40, block_size, head_dim), jnp.bfloat16)
-  text = lower_for_h100(ragged_prefill, q, k, k, A((5, 9), jnp.int32), A((5,), jnp.int32), A((6,), jnp.int32))
-  assert "xla.gpu.triton" in text
+    A = jax.ShapeDtypeStruct
+    q = A((100, 2 * group, head_dim), jnp.bfloat16)
+    k = A((2, 40, block_size, head_dim), jnp.bfloat16)
+    text = lower_for_h100(ragged_prefill, q, k, k, A((5, 9), jnp.int32), A((5,), jnp.int32), A((6,), jnp.int32))
+    assert "xla.gpu.triton" in text
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group,head_dim,block_size", list(itertools.product([1, 3, 4, 7, 8], [64, 128],
-                                                                             [16, 32, 64, 128])))
-def test_ragged_prefill_sweep(group, head_dim, block_size):
-  _check(_mixed_case(np.random.default_rng(0), group, head_dim, block_size), PrefillTuning())
+@pytest.mark.parametrize("group,block_size", list(itertools.product([1, 3, 4, 7, 8], [16, 32, 64, 128])))
+def test_ragged_prefill_sweep(group, block_size):
+    head_dim = 64 if (group + block_size.bit_length()) % 2 else 128  # alternate to keep CI time down
+    _check(_mixed_case(np.random.default_rng(0), group, head_dim, block_size), PrefillTuning())

@@ -18,27 +18,27 @@ from jaxserve.pallas_kernels import select
     ("gpu", None, "xla"),
 ])
 def test_auto(platform, cap, want):
-  assert attention_backend(platform, cap) == want
-  assert attention_backend(platform, cap, "auto") == want
+    assert attention_backend(platform, cap) == want
+    assert attention_backend(platform, cap, "auto") == want
 
 
 def test_hopper_prefers_mosaic_when_built(monkeypatch):
-  monkeypatch.setattr(select, "MOSAIC_AVAILABLE", True)
-  assert attention_backend("gpu", (9, 0)) == "pallas_mosaic"
-  assert attention_backend("gpu", (8, 0)) == "pallas_triton"
+    monkeypatch.setattr(select, "MOSAIC_AVAILABLE", True)
+    assert attention_backend("gpu", (9, 0)) == "pallas_mosaic"
+    assert attention_backend("gpu", (8, 0)) == "pallas_triton"
 
 
 def test_override():
-  assert attention_backend("gpu", (9, 0), "xla") == "xla"
-  assert attention_backend("cpu", None, "xla") == "xla"
-  assert attention_backend("gpu", (8, 0), "pallas_triton") == "pallas_triton"
-  with pytest.raises(ValueError, match="unknown"):
-    attention_backend("gpu", (9, 0), "flash")
-  with pytest.raises(ValueError, match="GPU"):
-    attention_backend("cpu", None, "pallas_triton")
-  with pytest.raises(ValueError, match="Hopper"):
-    attention_backend("gpu", (9, 0), "pallas_mosaic")  # not built yet
+    assert attention_backend("gpu", (9, 0), "xla") == "xla"
+    assert attention_backend("cpu", None, "xla") == "xla"
+    assert attention_backend("gpu", (8, 0), "pallas_triton") == "pallas_triton"
+    with pytest.raises(ValueError, match="unknown"):
+        attention_backend("gpu", (9, 0), "flash")
+    with pytest.raises(ValueError, match="GPU"):
+        attention_backend("cpu", None, "pallas_triton")
+    with pytest.raises(ValueError, match="Hopper"):
+        attention_backend("gpu", (9, 0), "pallas_mosaic")  # not built yet
 
 
 def test_device_backend_on_this_host():
-  assert device_attention_backend() in ("xla", "pallas_triton")
+    assert device_attention_backend() in ("xla", "pallas_triton")

@@ -137,17 +137,20 @@ class Sim:
                              f"waiting, {self.sched.num_swapped} swapped")
 
 
-# Pools of 12..64 token slots against requests of 2..26 tokens: each fits alone, a few at once do not, so
-# preemption (by recompute and by swap) is common.
+# Pools of 28..64 token slots against requests of 2..28 tokens: each fits alone, a few at once do not, so
+# preemption (by recompute and by swap) is common. sampled_from lists lead with a busy value because
+# hypothesis favours (and shrinks towards) the first element.
 setups = st.integers(1, 4).flatmap(lambda bs: st.fixed_dictionaries({
-    "block_size": st.just(bs), "num_blocks": st.integers(1 + 12 // bs, 1 + 64 // bs), "caching": st.booleans(),
-    "host": st.sampled_from([0, 4, 64]), "max_num_seqs": st.integers(1, 6),
-    "budget": st.integers(1, 16), "threshold": st.sampled_from([0, 0, 3]), "max_model_len": st.integers(6, 40),
+    "block_size": st.just(bs), "num_blocks": st.integers(1 + 28 // bs, 1 + 64 // bs), "caching": st.booleans(),
+    "host": st.sampled_from([64, 0, 4]), "max_num_seqs": st.sampled_from([4, 1, 2, 6]),
+    "budget": st.sampled_from([8, 1, 3, 16]), "threshold": st.sampled_from([0, 3]),
+    "max_model_len": st.sampled_from([24, 6, 40]),
 }))
-add_op = st.tuples(st.just("add"), st.integers(0, 12), st.lists(st.integers(0, 2), min_size=1, max_size=4),
-                   st.sampled_from([1, 4, 8, 12]), st.sampled_from([1, 1, 2, 3]))
+add_op = st.tuples(st.just("add"), st.sampled_from([8, 0, 3, 12]),
+                   st.lists(st.integers(0, 2), min_size=1, max_size=4),
+                   st.sampled_from([8, 1, 4, 12]), st.sampled_from([1, 2, 3]))
 ops = st.lists(st.one_of(
-    add_op, add_op,
+    add_op, add_op, add_op,
     st.tuples(st.just("step"), st.integers(1, 4)),
     st.tuples(st.just("end"), st.integers(0, 100), st.booleans()),
 ), min_size=6, max_size=40)
@@ -178,24 +181,37 @@ def run(setup, op_list, seed=0):
     return sim
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(setups, ops, st.integers(0, 2**16))
 def test_random_workloads_keep_invariants_and_drain(setup, op_list, seed):
     run(setup, op_list, seed)
 
 
-def test_simulator_exercises_preemption_swap_copies_and_hits():
-    """The property above is only as good as its coverage: check the paths it relies on do occur."""
+def random_case(rng):
+    """A uniformly random workload: hypothesis favours tiny examples, this keeps the pool under pressure."""
+    bs = rng.randint(1, 4)
+    setup = {"block_size": bs, "num_blocks": rng.randint(1 + 28 // bs, 1 + 48 // bs), "caching": rng.random() < 0.7,
+             "host": rng.choice([0, 6, 64]), "max_num_seqs": rng.randint(2, 6), "budget": rng.choice([1, 4, 8, 16]),
+             "threshold": rng.choice([0, 0, 3]), "max_model_len": rng.choice([16, 24, 40])}
+    op_list = []
+    for _ in range(rng.randint(4, 30)):
+        r = rng.random()
+        if r < 0.5:
+            op_list.append(("add", rng.choice([0, 3, 8, 12]), [rng.randrange(3) for _ in range(rng.randint(1, 4))],
+                            rng.randint(1, 12), rng.choice([1, 1, 2, 3])))
+        elif r < 0.85:
+            op_list.append(("step", rng.randint(1, 4)))
+        else:
+            op_list.append(("end", rng.randrange(100), rng.random() < 0.5))
+    return setup, op_list
+
+
+def test_seeded_random_workloads_and_coverage():
+    """Seeded fuzz beside the property; also checks the paths the invariants rely on do occur."""
     totals = {"preempt": 0, "swap_out": 0, "copies": 0, "hits": 0}
-    rng = random.Random(1)
-    for trial in range(60):
-        setup = {"num_blocks": rng.randint(6, 14), "block_size": rng.randint(1, 4), "caching": True,
-                 "host": rng.choice([0, 12]), "max_num_seqs": 4, "budget": rng.randint(4, 16),
-                 "threshold": 0, "max_model_len": 32}
-        op_list = [("add", rng.randint(0, 12), [rng.randrange(3) for _ in range(3)], rng.randint(2, 8),
-                    rng.choice([1, 2, 3])) for _ in range(6)]
-        sim = run(setup, op_list, seed=trial)
+    for seed in range(1000):
+        sim = run(*random_case(random.Random(seed)), seed=seed)
         for k, v in sim.stats.items():
             totals[k] += v
         totals["hits"] += sim.bm.prefix_cache_hits
-    assert all(v > 0 for v in totals.values()), totals
+    assert all(v > 100 for v in totals.values()), totals

@@ -131,7 +131,8 @@ def test_chat_template_errors_and_override(tok, tmp_path):
     msgs = [{"role": "user", "content": "hi"}]
     with pytest.raises(ValueError, match="no chat template"):
         bare.apply_chat_template(msgs)
-    tpl = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    tpl = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+           "{% if add_generation_prompt %}>{% endif %}")
     assert bare.apply_chat_template(msgs, chat_template=tpl) == "[user] hi\n>"
     assert bare.apply_chat_template(msgs, chat_template=tpl, add_generation_prompt=False) == "[user] hi\n"
     parts = [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]

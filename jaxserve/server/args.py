@@ -28,8 +28,9 @@ class ServerArgs:
 
 def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("server")
-    g.add_argument("--host", default=ServerArgs.host,
-                   help="Address to bind (default 127.0.0.1; the Docker image sets 0.0.0.0).")
+    g.add_argument("--host", default=os.environ.get("JAXSERVE_HOST", ServerArgs.host),
+                   help="Address to bind (default: $JAXSERVE_HOST, else 127.0.0.1; the Docker image sets "
+                        "JAXSERVE_HOST=0.0.0.0 so `docker run <image> --model ...` is reachable).")
     g.add_argument("--port", type=int, default=ServerArgs.port, help="TCP port (default 8000).")
     g.add_argument("--api-key", default=None,
                    help="Require `Authorization: Bearer <key>` on /v1/*, /tokenize, /detokenize and the "

@@ -30,14 +30,15 @@ _cleanup_tasks: set[asyncio.Task] = set()  # strong refs, so cleanup tasks are n
 
 
 async def _finish_cleanup(engine: Any, tasks: list[asyncio.Task], request_ids: list[str]) -> None:
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    # abort first (frees the blocks now), then stop the per-prompt pumps
     for rid in request_ids:
         try:
             await engine.abort(rid)
         except Exception:  # an abort failing must not hide the original outcome
             logger.exception("abort(%s) failed", rid)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def merge_outputs(engine: Any, prompts: list[str | list[int]], params: Any,
@@ -105,6 +106,7 @@ class EngineResponse:
         self.stream = stream
         self.headers = headers
         self.disconnected = False
+        self.completed = False  # the last body chunk went out; a disconnect after that is normal
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -112,8 +114,9 @@ class EngineResponse:
                 async def watch_disconnect() -> None:
                     while (await receive())["type"] != "http.disconnect":
                         pass
-                    self.disconnected = True
-                    tg.cancel_scope.cancel()
+                    if not self.completed:
+                        self.disconnected = True
+                        tg.cancel_scope.cancel()
 
                 tg.start_soon(watch_disconnect)
                 try:
@@ -130,13 +133,16 @@ class EngineResponse:
         try:
             first = await anext(self.events)
         except APIError as e:
+            self.completed = True
             await send_json(send, e.status, e.body(), {**self.headers, **e.headers})
             return
         except Exception as e:
             logger.exception("request %s failed", self.headers.get("X-Request-Id"))
+            self.completed = True
             await send_json(send, 500, error_body(500, f"internal error: {e!r}"), self.headers)
             return
         if not self.stream:
+            self.completed = True
             await send_json(send, 200, first, self.headers)
             return
         raw = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -153,4 +159,5 @@ class EngineResponse:
             logger.exception("stream %s failed", self.headers.get("X-Request-Id"))
             body = sse(error_body(500, f"internal error: {e!r}"))
             await send({"type": "http.response.body", "body": body, "more_body": True})
+        self.completed = True
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})

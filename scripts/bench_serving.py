@@ -1,0 +1,230 @@
+"""Online serving benchmark against a running OpenAI-compatible server (after vLLM's benchmark_serving.py).
+
+    python scripts/bench_serving.py --base-url http://127.0.0.1:8000 --dataset sharegpt-like \
+        --num-prompts 500 --request-rate 8 --max-concurrency 64 --result-json out/serve.json --plot out/serve.png
+
+Prompts are token ids sent to /v1/completions (so a --load-format dummy model can be driven without a
+tokenizer or a text corpus), with ignore_eos=True and max_tokens = the chosen output length, streamed
+with stream_options.include_usage so every request's output length is exact.
+
+Datasets (all seeded with --seed):
+- random: input length uniform in [L*(1-r), L] (--random-input-len L, --random-range-ratio r), output
+  likewise from --random-output-len; token ids uniform in [--token-offset, --vocab-size).
+- sharegpt-like: a synthetic stand-in for ShareGPT's length distribution, no data download. Input and
+  output lengths are drawn independently from lognormals with sigma 1.0 whose means are 200 (input) and
+  180 (output) tokens: mu = ln(mean) - sigma^2 / 2. Inputs are clipped to [4, 1024] and outputs to
+  [1, 2048 - input] (vLLM drops ShareGPT pairs over these limits; we clip), which pulls the realized means
+  a little under the targets; the realized means are printed and saved.
+
+Arrivals: --request-rate inf sends everything at once; a finite rate r draws exponential gaps of mean
+1/r seconds (a Poisson process). --max-concurrency caps requests in flight.
+
+Reported (mean, median, p99; milliseconds): TTFT (send -> first token), TPOT ((latency - TTFT) /
+(output tokens - 1)), ITL (gap between consecutive streamed chunks), E2E latency; request throughput,
+output token throughput and total token throughput over the benchmark's wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+
+@dataclass
+class Sample:
+    prompt: list[int]
+    output_len: int
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    error: str = ""
+    prompt_len: int = 0
+    output_len: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+
+
+def random_dataset(rng: np.random.Generator, n: int, in_len: int, out_len: int, ratio: float, vocab: int,
+                   offset: int) -> list[Sample]:
+    ins = rng.integers(max(1, int(in_len * (1 - ratio))), in_len + 1, size=n)
+    outs = rng.integers(max(1, int(out_len * (1 - ratio))), out_len + 1, size=n)
+    return [Sample(rng.integers(offset, vocab, size=int(i)).tolist(), int(o)) for i, o in zip(ins, outs)]
+
+
+def sharegpt_like_dataset(rng: np.random.Generator, n: int, vocab: int, offset: int, sigma: float = 1.0,
+                          mean_in: float = 200, mean_out: float = 180, max_in: int = 1024,
+                          max_total: int = 2048) -> list[Sample]:
+    ins = np.clip(np.rint(rng.lognormal(math.log(mean_in) - sigma**2 / 2, sigma, size=n)), 4, max_in).astype(int)
+    outs = np.rint(rng.lognormal(math.log(mean_out) - sigma**2 / 2, sigma, size=n)).astype(int)
+    outs = np.clip(outs, 1, max_total - ins)
+    return [Sample(rng.integers(offset, vocab, size=int(i)).tolist(), int(o)) for i, o in zip(ins, outs)]
+
+
+async def send_one(client: httpx.AsyncClient, url: str, model: str | None, s: Sample, headers: dict) -> Result:
+    body = {"prompt": s.prompt, "max_tokens": s.output_len, "ignore_eos": True, "temperature": 1.0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if model:
+        body["model"] = model
+    res = Result(prompt_len=len(s.prompt))
+    t0 = last = time.perf_counter()
+    chunks = 0
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ev = json.loads(line[6:])
+                if "error" in ev:
+                    res.error = ev["error"]["message"]
+                    return res
+                if ev.get("usage"):
+                    res.output_len = ev["usage"]["completion_tokens"]
+                if ev.get("choices") and ev["choices"][0].get("text"):
+                    now = time.perf_counter()
+                    if chunks == 0:
+                        res.ttft = now - t0
+                    else:
+                        res.itl.append(now - last)
+                    last, chunks = now, chunks + 1
+        res.latency = time.perf_counter() - t0
+        res.output_len = res.output_len or chunks
+        res.ok = True
+    except (httpx.HTTPError, ValueError) as e:
+        res.error = repr(e)
+    return res
+
+
+async def run(args: argparse.Namespace, samples: list[Sample]) -> tuple[list[Result], float]:
+    url = args.base_url.rstrip("/") + args.endpoint
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    sem = asyncio.Semaphore(args.max_concurrency or len(samples))
+    rng = np.random.default_rng(args.seed + 1)
+    limits = httpx.Limits(max_connections=args.max_concurrency or len(samples) + 8)
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
+        async def guarded(s: Sample) -> Result:
+            async with sem:
+                return await send_one(client, url, args.model, s, headers)
+
+        # one uncounted warm-up request
+        await send_one(client, url, args.model, Sample(samples[0].prompt[:16], 4), headers)
+        tasks = []
+        start = time.perf_counter()
+        for s in samples:
+            tasks.append(asyncio.create_task(guarded(s)))
+            if math.isfinite(args.request_rate):
+                await asyncio.sleep(rng.exponential(1.0 / args.request_rate))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
+def summarize(results: list[Result], wall: float, args: argparse.Namespace, samples: list[Sample]) -> dict:
+    ok = [r for r in results if r.ok]
+    ms = lambda xs: np.asarray(xs, dtype=float) * 1000.0  # noqa: E731
+
+    def stats(name: str, xs) -> dict:
+        xs = ms(xs)
+        if xs.size == 0:
+            return {f"mean_{name}_ms": None, f"median_{name}_ms": None, f"p99_{name}_ms": None}
+        return {f"mean_{name}_ms": float(xs.mean()), f"median_{name}_ms": float(np.median(xs)),
+                f"p99_{name}_ms": float(np.percentile(xs, 99))}
+
+    tpot = [(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
+    out_tokens = sum(r.output_len for r in ok)
+    in_tokens = sum(r.prompt_len for r in ok)
+    summary = {
+        "dataset": args.dataset, "num_prompts": len(results), "completed": len(ok), "failed": len(results) - len(ok),
+        "request_rate": args.request_rate, "max_concurrency": args.max_concurrency, "duration_s": wall,
+        "mean_input_len": float(np.mean([len(s.prompt) for s in samples])),
+        "mean_output_len": float(np.mean([s.output_len for s in samples])),
+        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        "request_throughput": len(ok) / wall, "output_throughput": out_tokens / wall,
+        "total_token_throughput": (in_tokens + out_tokens) / wall,
+        **stats("ttft", [r.ttft for r in ok]), **stats("tpot", tpot),
+        **stats("itl", [x for r in ok for x in r.itl]), **stats("e2el", [r.latency for r in ok]),
+        "errors": sorted({r.error for r in results if not r.ok})[:10],
+    }
+    return summary
+
+
+def plot(results: list[Result], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return False
+    ok = [r for r in results if r.ok]
+    series = {"TTFT (ms)": [r.ttft * 1e3 for r in ok],
+              "TPOT (ms)": [(r.latency - r.ttft) / (r.output_len - 1) * 1e3 for r in ok if r.output_len > 1],
+              "ITL (ms)": [x * 1e3 for r in ok for x in r.itl], "E2E latency (s)": [r.latency for r in ok]}
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for ax, (name, xs) in zip(axes, series.items()):
+        ax.hist(xs, bins=50)
+        ax.set_title(name)
+        ax.set_ylabel("requests" if "ITL" not in name else "token gaps")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--endpoint", default="/v1/completions")
+    p.add_argument("--model", default=None, help="model name to send (default: none; the server's own)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--dataset", choices=["random", "sharegpt-like"], default="random")
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--random-input-len", type=int, default=1024)
+    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument("--vocab-size", type=int, default=32000, help="token ids are drawn below this")
+    p.add_argument("--token-offset", type=int, default=100, help="lowest token id drawn (skips special ids)")
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--result-json", default=None)
+    p.add_argument("--plot", default=None, help="PNG of the latency distributions (needs matplotlib)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    if args.dataset == "random":
+        samples = random_dataset(rng, args.num_prompts, args.random_input_len, args.random_output_len,
+                                 args.random_range_ratio, args.vocab_size, args.token_offset)
+    else:
+        samples = sharegpt_like_dataset(rng, args.num_prompts, args.vocab_size, args.token_offset)
+    results, wall = asyncio.run(run(args, samples))
+    summary = summarize(results, wall, args, samples)
+    for k, v in summary.items():
+        print(f"{k:>24}: {v:.2f}" if isinstance(v, float) else f"{k:>24}: {v}")
+    if args.result_json:
+        Path(args.result_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result_json).write_text(json.dumps({**summary, "args": vars(args)}, indent=2, default=str))
+    if args.plot:
+        summary["plot"] = plot(results, args.plot)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
