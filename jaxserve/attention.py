@@ -49,29 +49,52 @@ class AttentionBackend(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class XlaBackend:
-    """Pure-jnp paged attention: the CPU path and the numerical reference for the kernels."""
+    """Pure-jnp paged attention: the CPU path and the numerical reference for the kernels.
+
+    Every step, decode included, goes through the ragged reference: its page loop stops at the
+    longest context in the batch, so the block-table width (max_model_len / block_size) costs
+    nothing, and one compiled shape per token bucket serves decode and prefill alike.
+    """
 
     name: str = "xla"
+    has_decode_kernel: bool = False
 
     def write_kv(self, k_cache, v_cache, k, v, meta):
         from jaxserve.pallas_kernels.reference import kv_write_reference
         return kv_write_reference(k_cache, v_cache, k, v, meta.slot_mapping)
 
     def attend(self, q, k_cache, v_cache, meta, scale):
-        from jaxserve.pallas_kernels import reference as ref
+        from jaxserve.pallas_kernels.reference import ragged_attention_reference
+        return ragged_attention_reference(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                          meta.query_start_loc, meta.token_seq_ids, meta.positions, scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasBackend:
+    """Pallas GPU kernels: paged decode for decode-only steps, ragged prefill over pages otherwise."""
+
+    name: str = "pallas_triton"
+    has_decode_kernel: bool = True
+
+    def write_kv(self, k_cache, v_cache, k, v, meta):
+        from jaxserve.pallas_kernels.kv_write import kv_write
+        return kv_write(k_cache, v_cache, k, v, meta.slot_mapping)
+
+    def attend(self, q, k_cache, v_cache, meta, scale):
+        from jaxserve.pallas_kernels import paged_decode, ragged_prefill
         if meta.decode_only:
-            return ref.paged_decode_reference(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-        return ref.ragged_attention_reference(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                              meta.query_start_loc, meta.token_seq_ids, meta.positions, scale)
+            return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale)
+        return ragged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                              scale=scale)
 
 
 def get_backend(name: str = "auto") -> AttentionBackend:
-    """`auto` asks pallas_kernels.select for the platform's best; `xla` forces the reference path."""
-    import jax
-    if name == "xla" or (name == "auto" and jax.devices()[0].platform == "cpu"):
+    """`auto`: the platform's best (pallas_kernels.select); `xla`, `pallas_triton` force one."""
+    from jaxserve.pallas_kernels.select import device_attention_backend
+    choice = device_attention_backend(override=None if name == "auto" else name)
+    if choice == "xla":
         return XlaBackend()
-    from jaxserve.pallas_kernels import select
-    return select.make_backend(name)
+    return PallasBackend(name=choice)
 
 
 def dummy_metadata(num_tokens: int, num_seqs: int, pages_per_seq: int, decode_only: bool = False) -> AttentionMetadata:

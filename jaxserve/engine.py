@@ -292,8 +292,8 @@ class LLMEngine:
         bm, sch = self.block_manager, self.scheduler
         return dict(num_running=sch.num_running, num_waiting=sch.num_waiting, num_swapped=sch.num_swapped,
                     kv_cache_usage=bm.usage, num_preemptions_total=sch.num_preemptions_total,
-                    prefix_cache_queries_total=getattr(bm, "prefix_queries", 0),
-                    prefix_cache_hits_total=getattr(bm, "prefix_hits", 0), **self.stats_counters)
+                    prefix_cache_queries_total=bm.prefix_cache_queries,
+                    prefix_cache_hits_total=bm.prefix_cache_hits, **self.stats_counters)
 
 
 def _to_host(so, n: int, want_logprobs: bool) -> dict:

@@ -91,7 +91,8 @@ class ModelRunner:
         """Compile every forward bucket now (not while serving). Returns seconds spent."""
         t0 = time.perf_counter()
         shapes = [(T, False) for T in self.token_buckets]
-        shapes += [(T, True) for T in self.token_buckets if T <= self.max_num_seqs]
+        if self.model.backend.has_decode_kernel:  # the XLA path serves decode with the same program
+            shapes += [(T, True) for T in self.token_buckets if T <= self.max_num_seqs]
         for T, dec in shapes:
             t1 = time.perf_counter()
             meta, ids, li = self._dummy_inputs(T, dec)
@@ -120,6 +121,8 @@ class ModelRunner:
 
     def forward(self, batch: InputBatch):
         """Dispatch the forward pass; returns logits f32[S, V] (or f32[T, V] with prompt logprobs) on device."""
+        if not self.model.backend.has_decode_kernel:
+            batch.decode_only = False  # one compiled program per bucket serves both
         meta = AttentionMetadata(slot_mapping=batch.slot_mapping, positions=batch.positions,
                                  token_seq_ids=batch.token_seq_ids, block_tables=batch.block_tables,
                                  seq_lens=batch.seq_lens, query_start_loc=batch.query_start_loc,
