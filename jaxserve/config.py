@@ -88,6 +88,7 @@ class EngineArgs:
     enforce_eager: bool = False
     compile_cache_dir: str | None = None
     async_scheduling: bool = True
+    attention_backend: str = "auto"
 
     HELP = {
         "model": "Local HF model folder (config.json + safetensors). Default: the embedded SmolLM2-135M-Instruct.",
@@ -115,6 +116,7 @@ class EngineArgs:
         "enforce_eager": "Compile step shapes lazily instead of at warm-up.",
         "compile_cache_dir": "JAX persistent compilation cache folder (default ~/.cache/jaxserve/xla).",
         "async_scheduling": "Prepare step t+1 on the host while the device runs step t.",
+        "attention_backend": "auto (the device's fastest: Pallas kernels on GPU, XLA on CPU), xla, pallas_triton.",
     }
 
     @classmethod

@@ -121,7 +121,7 @@ def build_engine(cls, args: EngineArgs):
     tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.tokenizer)
     if tokenizer is not None and mc.chat_template:
         tokenizer.hf.chat_template = mc.chat_template
-    backend = get_backend("auto")
+    backend = get_backend(args.attention_backend)
     model = build_model(arch, mc.dtype, backend)
     shapes, specs = abstract_params(model)
     t0 = time.perf_counter()

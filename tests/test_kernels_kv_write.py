@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from kernel_cases import INTERPRET
 import pytest
 
 from gpu_lowering import lower_for_h100
@@ -20,7 +21,7 @@ def test_kv_write_pallas_matches_xla(dtype):
     slots = rng.permutation(np.arange(S, N * S))[:T].astype(np.int32)
     slots[-3:] = [0, 0, 5]  # padding tokens -> null block
     want_k, want_v = kv_write(k, v, k_new, v_new, slots)
-    got_k, got_v = kv_write_pallas(k.copy(), v.copy(), k_new, v_new, slots, interpret=True)
+    got_k, got_v = kv_write_pallas(k.copy(), v.copy(), k_new, v_new, slots, interpret=INTERPRET)
     np.testing.assert_array_equal(np.asarray(got_k[:, 1:]), np.asarray(want_k[:, 1:]))
     np.testing.assert_array_equal(np.asarray(got_v[:, 1:]), np.asarray(want_v[:, 1:]))
     np.testing.assert_array_equal(np.asarray(want_k[:, slots[0] // S, slots[0] % S]), np.asarray(k_new[0]))

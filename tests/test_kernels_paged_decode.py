@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpu_lowering import lower_for_h100
-from kernel_cases import make_case, tol
+from kernel_cases import INTERPRET, make_case, tol
 from jaxserve.pallas_kernels import DecodeTuning, paged_decode, paged_decode_reference
 
 
@@ -24,7 +24,7 @@ def _decode_case(rng, group, head_dim, block_size, dtype=np.float32, num_kv_head
 
 def _check(q, c, tuning, dtype=np.float32, scale=None):
     got = paged_decode(q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, scale=scale, tuning=tuning,
-                       interpret=True)
+                       interpret=INTERPRET)
     want = paged_decode_reference(q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, scale=scale)
     assert got.dtype == q.dtype
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
@@ -57,15 +57,15 @@ def test_paged_decode_errors():
     bt = jnp.zeros((2, 3), jnp.int32)
     lens = jnp.ones((2,), jnp.int32)
     with pytest.raises(ValueError, match="multiple"):
-        paged_decode(jnp.zeros((2, 7, 64)), k, k, bt, lens, interpret=True)
+        paged_decode(jnp.zeros((2, 7, 64)), k, k, bt, lens, interpret=INTERPRET)
     with pytest.raises(ValueError, match="head_dim"):
-        paged_decode(jnp.zeros((2, 8, 32)), k, k, bt, lens, interpret=True)
+        paged_decode(jnp.zeros((2, 8, 32)), k, k, bt, lens, interpret=INTERPRET)
     with pytest.raises(ValueError, match="block_tables"):
-        paged_decode(q, k, k, bt.astype(jnp.float32), lens, interpret=True)
+        paged_decode(q, k, k, bt.astype(jnp.float32), lens, interpret=INTERPRET)
     with pytest.raises(ValueError, match="seq_lens"):
-        paged_decode(q, k, k, bt, jnp.ones((3,), jnp.int32), interpret=True)
+        paged_decode(q, k, k, bt, jnp.ones((3,), jnp.int32), interpret=INTERPRET)
     with pytest.raises(ValueError, match="power of 2"):
-        paged_decode(q, jnp.zeros((2, 5, 24, 64)), jnp.zeros((2, 5, 24, 64)), bt, lens, interpret=True)
+        paged_decode(q, jnp.zeros((2, 5, 24, 64)), jnp.zeros((2, 5, 24, 64)), bt, lens, interpret=INTERPRET)
 
 
 @pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (7, 128, 128)])

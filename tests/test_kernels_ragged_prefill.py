@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpu_lowering import lower_for_h100
-from kernel_cases import make_case, tol
+from kernel_cases import INTERPRET, make_case, tol
 from jaxserve.pallas_kernels import PrefillTuning, ragged_attention_reference, ragged_prefill
 from jaxserve.pallas_kernels.ragged_prefill import work_items
 
@@ -24,7 +24,7 @@ def _mixed_case(rng, group, head_dim, block_size, dtype=np.float32):
 
 def _check(c, tuning, dtype=np.float32, scale=None):
     got = ragged_prefill(c.q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, c.cu_q_lens, scale=scale,
-                         tuning=tuning, interpret=True)
+                         tuning=tuning, interpret=INTERPRET)
     want = ragged_attention_reference(c.q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, c.cu_q_lens,
                                       c.token_seq_ids, c.positions, scale=scale)
     assert got.dtype == c.q.dtype
@@ -67,12 +67,12 @@ def test_ragged_prefill_errors():
     bt = jnp.zeros((2, 3), jnp.int32)
     lens = jnp.ones((2,), jnp.int32)
     with pytest.raises(ValueError, match="cu_q_lens"):
-        ragged_prefill(q, k, k, bt, lens, jnp.zeros((2,), jnp.int32), interpret=True)
+        ragged_prefill(q, k, k, bt, lens, jnp.zeros((2,), jnp.int32), interpret=INTERPRET)
     with pytest.raises(ValueError, match="multiple"):
-        ragged_prefill(jnp.zeros((6, 5, 64)), k, k, bt, lens, jnp.zeros((3,), jnp.int32), interpret=True)
+        ragged_prefill(jnp.zeros((6, 5, 64)), k, k, bt, lens, jnp.zeros((3,), jnp.int32), interpret=INTERPRET)
     with pytest.raises(ValueError, match="powers of 2"):
         ragged_prefill(q, k, k, bt, lens, jnp.zeros((3,), jnp.int32), tuning=PrefillTuning(block_q=3),
-                       interpret=True)
+                       interpret=INTERPRET)
 
 
 @pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (3, 128, 128), (8, 128, 16)])
