@@ -11,6 +11,9 @@ import numpy as np
 
 # Interpret the kernels on CPU (CI); compile them for real when the tests run on a GPU.
 INTERPRET = jax.devices()[0].platform == "cpu"
+if not INTERPRET:
+    # XLA's GPU default for f32 dots is TF32; the references must be exact f32 to be oracles.
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @dataclasses.dataclass
@@ -87,5 +90,8 @@ def numpy_attention(case: Case, scale: float) -> np.ndarray:
 
 
 def tol(dtype):
-    """Stated tolerances: f32 kernels agree with f64 loops to ~1e-5; bf16 inputs to ~2e-2."""
-    return dict(atol=2e-5, rtol=2e-5) if np.dtype(dtype) == np.float32 else dict(atol=2e-2, rtol=2e-2)
+    """Stated tolerances: f32 kernels agree with f64 loops to ~1e-5 (interpreted on CPU; compiled on a GPU the
+    kernels' f32 dots run on TF32 tensor cores, ~1e-3); bf16 inputs to ~2e-2."""
+    if np.dtype(dtype) != np.float32:
+        return dict(atol=2e-2, rtol=2e-2)
+    return dict(atol=2e-5, rtol=2e-5) if INTERPRET else dict(atol=3e-3, rtol=3e-3)
