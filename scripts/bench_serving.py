@@ -10,11 +10,9 @@ with stream_options.include_usage so every request's output length is exact.
 Datasets (all seeded with --seed):
 - random: input length uniform in [L*(1-r), L] (--random-input-len L, --random-range-ratio r), output
   likewise from --random-output-len; token ids uniform in [--token-offset, --vocab-size).
-- sharegpt-like: a synthetic stand-in for ShareGPT's length distribution, no data download. Input and
-  output lengths are drawn independently from lognormals with sigma 1.0 whose means are 200 (input) and
-  180 (output) tokens: mu = ln(mean) - sigma^2 / 2. Inputs are clipped to [4, 1024] and outputs to
-  [1, 2048 - input] (vLLM drops ShareGPT pairs over these limits; we clip), which pulls the realized means
-  a little under the targets; the realized means are printed and saved.
+- sharegpt-like: a synthetic stand-in for ShareGPT's length distribution, no data download: lognormal
+  lengths with means 200 (input) / 180 (output), inputs clipped to [4, 1024], input + output to 2048
+  (scripts/common.py, shared with bench_throughput.py); the realized means are printed and saved.
 
 Arrivals: --request-rate inf sends everything at once; a finite rate r draws exponential gaps of mean
 1/r seconds (a Poisson process). --max-concurrency caps requests in flight.
@@ -29,6 +27,7 @@ import argparse
 import asyncio
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +35,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-
-@dataclass
-class Sample:
-    prompt: list[int]
-    output_len: int
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Sample, random_dataset, sharegpt_like_dataset  # noqa: E402  (scripts/common.py)
 
 
 @dataclass
@@ -52,22 +48,6 @@ class Result:
     ttft: float = 0.0
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
-
-
-def random_dataset(rng: np.random.Generator, n: int, in_len: int, out_len: int, ratio: float, vocab: int,
-                   offset: int) -> list[Sample]:
-    ins = rng.integers(max(1, int(in_len * (1 - ratio))), in_len + 1, size=n)
-    outs = rng.integers(max(1, int(out_len * (1 - ratio))), out_len + 1, size=n)
-    return [Sample(rng.integers(offset, vocab, size=int(i)).tolist(), int(o)) for i, o in zip(ins, outs)]
-
-
-def sharegpt_like_dataset(rng: np.random.Generator, n: int, vocab: int, offset: int, sigma: float = 1.0,
-                          mean_in: float = 200, mean_out: float = 180, max_in: int = 1024,
-                          max_total: int = 2048) -> list[Sample]:
-    ins = np.clip(np.rint(rng.lognormal(math.log(mean_in) - sigma**2 / 2, sigma, size=n)), 4, max_in).astype(int)
-    outs = np.rint(rng.lognormal(math.log(mean_out) - sigma**2 / 2, sigma, size=n)).astype(int)
-    outs = np.clip(outs, 1, max_total - ins)
-    return [Sample(rng.integers(offset, vocab, size=int(i)).tolist(), int(o)) for i, o in zip(ins, outs)]
 
 
 async def send_one(client: httpx.AsyncClient, url: str, model: str | None, s: Sample, headers: dict) -> Result:

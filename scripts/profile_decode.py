@@ -1,0 +1,109 @@
+"""Trace N steady decode steps with jax.profiler; print the top device ops and the GPU idle share.
+
+Idle share = 1 - (union of device-op time) / (wall time of the traced steps). The trace's Chrome JSON
+(`plugins/profile/*/*.trace.json.gz`) is read with gzip + json: device ops are the complete ("X")
+events of processes whose name mentions a GPU/device stream.
+
+  python scripts/profile_decode.py --model benchmarks/configs/llama3-8b.json --load-format dummy \
+      --skip-tokenizer-init --dtype bfloat16 --batch-size 256 --steps 50 --trace-dir /tmp/trace
+It also reads an existing trace: `--analyze DIR`.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def analyze(trace_dir: str, wall_s: float | None = None, top: int = 15) -> dict:
+    files = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
+    if not files:
+        raise SystemExit(f"no *.trace.json.gz under {trace_dir}")
+    with gzip.open(files[-1]) as f:
+        tr = json.load(f)
+    events = tr["traceEvents"] if isinstance(tr, dict) else tr
+    pname = {e["pid"]: e["args"].get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    dev_pids = {p for p, n in pname.items() if "/device:" in n.lower() and "cpu" not in n.lower()}
+    ops = [e for e in events if e.get("ph") == "X" and e.get("pid") in dev_pids and e.get("dur", 0) > 0]
+    if not ops:
+        raise SystemExit(f"no device ops in {files[-1]} (processes: {sorted(set(pname.values()))[:10]})")
+    by_name = collections.Counter()
+    for e in ops:
+        by_name[e["name"]] += e["dur"]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in ops)
+    busy, cur_s, cur_e = 0.0, spans[0][0], spans[0][1]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span_us = spans[-1][1] - spans[0][0]
+    wall_us = wall_s * 1e6 if wall_s else span_us
+    total = sum(by_name.values())
+    print(f"{'op':70s} {'ms':>9s} {'share':>6s}")
+    for name, us in by_name.most_common(top):
+        print(f"{name[:70]:70s} {us / 1e3:9.2f} {us / total:6.1%}")
+    idle = 1 - busy / wall_us
+    print(f"device busy {busy / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall: idle share {idle:.1%}")
+    return dict(busy_ms=busy / 1e3, wall_ms=wall_us / 1e3, idle_share=idle,
+                top=[(n, us / 1e3) for n, us in by_name.most_common(top)])
+
+
+def main() -> None:
+    from jaxserve.config import EngineArgs
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    EngineArgs.add_cli_args(p)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=200)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--trace-dir", default="/tmp/jaxserve-trace")
+    p.add_argument("--analyze", default=None, help="only analyze an existing trace folder")
+    p.add_argument("--output-json", default=None)
+    ns = p.parse_args()
+    if ns.analyze:
+        analyze(ns.analyze)
+        return
+    import jax
+    import numpy as np
+
+    from bench_latency import model_dir_for
+    from jaxserve.engine import LLMEngine
+    from jaxserve.sampling_params import SamplingParams
+    ns.model = model_dir_for(ns.model)
+    eng = LLMEngine.from_engine_args(EngineArgs.from_cli_args(ns))
+    rng = np.random.default_rng(0)
+    for i in range(ns.batch_size):
+        ids = rng.integers(10, eng.arch.vocab_size - 10, ns.input_len).tolist()
+        eng.add_request(str(i), ids, SamplingParams(temperature=1.0, ignore_eos=True,
+                                                    max_tokens=eng.model_config.max_model_len - ns.input_len - 1))
+    while any(r.is_prefill for r in eng.scheduler.running) or eng.scheduler.num_waiting:
+        eng.step()
+    for _ in range(5):  # steady state, every shape compiled
+        eng.step()
+    jax.block_until_ready(eng.runner.kv_caches)
+    jax.profiler.start_trace(ns.trace_dir)
+    t0 = time.perf_counter()
+    for _ in range(ns.steps):
+        eng.step()
+    jax.block_until_ready(eng.runner.kv_caches)
+    wall = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+    print(f"{ns.steps} decode steps at batch {ns.batch_size}: {wall / ns.steps * 1e3:.2f} ms/step")
+    res = analyze(ns.trace_dir, wall)
+    res.update(step_ms=wall / ns.steps * 1e3, batch=ns.batch_size, backend=eng.runner.model.backend.name)
+    if ns.output_json:
+        Path(ns.output_json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
