@@ -48,8 +48,12 @@ def kv_memory_budget(devices, gpu_memory_utilization: float, kv_cache_memory: in
     # JAX's allocator was given util * device memory (platform.init_platform); the limit is that share.
     limit = stats["bytes_limit"]
     peak = max(stats.get("peak_bytes_in_use", 0), stats.get("bytes_in_use", 0))
-    return max(0, int(limit - peak)), (f"{gpu_memory_utilization:.0%} of device memory minus "
-                                       f"{peak / 2**30:.2f} GiB peak after profiling")
+    # Headroom for what the profiling forward does not allocate: the sampler's [S, V] temporaries, XLA's
+    # autotuning scratch for shapes compiled later, block copies and swap staging.
+    reserve = max(1 << 30, int(0.03 * limit))
+    return max(0, int(limit - peak - reserve)), (f"{gpu_memory_utilization:.0%} of device memory minus "
+                                                 f"{peak / 2**30:.2f} GiB peak after profiling and "
+                                                 f"{reserve / 2**30:.1f} GiB headroom")
 
 
 def allocate(arch: ArchConfig, num_blocks: int, block_size: int, dtype, sharding=None, num_kv_heads=None):

@@ -15,6 +15,14 @@ G query heads per kv head, H = K*G query heads, E head dim, I intermediate, V vo
 Grouping q/k/v by kv head keeps each tensor-parallel shard's q, k and v together when the K axis
 is split. The tensor-parallel partition spec of every weight is declared where the weight is.
 Mistral/Qwen2 differ only by config (Qwen2: qkv bias); sliding windows are refused by the loader.
+
+Tensor parallelism (jaxserve/parallel.py, docs/PARALLEL.md): the forward runs inside `jax.shard_map`
+with per-shard weights. With `tp_axis` set, `_param` declares each weight's local shape (its TP
+dims divided by the axis size), attention runs on the shard's own kv heads, one `psum` follows wo
+and one w_down (Megatron: two all-reduces per layer), and the logits are computed on the shard's
+vocab slice and all-gathered. Pipeline stages are the same module over a layer range
+(`layer_start`/`layer_end`): the first stage embeds token ids, later ones take hidden states, the
+last one returns logits.
 """
 from __future__ import annotations
 
@@ -32,8 +40,19 @@ _init = nn.initializers.normal(0.02)
 
 
 def _param(mod: nn.Module, name: str, shape: tuple, spec: P, init=_init, dtype=jnp.float32):
-    """A weight together with its tensor-parallel partition spec (read back by `param_specs`)."""
+    """A weight with its tensor-parallel partition spec (read back by `abstract_params`).
+
+    `shape` is the global shape; inside shard_map (`mod.tp_axis` set) the local shard's shape is
+    declared instead, so flax's shape check holds for per-shard weights.
+    """
+    if mod.tp_axis is not None:
+        n = jax.lax.axis_size(mod.tp_axis)
+        shape = tuple(d // n if ax == TP else d for d, ax in zip(shape, tuple(spec) + (None,) * len(shape)))
     return mod.param(name, nn.with_partitioning(init, tuple(spec)), shape, dtype)
+
+
+def _all_reduce(x: jax.Array, axis: str | None) -> jax.Array:
+    return x if axis is None else jax.lax.psum(x, axis)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -56,6 +75,7 @@ class Attention(nn.Module):
     cfg: ArchConfig
     dtype: jnp.dtype
     backend: AttentionBackend
+    tp_axis: str | None = None  # set inside shard_map: this shard's kv heads, psum after wo
 
     @nn.compact
     def __call__(self, x, kv, meta: AttentionMetadata):
@@ -67,19 +87,21 @@ class Attention(nn.Module):
         if c.qkv_bias:
             qkv = qkv + _param(self, "bqkv", (K, G + 2, E), P(TP, None, None), nn.initializers.zeros, self.dtype)
         T = x.shape[0]
-        q = qkv[:, :, :G].reshape(T, K * G, E)  # (T, H, E): head h = k*G + g, HF's GQA order
+        q = qkv[:, :, :G].reshape(T, -1, E)  # (T, H, E): head h = k*G + g, HF's GQA order (local under TP)
         k, v = qkv[:, :, G], qkv[:, :, G + 1]  # (T, K, E)
         inv_freq = c.rope_inv_freq()
         q = apply_rope(q, meta.positions, inv_freq)
         k = apply_rope(k, meta.positions, inv_freq)
         k_cache, v_cache = self.backend.write_kv(kv[0], kv[1], k, v, meta)
         out = self.backend.attend(q, k_cache, v_cache, meta, E ** -0.5)  # (T, H, E)
-        return jnp.einsum("THE,HED->TD", out.astype(self.dtype), wo), (k_cache, v_cache)
+        h = jnp.einsum("THE,HED->TD", out.astype(self.dtype), wo)  # (T, D): partial sum under TP
+        return _all_reduce(h, self.tp_axis), (k_cache, v_cache)
 
 
 class Mlp(nn.Module):
     cfg: ArchConfig
     dtype: jnp.dtype
+    tp_axis: str | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -87,13 +109,15 @@ class Mlp(nn.Module):
         w_gu = _param(self, "w_gate_up", (c.hidden_size, 2, c.intermediate_size), P(None, None, TP), dtype=self.dtype)
         w_down = _param(self, "w_down", (c.intermediate_size, c.hidden_size), P(TP, None), dtype=self.dtype)
         gu = jnp.einsum("TD,DCI->TCI", x, w_gu)  # (T, 2, I)
-        return jnp.einsum("TI,ID->TD", nn.silu(gu[:, 0]) * gu[:, 1], w_down)
+        h = jnp.einsum("TI,ID->TD", nn.silu(gu[:, 0]) * gu[:, 1], w_down)  # (T, D): partial sum under TP
+        return _all_reduce(h, self.tp_axis)
 
 
 class DecoderLayer(nn.Module):
     cfg: ArchConfig
     dtype: jnp.dtype
     backend: AttentionBackend
+    tp_axis: str | None = None
 
     @nn.compact
     def __call__(self, x, kv, meta):
@@ -101,9 +125,10 @@ class DecoderLayer(nn.Module):
         ones = nn.initializers.ones
         attn_norm = _param(self, "attn_norm", (c.hidden_size,), P(None), ones, self.dtype)
         mlp_norm = _param(self, "mlp_norm", (c.hidden_size,), P(None), ones, self.dtype)
-        h, kv = Attention(c, self.dtype, self.backend, name="attn")(rms_norm(x, attn_norm, c.rms_norm_eps), kv, meta)
+        attn = Attention(c, self.dtype, self.backend, self.tp_axis, name="attn")
+        h, kv = attn(rms_norm(x, attn_norm, c.rms_norm_eps), kv, meta)
         x = x + h
-        x = x + Mlp(c, self.dtype, name="mlp")(rms_norm(x, mlp_norm, c.rms_norm_eps))
+        x = x + Mlp(c, self.dtype, self.tp_axis, name="mlp")(rms_norm(x, mlp_norm, c.rms_norm_eps))
         return x, kv
 
 
@@ -112,30 +137,49 @@ class LlamaForCausalLM(nn.Module):
 
     kv_caches: a tuple over layers of (k, v), each [K, num_blocks, block_size, E]; returned updated.
     logits_indices picks the token rows whose next-token logits are needed (may repeat a row).
+    A pipeline stage runs layers [layer_start, layer_end) only, with kv_caches of those layers: a
+    stage that does not start at layer 0 takes hidden states x [T, D] instead of token ids, and one
+    that does not end at the last layer returns x [T, D] instead of logits.
     """
 
     cfg: ArchConfig
     dtype: jnp.dtype
     backend: AttentionBackend
+    tp_axis: str | None = None  # mesh axis of tensor parallelism, set when run inside shard_map
+    layer_start: int = 0
+    layer_end: int | None = None  # None: the last layer
 
     @nn.compact
-    def __call__(self, token_ids, kv_caches, meta: AttentionMetadata, logits_indices):
+    def __call__(self, inputs, kv_caches, meta: AttentionMetadata, logits_indices):
         c = self.cfg
+        end = c.num_layers if self.layer_end is None else self.layer_end
+        first, last = self.layer_start == 0, end == c.num_layers
         # The embedding is gathered (one row per token), so replicated rows cost no bandwidth.
-        embed = _param(self, "embed", (c.vocab_size, c.hidden_size), P(None, None), dtype=self.dtype)
-        x = embed[token_ids]  # (T, D)
+        if first or (last and c.tie_word_embeddings):
+            embed = _param(self, "embed", (c.vocab_size, c.hidden_size), P(None, None), dtype=self.dtype)
+        x = embed[inputs] if first else inputs  # (T, D)
         new_caches = []
-        for i in range(c.num_layers):
-            x, kv = DecoderLayer(c, self.dtype, self.backend, name=f"layers_{i}")(x, kv_caches[i], meta)
+        for j, i in enumerate(range(self.layer_start, end)):
+            layer = DecoderLayer(c, self.dtype, self.backend, self.tp_axis, name=f"layers_{i}")
+            x, kv = layer(x, kv_caches[j], meta)
             new_caches.append(kv)
+        if not last:
+            return x, tuple(new_caches)
         final_norm = _param(self, "final_norm", (c.hidden_size,), P(None), nn.initializers.ones, self.dtype)
         h = rms_norm(x[logits_indices], final_norm, c.rms_norm_eps)  # (S, D)
         if c.tie_word_embeddings:
-            logits = jnp.einsum("SD,VD->SV", h, embed)
+            head = embed  # replicated: under TP each shard takes its own vocab slice
+            if self.tp_axis is not None:
+                n = c.vocab_size // jax.lax.axis_size(self.tp_axis)
+                head = jax.lax.dynamic_slice_in_dim(embed, jax.lax.axis_index(self.tp_axis) * n, n, axis=0)
+            logits = jnp.einsum("SD,VD->SV", h, head)
         else:
             lm_head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), P(None, TP), dtype=self.dtype)
-            logits = jnp.einsum("SD,DV->SV", h, lm_head)
-        return logits.astype(jnp.float32), tuple(new_caches)
+            logits = jnp.einsum("SD,DV->SV", h, lm_head)  # (S, V / tp) under TP
+        logits = logits.astype(jnp.float32)
+        if self.tp_axis is not None:  # the one collective outside the layers: gather the vocab slices
+            logits = jax.lax.all_gather(logits, self.tp_axis, axis=1, tiled=True)  # (S, V)
+        return logits, tuple(new_caches)
 
 
 MistralForCausalLM = LlamaForCausalLM

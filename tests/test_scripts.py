@@ -1,0 +1,182 @@
+"""scripts/bench_throughput.py and scripts/run_batch.py, tiny, on CPU.
+
+The tiny llama (tests/data/tiny/llama: vocab 512, 256 positions, no tokenizer) runs with
+--skip-tokenizer-init, so prompts are token ids and text fields come back empty. One slow test runs
+run_batch on the embedded SmolLM2 for text prompts and the chat template.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "tests" / "data" / "tiny" / "llama")
+SCRIPTS = REPO / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+run_batch = load_script("run_batch")
+
+
+# ------------------------------------------------------------------------------------- bench_throughput
+def test_bench_throughput_tiny_cli(tmp_path):
+    out = tmp_path / "t.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_throughput.py"), "--model", TINY, "--skip-tokenizer-init",
+         "--num-prompts", "8", "--input-len", "32", "--output-len", "16", "--disable-tqdm",
+         "--peak-tflops", "1", "--peak-tbps", "0.1", "--output-json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "requests/s" in proc.stdout and "output tokens/s" in proc.stdout and "MFU" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["num_requests"] == 8
+    assert r["total_input_tokens"] == 8 * 32
+    assert r["total_output_tokens"] == 8 * 16  # ignore_eos: every request runs to its output length
+    assert r["requests_per_s"] > 0 and r["tokens_per_s"] > r["output_tokens_per_s"] > 0
+    # 16 decode steps at least (prefill may take extra steps); bandwidth and MFU follow from the counts
+    assert r["engine_steps"] >= 16
+    assert r["achieved_weight_tbps"] == pytest.approx(
+        r["weight_bytes_per_step"] * r["engine_steps"] / r["elapsed_s"] / 1e12)
+    assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 1.0)
+    assert r["bandwidth_share"] == pytest.approx(r["achieved_weight_tbps"] / 0.1)
+
+
+def test_bench_throughput_weight_bytes_match_the_tiny_checkpoint():
+    sys.path.insert(0, str(SCRIPTS))
+    import common
+    from jaxserve.models.arch import arch_from_dict
+
+    cfg = json.loads((Path(TINY) / "config.json").read_text())
+    d, v, i, L = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hd, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    per_layer = d * (nh + 2 * nkv) * hd + nh * hd * d + 3 * d * i + 2 * d
+    arch = arch_from_dict(cfg)
+    # read per step: layers + final norm + LM head; the (untied) input embedding is a gather, not counted
+    assert common.weight_bytes_per_step(arch, 4) == 4 * (L * per_layer + d + v * d)
+    assert common.detect_peaks("NVIDIA H100 80GB HBM3") == (790.0, 3.0)
+    assert common.detect_peaks("cpu") == (None, None)
+
+
+# -------------------------------------------------------------------------------------------- run_batch
+def line(cid, body, url="/v1/completions") -> str:
+    return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body})
+
+
+REQUESTS = [
+    line("greedy", {"prompt": [5, 6, 7, 8], "max_tokens": 5, "temperature": 0}),
+    line("two-prompts-n2", {"prompt": [[9, 10, 11], [12, 13]], "max_tokens": 3, "n": 2, "seed": 1,
+                            "ignore_eos": True}),
+    line("chat-without-tokenizer", {"messages": [{"role": "user", "content": "hi"}]}, url="/v1/chat/completions"),
+    "{not json",
+    line("too-long", {"prompt": list(range(1, 300)), "max_tokens": 4}),  # over max_model_len 256
+    line("bad-field", {"prompt": [1, 2], "temperature": -1}),
+    line("wrong-url", {"prompt": [1, 2]}, url="/v1/embeddings"),
+    line("greedy-again", {"prompt": [5, 6, 7, 8], "max_tokens": 5, "temperature": 0, "ignore_eos": True}),
+]
+
+
+def batch_args(tmp_path: Path) -> list[str]:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(REQUESTS) + "\n")
+    return ["-i", str(inp), "-o", str(tmp_path / "out.jsonl"), "--model", TINY, "--skip-tokenizer-init",
+            "--disable-tqdm", "--max-inflight", "2"]
+
+
+def read_out(tmp_path: Path) -> list[dict]:
+    return [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+
+def check_full_output(rows: list[dict]) -> dict:
+    by_id = {r["custom_id"]: r for r in rows if r["custom_id"] is not None}
+    assert len(rows) == len(REQUESTS) and len(by_id) == len(REQUESTS) - 1  # the bad-JSON line has no id
+    for cid in ("greedy", "two-prompts-n2", "greedy-again"):
+        r = by_id[cid]
+        assert r["error"] is None and r["response"]["status_code"] == 200, r
+        assert r["id"].startswith("batch_req_")
+        assert r["response"]["body"]["object"] == "text_completion"
+    u = by_id["greedy"]["response"]["body"]["usage"]
+    assert u["prompt_tokens"] == 4 and 1 <= u["completion_tokens"] <= 5
+    assert by_id["greedy-again"]["response"]["body"]["usage"]["completion_tokens"] == 5  # ignore_eos
+    two = by_id["two-prompts-n2"]["response"]["body"]
+    assert [c["index"] for c in two["choices"]] == [0, 1, 2, 3]  # prompt i, sample j -> i * n + j
+    assert two["usage"]["completion_tokens"] == 4 * 3 and two["usage"]["prompt_tokens"] == 3 + 2
+    for cid, param in (("chat-without-tokenizer", "messages"), ("too-long", None), ("bad-field", "temperature"),
+                       ("wrong-url", "url")):
+        r = by_id[cid]
+        assert r["response"]["status_code"] == 400 and r["error"]["message"], r
+        assert r["response"]["body"]["error"]["param"] == param, r
+    anon = [r for r in rows if r["custom_id"] is None]
+    assert len(anon) == 1 and "invalid JSON" in anon[0]["error"]["message"]
+    return by_id
+
+
+def test_run_batch_lines_and_errors(tmp_path):
+    summary = run_batch.main(batch_args(tmp_path))
+    assert summary["ok"] == 3 and summary["errors"] == len(REQUESTS) - 3
+    check_full_output(read_out(tmp_path))
+    # a second run finds everything answered and changes nothing
+    before = (tmp_path / "out.jsonl").read_text()
+    again = run_batch.main(batch_args(tmp_path))
+    assert again["skipped_done"] == len(REQUESTS) and (tmp_path / "out.jsonl").read_text() == before
+
+
+def test_run_batch_resumes_after_interruption(tmp_path, monkeypatch):
+    real_write = run_batch.Writer.write
+    calls = []
+
+    def write_then_die(self, obj):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the kill lands after three lines reached the file
+        calls.append(obj["custom_id"])
+        real_write(self, obj)
+
+    monkeypatch.setattr(run_batch.Writer, "write", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch.main(batch_args(tmp_path))
+    monkeypatch.setattr(run_batch.Writer, "write", real_write)
+    first = read_out(tmp_path)
+    assert len(first) == 3
+    # a half-written line from a kill mid-write is dropped, not parsed
+    with open(tmp_path / "out.jsonl", "a") as f:
+        f.write('{"id": "batch_req_cut", "custom_id": "greedy-ag')
+    summary = run_batch.main(batch_args(tmp_path))
+    assert summary["skipped_done"] == 3
+    rows = read_out(tmp_path)
+    assert rows[:3] == first  # the finished lines were kept, not redone
+    check_full_output(rows)
+
+
+@pytest.mark.slow
+def test_run_batch_text_and_chat_on_default_model(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join([
+        line("paris", {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}),
+        line("chat", {"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                      "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 2},
+             url="/v1/chat/completions"),
+        line("zh", {"prompt": "AI 的未来发展", "max_tokens": 4, "echo": True, "logprobs": 1}),
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    summary = run_batch.main(["-i", str(inp), "-o", str(out), "--disable-tqdm", "--max-model-len", "512"])
+    assert summary["ok"] == 3 and summary["errors"] == 0
+    by_id = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, out.read_text().splitlines())}
+    assert "Paris" in by_id["paris"]["choices"][0]["text"]
+    chat = by_id["chat"]
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
+    assert "Paris" in chat["choices"][0]["message"]["content"]
+    assert len(chat["choices"][0]["logprobs"]["content"]) == chat["usage"]["completion_tokens"]
+    zh = by_id["zh"]["choices"][0]
+    assert zh["text"].startswith("AI 的未来发展")  # echo
+    assert zh["logprobs"]["tokens"] and zh["logprobs"]["token_logprobs"][0] is None  # first prompt token
