@@ -52,6 +52,9 @@ class InputBatch:
     num_tokens: int  # real tokens (<= T)
     # (request, first token offset on the T axis, count) for requests that want prompt logprobs
     prompt_logprob_spans: list[tuple[Request, int, int]]
+    # Async scheduling: token_ids[fill_dst[i]] is the previous step's sampled id at row fill_src[i]
+    fill_dst: np.ndarray | None = None  # i32[B], padded with T (dropped)
+    fill_src: np.ndarray | None = None  # i32[B]
 
 
 def build_batch(out: SchedulerOutput, *, block_size: int, pages_per_seq: int, token_buckets: list[int],
@@ -73,12 +76,16 @@ def build_batch(out: SchedulerOutput, *, block_size: int, pages_per_seq: int, to
     logits_idx = np.zeros(B, np.int32)
     rows: list[SampleRow] = []
     spans = []
+    fill_dst, fill_src = [], []
     t = 0
     for b, s in enumerate(sched):
         req, n = s.request, s.num_new_tokens
         start = req.num_computed_tokens
         qsl[b] = t
         token_ids[t:t + n] = req.all_token_ids[start:start + n]
+        if req.placeholder_row is not None and start + n == req.num_tokens:
+            fill_dst.append(t + n - 1)  # the placeholder is always the request's last token
+            fill_src.append(req.placeholder_row)
         pos = np.arange(start, start + n, dtype=np.int32)
         positions[t:t + n] = pos
         blocks = np.asarray(req.block_ids, np.int32)
@@ -93,5 +100,11 @@ def build_batch(out: SchedulerOutput, *, block_size: int, pages_per_seq: int, to
             rows.append(SampleRow(req, i if s.num_samples > 1 else req.sample_index))
         t += n
     decode_only = n_seq > 0 and n_tok == n_seq and T == B
-    return InputBatch(token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, logits_idx, decode_only,
-                      rows, n_tok, spans)
+    batch = InputBatch(token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, logits_idx, decode_only,
+                       rows, n_tok, spans)
+    if fill_dst:
+        batch.fill_dst = np.full(B, T, np.int32)
+        batch.fill_src = np.zeros(B, np.int32)
+        batch.fill_dst[:len(fill_dst)] = fill_dst
+        batch.fill_src[:len(fill_src)] = fill_src
+    return batch

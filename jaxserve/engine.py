@@ -34,6 +34,15 @@ class _Sample:
 
 
 @dataclass
+class _Step:
+    """A dispatched step whose sampled tokens may still be on the device."""
+    out: object  # SchedulerOutput
+    batch: object  # InputBatch
+    sampled: object  # sampler.SamplerOutput (device arrays) or None
+    prompt_logprobs: dict
+
+
+@dataclass
 class _Group:
     request_id: str
     prompt: str | None
@@ -61,6 +70,7 @@ class LLMEngine:
         self.stats_counters = dict(prompt_tokens_total=0, generation_tokens_total=0, num_steps=0,
                                    last_step_tokens=0)
         self.finished_listeners: list = []
+        self._inflight: _Step | None = None
 
     @classmethod
     def from_engine_args(cls, args) -> LLMEngine:
@@ -142,6 +152,9 @@ class LLMEngine:
             return None
         self.scheduler.abort(request_id)
         for s in g.samples:
+            if s is not None:
+                s.req.drop_placeholder()
+        for s in g.samples:
             if s is not None and s.finish_reason is None:
                 s.finish_reason = "abort"
         return self._output(g)
@@ -151,25 +164,70 @@ class LLMEngine:
 
     # ----------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
+        """One iteration. With async scheduling (the default) the step pipelines: it schedules and
+        dispatches step k, then (while the device runs k) fetches and processes step k-1's tokens. A
+        request whose next input token is still on the device carries a placeholder (-1) that the
+        runner fills from step k-1's sampled ids on the device; requests with penalties or prompt
+        logprobs need their tokens on the host first, so while any exists the engine runs in lock-step."""
+        if not self.config.async_scheduling or self._needs_sync:
+            outputs = self._process(self._inflight) if self._inflight else []
+            self._inflight = None
+            step = self._dispatch()
+            if step is not None:
+                outputs += self._process(step)
+            return outputs
+        step = self._dispatch()
+        outputs = self._process(self._inflight) if self._inflight else []
+        self._inflight = step
+        if step is not None:
+            for i, row in enumerate(step.batch.rows):
+                req = row.request
+                sp = req.sampling_params
+                if row.sample_index != req.sample_index or req.is_finished:
+                    continue  # an n > 1 parent's extra rows: children fork with real tokens
+                if (sp.max_tokens is not None and req.num_output_tokens + 1 >= sp.max_tokens) or \
+                        req.num_tokens + 1 >= self.model_config.max_model_len:
+                    continue  # its last token: nothing to schedule after it, so no placeholder
+                req.append_placeholder(i)
+        return outputs
+
+    @property
+    def _needs_sync(self) -> bool:
+        return any(g.params.prompt_logprobs is not None or g.params.presence_penalty or g.params.frequency_penalty
+                   or g.params.repetition_penalty != 1.0 for g in self.groups.values())
+
+    def _dispatch(self) -> _Step | None:
+        """Schedule and launch one step on the device (asynchronously)."""
         out = self.scheduler.schedule()
         if out.is_empty:
-            return []
+            return None
         runner = self.runner
         runner.run_block_ops(out)
+        if not out.scheduled:
+            return None
         batch = runner.prepare(out)
         self.stats_counters["last_step_tokens"] = batch.num_tokens
         self.stats_counters["num_steps"] += 1
-        if not out.scheduled:
-            return []
-        logits, all_logits = runner.forward(batch)
+        # A step in flight that sampled nothing (every row mid-prefill) left no placeholders to fill.
+        prev = self._inflight.sampled if self._inflight is not None else None
+        prev_ids = prev.token_ids if prev is not None else None
+        logits, all_logits = runner.forward(batch, prev_ids)
         seeds = [self._group_of(r.request).base_seed + r.sample_index for r in batch.rows]
         sampled = runner.sample(logits, batch, seeds) if batch.rows else None
         plp = runner.prompt_logprobs(all_logits, batch) if batch.prompt_logprob_spans else {}
-        want_lp = any(r.request.sampling_params.logprobs is not None for r in batch.rows)
-        host = _to_host(sampled, len(batch.rows), want_lp) if sampled is not None else None
         self.scheduler.on_step_done(out)
-        for rid, res in plp.items():
-            self._add_prompt_logprobs(self.groups[rid], *res)
+        return _Step(out, batch, sampled, plp)
+
+    def _process(self, step: _Step) -> list[RequestOutput]:
+        """Bring a step's sampled tokens to the host and apply them: detokenize, stop, fork, finish."""
+        batch = step.batch
+        if step.sampled is None:
+            return []
+        want_lp = any(r.request.sampling_params.logprobs is not None for r in batch.rows)
+        host = _to_host(step.sampled, len(batch.rows), want_lp)
+        for rid, res in step.prompt_logprobs.items():
+            if rid in self.groups:
+                self._add_prompt_logprobs(self.groups[rid], *res)
         touched: dict[str, _Group] = {}
         children: dict[str, list[Request]] = {}
         ended: list[tuple[Request, RequestStatus]] = []
@@ -220,7 +278,7 @@ class LLMEngine:
         tok = int(host["ids"][i])
         sp = req.sampling_params
         now = time.monotonic()
-        req.append_token(tok)
+        req.append_token(tok)  # fills the placeholder if the step was dispatched ahead of this token
         req.first_token_time = req.first_token_time or now
         req.last_token_time = now
         if g.metrics.first_token_time is None:

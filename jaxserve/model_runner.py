@@ -7,7 +7,9 @@ Design note. The step is two jitted calls: `forward(params, kv, token_ids, meta,
 asynchronously; the only device->host transfer per step is the sampled ids (and logprobs when a
 request asked for them). `warmup()` compiles every forward bucket before serving, and reports
 what it compiled and how long it took; with the persistent compilation cache a restart reloads
-them. Block copies (copy-on-write) and swaps run before the forward pass.
+them. Block copies (copy-on-write) and swaps run before the forward pass. With a
+`parallel.ParallelPlan` the forward is the plan's (shard_map over the tp mesh, stage by stage over
+pp) and each layer's pages carry the plan's sharding; nothing else here changes.
 """
 from __future__ import annotations
 
@@ -37,9 +39,16 @@ def prompt_logprobs_fn(logits, next_ids, k: int):
     return tok_lp, rank, top_ids, top_lp
 
 
+@jax.jit
+def _fill_tokens(token_ids, prev_sampled, src, dst):
+    """token_ids[dst[i]] = prev_sampled[src[i]] on the device (dst == T: padding, dropped)."""
+    return jnp.asarray(token_ids).at[dst].set(prev_sampled[src].astype(jnp.int32), mode="drop")
+
+
 class ModelRunner:
     def __init__(self, model, params, arch, *, block_size: int, max_model_len: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, kv_dtype, mesh=None, kv_sharding=None, num_kv_heads=None):
+                 max_num_batched_tokens: int, kv_dtype, mesh=None, kv_sharding=None, num_kv_heads=None,
+                 parallel=None, specs=None):
         self.model, self.params, self.arch = model, params, arch
         self.block_size = block_size
         self.pages_per_seq = -(-max_model_len // block_size)
@@ -56,6 +65,12 @@ class ModelRunner:
             return model.apply({"params": params}, token_ids, kv, meta, logits_indices)
 
         self._forward = jax.jit(fwd, donate_argnums=(1,))
+        self._copy_blocks = kv_cache.copy_blocks
+        self.parallel = parallel
+        if parallel is not None:  # params: one dict per stage; pages: each layer on its stage's tp mesh
+            self._forward = parallel.make_forward(model, specs)
+            self._copy_blocks = parallel.copy_blocks
+            self.kv_sharding = parallel.kv_shardings()
         self._sample = jax.jit(sampler.sample)
 
     # ----------------------------------------------------------------------------------------- memory
@@ -117,20 +132,35 @@ class ModelRunner:
         if sched_out.blocks_to_copy:
             src = jnp.asarray([s for s, _ in sched_out.blocks_to_copy], jnp.int32)
             dst = jnp.asarray([d for _, d in sched_out.blocks_to_copy], jnp.int32)
-            self.kv_caches = kv_cache.copy_blocks(self.kv_caches, src, dst)
+            self.copy_blocks(src, dst)
 
-    def forward(self, batch: InputBatch):
-        """Dispatch the forward pass; returns logits f32[S, V] (or f32[T, V] with prompt logprobs) on device."""
+    def copy_blocks(self, src, dst) -> None:
+        self.kv_caches = self._copy_blocks(self.kv_caches, src, dst)
+
+    def run_forward(self, token_ids, meta: AttentionMetadata, logits_indices):
+        """The device step: logits f32[S, V] (KV updated in place). Multi-host followers replay exactly this."""
+        logits, self.kv_caches = self._forward(self.params, self.kv_caches, token_ids, meta, logits_indices)
+        return logits
+
+    def forward(self, batch: InputBatch, prev_sampled=None):
+        """Dispatch the forward pass; returns logits f32[S, V] (or f32[T, V] with prompt logprobs) on device.
+
+        prev_sampled: the previous step's sampled ids (device) that placeholders in the batch stand for."""
         if not self.model.backend.has_decode_kernel:
             batch.decode_only = False  # one compiled program per bucket serves both
         meta = AttentionMetadata(slot_mapping=batch.slot_mapping, positions=batch.positions,
                                  token_seq_ids=batch.token_seq_ids, block_tables=batch.block_tables,
                                  seq_lens=batch.seq_lens, query_start_loc=batch.query_start_loc,
                                  decode_only=batch.decode_only)
+        token_ids = batch.token_ids
+        if batch.fill_dst is not None:
+            if prev_sampled is None:
+                raise RuntimeError("a placeholder token with no step in flight to fill it")
+            token_ids = _fill_tokens(token_ids, prev_sampled, batch.fill_src, batch.fill_dst)
         li = batch.logits_indices
         if batch.prompt_logprob_spans:  # every token's logits; the sampled rows are gathered from them
             li = np.arange(len(batch.token_ids), dtype=np.int32)
-        logits, self.kv_caches = self._forward(self.params, self.kv_caches, batch.token_ids, meta, li)
+        logits = self.run_forward(token_ids, meta, li)
         if batch.prompt_logprob_spans:
             return logits[batch.logits_indices], logits
         return logits, None

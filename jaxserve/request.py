@@ -79,7 +79,29 @@ class Request:
         """True while prompt tokens remain to compute (more than one token behind)."""
         return self.num_tokens - self.num_computed_tokens > 1
 
+    # Async scheduling: a step is dispatched before the previous step's token reaches the host. The
+    # request then carries a placeholder (-1) for that token; `placeholder_row` is the row of the
+    # previous step's sampled ids that holds it on the device (the runner reads it from there).
+    placeholder_row: int | None = None
+
+    def append_placeholder(self, row: int) -> None:
+        assert self.placeholder_row is None, "one token in flight at a time"
+        self.placeholder_row = row
+        self.output_token_ids.append(-1)
+        self.all_token_ids.append(-1)
+
+    def drop_placeholder(self) -> None:
+        if self.placeholder_row is not None:
+            self.placeholder_row = None
+            self.output_token_ids.pop()
+            self.all_token_ids.pop()
+
     def append_token(self, token_id: int) -> None:
+        if self.placeholder_row is not None:  # the token the placeholder stood for has arrived
+            self.placeholder_row = None
+            self.output_token_ids[-1] = token_id
+            self.all_token_ids[-1] = token_id
+            return
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
