@@ -1,0 +1,33 @@
+"""Async scheduling (step k dispatched before step k-1's tokens reach the host) must not change outputs:
+greedy, seeded sampling, n > 1 forking, stop strings, max_tokens=1, chunked prefill, with and without overlap."""
+import pytest
+
+from jaxserve import SamplingParams
+from jaxserve.llm import LLM
+
+PROMPTS = ["What is the capital of France?", "def fib(n):", "AI 的未来发展",
+           "Once upon a time there was a very long story that" * 3, "Hello"]
+PARAMS = [SamplingParams(temperature=0, max_tokens=24),
+          SamplingParams(temperature=0.9, seed=7, max_tokens=30),
+          SamplingParams(temperature=0.7, top_p=0.9, seed=3, max_tokens=20, n=3),
+          SamplingParams(temperature=0, max_tokens=40, stop=["."]),
+          SamplingParams(temperature=1.0, seed=11, max_tokens=1)]
+
+
+def _run(async_scheduling: bool):
+    llm = LLM(enforce_eager=True, max_model_len=1024, num_gpu_blocks_override=400, max_num_batched_tokens=64,
+              max_num_seqs=8, async_scheduling=async_scheduling)
+    outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    eng = llm.llm_engine
+    assert eng.block_manager.num_free_blocks == 399  # every block back (block 0 is the null page)
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outs], eng
+
+
+@pytest.mark.slow
+def test_async_overlap_same_outputs():
+    sync, _ = _run(False)
+    overlap, eng = _run(True)
+    assert overlap == sync
+    assert [len(o) for o in overlap] == [1, 1, 3, 1, 1]
+    assert overlap[4][0][2] == "length" and len(overlap[4][0][0]) == 1
+    assert "." not in overlap[3][0][1]
