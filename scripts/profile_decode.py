@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--trace-dir", default="/tmp/jaxserve-trace")
     p.add_argument("--analyze", default=None, help="only analyze an existing trace folder")
     p.add_argument("--output-json", default=None)
+    p.add_argument("--host-profile", action="store_true", help="also cProfile the host side of the steps")
     ns = p.parse_args()
     if ns.analyze:
         analyze(ns.analyze)
@@ -98,6 +99,16 @@ def main() -> None:
     jax.block_until_ready(eng.runner.kv_caches)
     wall = time.perf_counter() - t0
     jax.profiler.stop_trace()
+    if ns.host_profile:
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(ns.steps):
+            eng.step()
+        jax.block_until_ready(eng.runner.kv_caches)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     print(f"{ns.steps} decode steps at batch {ns.batch_size}: {wall / ns.steps * 1e3:.2f} ms/step")
     res = analyze(ns.trace_dir, wall)
     res.update(step_ms=wall / ns.steps * 1e3, batch=ns.batch_size, backend=eng.runner.model.backend.name)
