@@ -102,8 +102,8 @@ class BlockManager:
         """(hit blocks, their hashes): the longest cached chain of req's full blocks, leaving >= 1 token."""
         blocks: list[int] = []
         hashes: list[int] = []
-        if not self.enable_prefix_caching:
-            return blocks, hashes
+        if not self.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
+            return blocks, hashes  # prompt logprobs need every prompt position's logits (vLLM skips the cache too)
         parent = None
         for i in range((req.num_tokens - 1) // self.block_size):
             h = hash((parent, self._block_tokens(req, i)))

@@ -41,6 +41,9 @@ class CacheConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    num_processes: int = 1  # jax.distributed processes (hosts); process 0 schedules and serves
+    process_id: int = 0
+    coordinator_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,9 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    coordinator_address: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
     device: str = "auto"
     enforce_eager: bool = False
     compile_cache_dir: str | None = None
@@ -111,7 +117,10 @@ class EngineArgs:
         "max_num_seqs": "Most requests running at once.",
         "max_num_batched_tokens": "Token budget per step (also the chunked-prefill chunk). Default 2048 (512 on CPU).",
         "tensor_parallel_size": "Devices to shard each layer over (tensor parallelism).",
-        "pipeline_parallel_size": "Pipeline stages.",
+        "pipeline_parallel_size": "Pipeline stages (layers split evenly; each stage on its own tp devices).",
+        "coordinator_address": "host:port of process 0 for multi-host jax.distributed (with --num-processes > 1).",
+        "num_processes": "Processes (hosts) in a multi-host run; process 0 schedules and serves, the others follow.",
+        "process_id": "This process's index in a multi-host run (0 = the leader).",
         "device": "auto, cpu or gpu. gpu fails loudly if JAX fell back to CPU.",
         "enforce_eager": "Compile step shapes lazily instead of at warm-up.",
         "compile_cache_dir": "JAX persistent compilation cache folder (default ~/.cache/jaxserve/xla).",

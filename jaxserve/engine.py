@@ -327,8 +327,12 @@ class LLMEngine:
     def _add_prompt_logprobs(self, g: _Group, first_pos, tok_lp, rank, top_ids, top_lp) -> None:
         n = g.params.prompt_logprobs
         for j in range(len(tok_lp)):
-            tok = g.prompt_token_ids[first_pos + j]
-            g.prompt_logprobs.append(self._logprob_dict(tok, float(tok_lp[j]), int(rank[j]), top_ids[j], top_lp[j], n))
+            pos = first_pos + j
+            d = self._logprob_dict(g.prompt_token_ids[pos], float(tok_lp[j]), int(rank[j]), top_ids[j], top_lp[j], n)
+            if pos < len(g.prompt_logprobs):  # recomputed after a preemption: replace, never append twice
+                g.prompt_logprobs[pos] = d
+            else:
+                g.prompt_logprobs.append(d)
 
     def _output(self, g: _Group) -> RequestOutput:
         outs = []

@@ -2,7 +2,10 @@
 
 Order matters: JAX's platform is configured first (memory fraction, compile cache), then weights
 load, a profiling step measures peak activation memory, the KV cache takes what is left, and
-every step shape is compiled before the first request.
+every step shape is compiled before the first request. With tensor/pipeline parallelism a
+`parallel.ParallelPlan` fixes the mesh and the runtime weight layout before anything loads; with
+several processes (`--num-processes`), `jax.distributed` starts first and processes other than 0
+follow process 0's steps (jaxserve/multihost.py) instead of returning an engine.
 """
 from __future__ import annotations
 
@@ -87,7 +90,8 @@ def make_config(args: EngineArgs, path: Path, arch) -> EngineConfig:
                             max_num_batched_tokens=max(budget, args.max_num_seqs) if budget < args.max_num_seqs
                             else budget)
     return EngineConfig(model=model, cache=cache, scheduler=sched,
-                        parallel=ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size),
+                        parallel=ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size,
+                                                 args.num_processes, args.process_id, args.coordinator_address),
                         device=args.device, enforce_eager=args.enforce_eager,
                         compile_cache_dir=args.compile_cache_dir, async_scheduling=args.async_scheduling)
 
@@ -98,12 +102,37 @@ def _read_template(t: str | None) -> str | None:
     return t
 
 
+def _parallel_plan(args: EngineArgs, arch):
+    """The ParallelPlan for tp x pp (None for one device, one process); a StartupError says what fits."""
+    from jaxserve.parallel import ParallelPlan
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    if tp == pp == 1 and args.num_processes == 1:
+        return None
+    if args.num_processes > 1:
+        if pp != 1:
+            raise StartupError("--pipeline-parallel-size > 1 across processes is not supported (stages hand "
+                               "activations over with device_put, which stays within one process); use tensor "
+                               "parallelism across hosts")
+        if tp * pp != jax.device_count():
+            raise StartupError(f"with {args.num_processes} processes the mesh must cover every device: "
+                               f"--tensor-parallel-size must be {jax.device_count()} (got {tp})")
+    if args.swap_space and (pp > 1 or args.num_processes > 1):
+        raise StartupError("--swap-space is not supported with pipeline parallelism or several processes")
+    try:
+        return ParallelPlan(arch, tp, pp, jax.devices())
+    except ValueError as e:
+        raise StartupError(str(e)) from None
+
+
 def build_engine(cls, args: EngineArgs):
     t_start = time.perf_counter()
+    if args.num_processes > 1:
+        from jaxserve.multihost import init_distributed
+        init_distributed(args.coordinator_address, args.num_processes, args.process_id)
     init_platform(args.device, args.gpu_memory_utilization, args.compile_cache_dir)
     from jaxserve.attention import get_backend
     from jaxserve.block_manager import BlockManager
-    from jaxserve.kv_cache import HostSwapSpace, bytes_per_block, kv_memory_budget
+    from jaxserve.kv_cache import bytes_per_block, kv_memory_budget
     from jaxserve.model_runner import ModelRunner
     from jaxserve.models.arch import load_arch
     from jaxserve.models.llama import abstract_params
@@ -115,42 +144,60 @@ def build_engine(cls, args: EngineArgs):
     path = resolve_model_path(args.model)
     arch = load_arch(path)
     config = make_config(args, path, arch)
-    if config.parallel.tensor_parallel_size != 1 or config.parallel.pipeline_parallel_size != 1:
-        raise StartupError("tensor/pipeline parallelism is not built yet: use --tensor-parallel-size 1")
+    plan = _parallel_plan(args, arch)
     mc, cc = config.model, config.cache
     tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.tokenizer)
     if tokenizer is not None and mc.chat_template:
         tokenizer.hf.chat_template = mc.chat_template
     backend = get_backend(args.attention_backend)
-    model = build_model(arch, mc.dtype, backend)
+    # Under tensor parallelism the model is built with the runtime sizes (kv heads expanded, padding).
+    model = build_model(plan.arch if plan else arch, mc.dtype, backend)
     shapes, specs = abstract_params(model)
     t0 = time.perf_counter()
-    params = load_params(path, arch, mc.dtype, shapes, specs, load_format=mc.load_format, seed=mc.seed)
+    params = load_params(path, arch, mc.dtype, shapes, specs, load_format=mc.load_format, seed=mc.seed,
+                         mesh=plan and plan.mesh, shardings=plan and plan.param_shardings(specs),
+                         tp=plan and plan.layout)
     load_s = time.perf_counter() - t0
     kv_dtype = jnp.dtype(mc.dtype)
     sc = config.scheduler
-    runner = ModelRunner(model, params, arch, block_size=cc.block_size, max_model_len=mc.max_model_len,
-                         max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
-                         kv_dtype=kv_dtype)
-    per_block = bytes_per_block(arch, cc.block_size, kv_dtype)
+    runner_cls = ModelRunner
+    if args.num_processes > 1 and jax.process_index() == 0:
+        from jaxserve.multihost import LeaderRunner as runner_cls
+    runner = runner_cls(model, plan.split_params(params) if plan else params, arch, block_size=cc.block_size,
+                        max_model_len=mc.max_model_len, max_num_seqs=sc.max_num_seqs,
+                        max_num_batched_tokens=sc.max_num_batched_tokens, kv_dtype=kv_dtype,
+                        num_kv_heads=plan and plan.layout.num_kv_heads, parallel=plan, specs=specs)
+    # Per device: the stage's layers and num_kv_heads / tp heads of each (all layers, all heads on one device).
+    per_block = plan.kv_bytes_per_block(cc.block_size, kv_dtype) if plan else bytes_per_block(arch, cc.block_size,
+                                                                                              kv_dtype)
     if cc.num_gpu_blocks_override:
         num_blocks, why = cc.num_gpu_blocks_override, "--num-gpu-blocks-override"
     else:
         runner.profile_run()
-        budget, why = kv_memory_budget(jax.devices(), cc.gpu_memory_utilization, cc.kv_cache_memory)
+        devices = plan.local_devices() if plan else jax.devices()[:1]
+        budget, why = kv_memory_budget(devices, cc.gpu_memory_utilization, cc.kv_cache_memory)
         num_blocks = budget // per_block
+        if args.num_processes > 1:  # every process must allocate the same pages: the smallest count wins
+            from jaxserve.multihost import agree_min
+            num_blocks = agree_min(num_blocks)
     need = -(-mc.max_model_len // cc.block_size) + 1  # one full-length sequence plus the null block
     if num_blocks < need:
         raise StartupError(
             f"max_model_len {mc.max_model_len} needs {need - 1} KV blocks of {cc.block_size} tokens "
-            f"({(need - 1) * per_block / 2**30:.2f} GiB) but only {max(num_blocks - 1, 0)} fit "
+            f"({(need - 1) * per_block / 2**30:.2f} GiB per device) but only {max(num_blocks - 1, 0)} fit "
             f"({max(num_blocks, 0) * per_block / 2**30:.2f} GiB by {why}); lower --max-model-len, or raise "
             f"--gpu-memory-utilization / --kv-cache-memory / --num-gpu-blocks-override")
-    host_blocks = HostSwapSpace.blocks_for(cc.swap_space, arch, cc.block_size, kv_dtype) if cc.swap_space else 0
+    host_block = bytes_per_block(arch, cc.block_size, kv_dtype, plan and plan.layout.num_kv_heads)  # all heads
+    host_blocks = int(cc.swap_space * (1 << 30)) // host_block if cc.swap_space else 0
     runner.allocate_kv(num_blocks, host_blocks)
-    log.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s); %d host swap blocks", num_blocks, cc.block_size,
-             num_blocks * per_block / 2**30, why, host_blocks)
+    log.info("KV cache: %d blocks of %d tokens (%.2f GiB per device, %s); %d host swap blocks", num_blocks,
+             cc.block_size, num_blocks * per_block / 2**30, why, host_blocks)
     compile_s = 0.0 if config.enforce_eager else runner.warmup()
+    if args.num_processes > 1 and jax.process_index() != 0:
+        from jaxserve.multihost import follow
+        log.info("process %d follows process 0's steps", jax.process_index())
+        follow(runner)  # returns when process 0 stops
+        raise SystemExit(0)
     bm = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching, host_blocks)
     engine = cls(config=config, arch=arch, tokenizer=tokenizer, runner=runner, scheduler=Scheduler(sc, bm),
                  generation_defaults=_generation_defaults(path))

@@ -8,6 +8,8 @@ largest token bucket, the KV cache gets what is left of `gpu_memory_utilization`
   blocks = (util * device bytes - peak bytes in use) / bytes per block (all layers, k and v).
 On CPU there are no memory statistics: `kv_cache_memory` bytes if given, else min(4 GiB, 25% of
 available host memory) (the stated rule). `num_gpu_blocks_override` wins over both.
+Tensor/pipeline parallel: the budget is that of the fullest device, and a block's bytes are counted
+per device (its stage's layers, num_kv_heads / tp heads: parallel.ParallelPlan.kv_bytes_per_block).
 """
 from __future__ import annotations
 
@@ -42,7 +44,11 @@ def kv_memory_budget(devices, gpu_memory_utilization: float, kv_cache_memory: in
     """Bytes the KV cache may take on each device, and how that number was reached."""
     if kv_cache_memory:
         return int(kv_cache_memory), "--kv-cache-memory"
-    stats = devices[0].memory_stats()
+    # Several devices (tensor/pipeline parallel): the one with the least free memory bounds them all.
+    def free(st: dict) -> int:
+        return st.get("bytes_limit", 0) - max(st.get("peak_bytes_in_use", 0), st.get("bytes_in_use", 0))
+
+    stats = min((d.memory_stats() or {} for d in devices), key=free)
     if not stats or "bytes_limit" not in stats:
         return min(CPU_DEFAULT_MAX, _host_available() // 4), "CPU rule: min(4 GiB, 25% of available memory)"
     # JAX's allocator was given util * device memory (platform.init_platform); the limit is that share.
@@ -57,10 +63,12 @@ def kv_memory_budget(devices, gpu_memory_utilization: float, kv_cache_memory: in
 
 
 def allocate(arch: ArchConfig, num_blocks: int, block_size: int, dtype, sharding=None, num_kv_heads=None):
+    """Zeroed pages per layer. `sharding`: one for every layer, or a list of one per layer (pipeline stages)."""
     heads = num_kv_heads or arch.num_kv_heads
     shape = (heads, num_blocks, block_size, arch.head_dim)
-    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    return tuple((make(), make()) for _ in range(arch.num_layers))
+    per_layer = list(sharding) if isinstance(sharding, (list, tuple)) else [sharding] * arch.num_layers
+    makes = {sh: jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sh) for sh in set(per_layer)}
+    return tuple((makes[sh](), makes[sh]()) for sh in per_layer)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

@@ -66,13 +66,14 @@ class LLM:
     def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         order = {}
-        for prompt, sp in zip(prompts, params):
-            rid = f"offline-{next(self._ids)}"
-            order[rid] = len(order)
-            engine.add_request(rid, prompt, _copy(sp))
-        results: list[RequestOutput | None] = [None] * len(order)
-        bar = tqdm(total=len(order), desc="generating", unit="req", disable=not use_tqdm)
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        bar = tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm)
         try:
+            # Inside the try: a bad prompt (ValueError) must not leave the ones before it queued.
+            for prompt, sp in zip(prompts, params):
+                rid = f"offline-{next(self._ids)}"
+                order[rid] = len(order)
+                engine.add_request(rid, prompt, _copy(sp))
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.finished:

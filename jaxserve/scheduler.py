@@ -141,7 +141,9 @@ class Scheduler:
             if child.request_id in self.requests:
                 raise ValueError(f"request id {child.request_id!r} is already in use")
             self.block_manager.fork(parent, child)
-            child.num_computed_tokens = parent.num_computed_tokens
+            # Shared K/V: the prompt's. Not parent.num_computed_tokens: with async scheduling the parent has
+            # already computed its own first token (a step ahead), which the child must not inherit.
+            child.num_computed_tokens = child.num_prompt_tokens
             child.num_cached_tokens = parent.num_cached_tokens
             child.status = RequestStatus.RUNNING
             self.requests[child.request_id] = child

@@ -10,6 +10,11 @@ Converted-weights cache: the first load of a checkpoint writes the runtime layou
 checkpoint under `<cache>/converted/<key>`; later loads restore from it (keyed by the folder,
 file sizes and mtimes, dtype and layout version). `load_format="dummy"` makes random weights from
 config.json alone, generated on the device by jitted functions (no host copy).
+
+Tensor parallelism: with a `TpLayout` (jaxserve/parallel.py) each fused tensor is re-laid out for
+the shard count before it is put on its devices (kv heads repeated when fewer than the shards,
+intermediate and vocab sizes zero-padded). Dummy weights are drawn at the checkpoint shapes and go
+through the same re-layout, so a random model is the same model at every tensor-parallel size.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from tqdm import tqdm
 
 from jaxserve.models.arch import ArchConfig
+from jaxserve.parallel import checkpoint_shape, relayout
 
 log = logging.getLogger(__name__)
 LAYOUT_VERSION = 1
@@ -117,20 +123,26 @@ def _layer_tensors(t: _Tensors, c: ArchConfig, i: int, dt) -> dict:
             "mlp_norm": g("post_attention_layernorm.weight", (D,)).astype(dt), "attn": attn, "mlp": mlp}
 
 
-def load_safetensors(model_dir: Path, c: ArchConfig, dtype: str, shardings) -> dict:
+def load_safetensors(model_dir: Path, c: ArchConfig, dtype: str, shardings, tp=None) -> dict:
+    """`c`: the checkpoint's architecture; `tp`: a parallel.TpLayout to re-lay tensors out for (or None)."""
     t = _Tensors(model_dir)
     dt = _NP_DTYPES[dtype]
-    put = lambda a, s: jax.device_put(a, s)  # noqa: E731
-    params = {"embed": put(t.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size)).astype(dt),
+
+    def put(path, a, s):  # path: a key path or a leaf name
+        leaf = path if isinstance(path, str) else str(path[-1].key)
+        return jax.device_put(relayout(leaf, a, tp, np), s)
+
+    params = {"embed": put("embed", t.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size)).astype(dt),
                            shardings["embed"])}
     for i in tqdm(range(c.num_layers), desc="loading layers", unit="layer", disable=c.num_layers < 8):
         name = f"layers_{i}"
-        params[name] = jax.tree.map(put, _layer_tensors(t, c, i, dt), shardings[name])
-    params["final_norm"] = put(t.get("model.norm.weight", (c.hidden_size,)).astype(dt), shardings["final_norm"])
+        params[name] = jax.tree.map_with_path(put, _layer_tensors(t, c, i, dt), shardings[name])
+    params["final_norm"] = put("final_norm", t.get("model.norm.weight", (c.hidden_size,)).astype(dt),
+                               shardings["final_norm"])
     if not c.tie_word_embeddings:
         if "lm_head.weight" not in t:
             raise CheckpointError("checkpoint has no 'lm_head.weight' and config.json does not tie word embeddings")
-        params["lm_head"] = put(t.get("lm_head.weight", (c.vocab_size, c.hidden_size)).T.astype(dt),
+        params["lm_head"] = put("lm_head", t.get("lm_head.weight", (c.vocab_size, c.hidden_size)).T.astype(dt),
                                 shardings["lm_head"])
     extra = [n for n in t.unused() if "rotary_emb" not in n]
     if extra:
@@ -138,8 +150,12 @@ def load_safetensors(model_dir: Path, c: ArchConfig, dtype: str, shardings) -> d
     return params
 
 
-def dummy_params(shapes, shardings, dtype: str, seed: int) -> dict:
-    """Random weights made on the device: N(0, 0.02) matrices, ones for norm weights, zeros for biases."""
+def dummy_params(shapes, shardings, dtype: str, seed: int, arch: ArchConfig | None = None, tp=None) -> dict:
+    """Random weights made on the device: N(0, 0.02) matrices, ones for norm weights, zeros for biases.
+
+    With a TpLayout `tp` (and the checkpoint `arch`), each weight is drawn at its checkpoint shape and
+    re-laid out inside the same jitted call, so the values do not depend on the shard count.
+    """
     leaves, treedef = jax.tree.flatten_with_path(shapes)
     shard_leaves = jax.tree.leaves(shardings)
     out, key, fns = [], jax.random.key(seed), {}
@@ -147,11 +163,14 @@ def dummy_params(shapes, shardings, dtype: str, seed: int) -> dict:
     for (path, leaf), sh in zip(leaves, shard_leaves):
         name = jax.tree_util.keystr(path)
         kind = "ones" if "norm" in name else "zeros" if "bqkv" in name else "normal"
-        fk = (leaf.shape, kind, sh)
+        leaf_name = str(path[-1].key)
+        src = checkpoint_shape(leaf_name, leaf.shape, arch) if tp is not None else leaf.shape
+        fk = (leaf.shape, src, leaf_name, kind, sh)
         if fk not in fns:
             if kind == "normal":
-                fns[fk] = jax.jit(lambda k, s=leaf.shape: (0.02 * jax.random.normal(k, s, jnp.float32)).astype(jdt),
-                                  out_shardings=sh)
+                def draw(k, s=src, n=leaf_name):
+                    return relayout(n, (0.02 * jax.random.normal(k, s, jnp.float32)).astype(jdt), tp, jnp)
+                fns[fk] = jax.jit(draw, out_shardings=sh)
             else:
                 fill = 1.0 if kind == "ones" else 0.0
                 fns[fk] = jax.jit(lambda k, s=leaf.shape, v=fill: jnp.full(s, v, jdt), out_shardings=sh)
@@ -176,7 +195,8 @@ def param_bytes(shapes) -> int:
 def check_fits(nbytes: int, devices) -> None:
     """Fail before loading when the weights cannot fit in device memory (per device, evenly sharded)."""
     per_dev = nbytes / len(devices)
-    stats = devices[0].memory_stats() or {}
+    local = [d for d in devices if d.process_index == jax.process_index()] or devices
+    stats = local[0].memory_stats() or {}
     limit = stats.get("bytes_limit")
     if limit is None:  # CPU: compare with host memory available
         try:
@@ -191,16 +211,18 @@ def check_fits(nbytes: int, devices) -> None:
 
 
 def load_params(model_dir: str | Path, c: ArchConfig, dtype: str, shapes, specs, *, load_format: str = "auto",
-                seed: int = 0, mesh=None, use_cache: bool = True) -> dict:
-    """Runtime params on device. `shapes`/`specs` from `llama.abstract_params` (specs give the shardings)."""
+                seed: int = 0, mesh=None, use_cache: bool = True, shardings=None, tp=None) -> dict:
+    """Runtime params on device. `shapes`/`specs` from `llama.abstract_params` (specs give the shardings
+    over `mesh`, unless `shardings` is given: parallel.ParallelPlan.param_shardings). `c` is the
+    checkpoint's architecture; `tp` a parallel.TpLayout when the runtime layout differs from it."""
     model_dir = Path(model_dir)
-    shardings = _shardings(specs, mesh)
+    shardings = _shardings(specs, mesh) if shardings is None else shardings
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
     nbytes = param_bytes(shapes)
     check_fits(nbytes, devices)
     t0 = time.perf_counter()
     if load_format == "dummy":
-        params = dummy_params(shapes, shardings, dtype, seed)
+        params = dummy_params(shapes, shardings, dtype, seed, c, tp)
         jax.block_until_ready(params)
         log.info("dummy weights: %.2f GB in %.2f s", nbytes / 1e9, time.perf_counter() - t0)
         return params
@@ -213,7 +235,7 @@ def load_params(model_dir: str | Path, c: ArchConfig, dtype: str, shapes, specs,
         params = ocp.StandardCheckpointer().restore(ckpt / "params", target)
         log.info("restored converted weights from %s in %.2f s", ckpt, time.perf_counter() - t0)
         return params
-    params = load_safetensors(model_dir, c, dtype, shardings)
+    params = load_safetensors(model_dir, c, dtype, shardings, tp)
     jax.block_until_ready(params)
     log.info("loaded %s (%.2f GB) in %.2f s", model_dir, nbytes / 1e9, time.perf_counter() - t0)
     if use_cache:

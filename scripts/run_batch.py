@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import secrets
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
                     runner.queue(job)
             if not runner.active:
                 break
+            if not runner.engine.has_unfinished_requests():
+                raise RuntimeError(f"the engine went idle with {len(runner.active)} lines unanswered")
             runner.step()
         for job in duplicates:
             runner.finish(job)
@@ -326,4 +327,4 @@ class _ErrorsOnly(Runner):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    main()

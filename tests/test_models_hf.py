@@ -1,11 +1,11 @@
 """Our models and loader against HF transformers outputs (tests/data; see conftest.py).
 
 Tolerances. Both sides run in float32, so they differ only by summation order (matmul blocking, softmax
-and norm reductions): ~1e-5 on the 2-layer tiny models. A layout, rope, bias or scaling bug moves logits
-by O(0.1), so 1e-3 absolute separates the two by two orders of magnitude on each side.
-On the 30-layer SmolLM2 the rounding grows with depth and the logits are large (|logit| up to ~30):
-measured max |ours - HF| over the last 4 positions of the 4 prompts is SMOL_MEASURED (see the test);
-SMOL_ATOL leaves headroom over it and is still ~100x below what a real bug does.
+and norm reductions): measured max |ours - HF| is 3e-6..6e-6 on the 2-layer tiny models. A layout, rope,
+bias or scaling bug moves logits by O(0.1), so 1e-3 absolute sits two orders of magnitude from both.
+On the 30-layer SmolLM2 rounding grows with depth and the logits are larger (|logit| up to ~30), yet the
+measured max |ours - HF| over the last 4 positions of the 4 prompts is 8.4e-5 (CPU, XLA backend), so the
+same 1e-3 holds there with 10x headroom.
 """
 from __future__ import annotations
 
@@ -124,7 +124,9 @@ def test_smollm2_greedy_through_llm(smol_llm, smol_ref):
             assert c.token_ids == p["greedy_ids"] and c.finish_reason == "stop"
         else:
             assert len(c.token_ids) == 32 and c.finish_reason == "length"
-            assert c.text == p["greedy_text"]
+            # HF's decode ends in U+FFFD where the last token is half a UTF-8 character (the Chinese prompt);
+            # the incremental detokenizer holds such a tail back until it completes, as vLLM's does.
+            assert c.text == p["greedy_text"].rstrip("\ufffd")
 
 
 def test_smollm2_chat_france(smol_llm):

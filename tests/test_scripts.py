@@ -91,7 +91,7 @@ def batch_args(tmp_path: Path) -> list[str]:
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(REQUESTS) + "\n")
     return ["-i", str(inp), "-o", str(tmp_path / "out.jsonl"), "--model", TINY, "--skip-tokenizer-init",
-            "--disable-tqdm", "--max-inflight", "2"]
+            "--disable-tqdm", "--max-inflight", "2", "--enforce-eager", "--max-num-seqs", "8"]
 
 
 def read_out(tmp_path: Path) -> list[dict]:
@@ -169,7 +169,10 @@ def test_run_batch_text_and_chat_on_default_model(tmp_path):
         line("zh", {"prompt": "AI 的未来发展", "max_tokens": 4, "echo": True, "logprobs": 1}),
     ]) + "\n")
     out = tmp_path / "out.jsonl"
-    summary = run_batch.main(["-i", str(inp), "-o", str(out), "--disable-tqdm", "--max-model-len", "512"])
+    from conftest import SMOL_FLAGS  # the shared SmolLM2 shapes: programs come from the compilation cache
+
+    flags = [x for k, v in SMOL_FLAGS.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    summary = run_batch.main(["-i", str(inp), "-o", str(out), "--disable-tqdm", *flags])
     assert summary["ok"] == 3 and summary["errors"] == 0
     by_id = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, out.read_text().splitlines())}
     assert "Paris" in by_id["paris"]["choices"][0]["text"]

@@ -1,0 +1,232 @@
+"""Tensor / pipeline / multi-host parallelism on a CPU mesh of fake devices (docs/PARALLEL.md).
+
+The device count is fixed when JAX starts, so every multi-device check runs in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (4 per process for the 2-process run) and reports
+JSON back. Equality is exact: greedy ids at every tp/pp size equal the single-device ids (fp32).
+Tiny model `tiny8`: 8 query heads, 2 kv heads, intermediate 100, vocab 500, 4 layers, dummy weights,
+so tp=8 exercises kv-head replication (2 -> 8) and zero padding (100 -> 104, 500 -> 504).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxserve.models.arch import arch_from_dict
+from jaxserve.parallel import relayout, tp_layout, valid_tp_sizes
+
+REPO = Path(__file__).resolve().parents[1]
+TINY8 = {"architectures": ["LlamaForCausalLM"], "vocab_size": 500, "hidden_size": 64, "intermediate_size": 100,
+         "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16,
+         "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+         "torch_dtype": "float32", "eos_token_id": 499}
+PROMPTS = [[1, 5, 9, 200, 33], list(range(10, 47)), [7] * 3]
+TINY_FLAGS = dict(load_format="dummy", skip_tokenizer_init=True, enforce_eager=True, max_model_len=128,
+                  num_gpu_blocks_override=64, max_num_seqs=4, max_num_batched_tokens=64, block_size=16)
+
+_PRELUDE = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=%d"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, numpy as np
+from jaxserve.llm import LLM
+from jaxserve.sampling_params import SamplingParams
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+def tokens(llm, prompts, sp=GREEDY):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+"""
+
+TINY_SCRIPT = """
+from jaxserve.parallel import count_collectives
+folder, prompts, flags = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+out = {"tokens": {}, "collectives": {}, "logits_maxdiff": {}, "kv": {}}
+ref_logits = None
+for tp, pp in [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (2, 2)]:
+    llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, **flags)
+    key = f"{tp}x{pp}"
+    out["tokens"][key] = tokens(llm, prompts)
+    r = llm.llm_engine.runner
+    # Logits of one prefill through the runner's forward, against the single-device ones.
+    meta, ids, li = r._dummy_inputs(16, False)
+    ids = np.arange(16, dtype=np.int32) * 7 % 500
+    meta = meta.replace(slot_mapping=np.arange(16, 32, dtype=np.int32), positions=np.arange(16, dtype=np.int32),
+                        seq_lens=meta.seq_lens.at[0].set(16), query_start_loc=np.array([0] + [16] * 4, np.int32),
+                        block_tables=meta.block_tables.at[0, 0].set(1))
+    logits, r.kv_caches = r._forward(r.params, r.kv_caches, ids, meta, np.arange(4, dtype=np.int32) * 4)
+    logits = np.asarray(logits)
+    ref_logits = logits if ref_logits is None else ref_logits
+    out["logits_maxdiff"][key] = float(np.abs(logits - ref_logits).max())
+    k0 = r.kv_caches[0][0]
+    out["kv"][key] = [list(k0.shape), list(k0.addressable_shards[0].data.shape), len(k0.sharding.device_set)]
+    if r.parallel is not None:
+        meta, ids, li = r._dummy_inputs(16, False)
+        for s, fn in enumerate(r.parallel.stage_fns):
+            a, b = r.parallel.stages[s]
+            x = ids if s == 0 else jax.numpy.zeros((16, 64))
+            hlo = fn.lower(r.params[s], r.kv_caches[a:b], x, meta, li).compile().as_text()
+            out["collectives"][f"{key}/{s}"] = count_collectives(hlo)
+        out.setdefault("kv_bytes_per_block", {})[key] = r.parallel.kv_bytes_per_block(16, np.float32)
+# Real HF weights through the loader's re-layout: qwen2 (qkv bias, 2 kv heads) at tp=4 repeats kv heads.
+qwen = sys.argv[4]
+for tp in (1, 4):
+    llm = LLM(qwen, tensor_parallel_size=tp, **dict(flags, load_format="auto"))
+    out["tokens"][f"qwen2/{tp}"] = tokens(llm, prompts)
+print("RESULT", json.dumps(out))
+"""
+
+SMOL_SCRIPT = """
+flags = json.loads(sys.argv[1])
+prompts = ["The capital of France is", "def fib(n):", "1, 2, 3, 4,"]
+sp = SamplingParams(temperature=0.0, max_tokens=8)
+out = {}
+for tp, pp in [(1, 1), (3, 1), (1, 2)]:
+    out[f"{tp}x{pp}"] = tokens(LLM(None, tensor_parallel_size=tp, pipeline_parallel_size=pp, **flags), prompts, sp)
+print("RESULT", json.dumps(out))
+"""
+
+MULTIHOST_SCRIPT = """
+folder, prompts, flags = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+pid, port = int(sys.argv[4]), sys.argv[5]
+llm = LLM(folder, tensor_parallel_size=8, num_processes=2, process_id=pid, coordinator_address=f"127.0.0.1:{port}",
+          **flags)
+print("RESULT", json.dumps(tokens(llm, prompts)))  # only process 0 gets here: the follower exits in LLM()
+"""
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _script(tmp_path, name: str, body: str, devices: int) -> Path:
+    path = tmp_path / name
+    path.write_text(_PRELUDE % devices + body)
+    return path
+
+
+def _result(proc: subprocess.CompletedProcess):
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def tiny8(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny8")
+    (folder / "config.json").write_text(json.dumps(TINY8))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny8, tmp_path_factory) -> dict:
+    script = _script(tmp_path_factory.mktemp("tiny_run"), "tiny.py", TINY_SCRIPT, 8)
+    qwen = REPO / "tests" / "data" / "tiny" / "qwen2"
+    proc = subprocess.run([sys.executable, str(script), str(tiny8), json.dumps(PROMPTS), json.dumps(TINY_FLAGS),
+                           str(qwen)], capture_output=True, text=True, env=_env(), timeout=300)
+    return _result(proc)
+
+
+# ------------------------------------------------------------------------------------------- layout
+def test_valid_sizes_and_error_lists_them():
+    arch = arch_from_dict(TINY8)
+    assert valid_tp_sizes(arch, 8) == [1, 2, 4, 8]
+    with pytest.raises(ValueError, match="valid sizes: 1, 2, 4, 8"):
+        tp_layout(arch, 3)
+    smol = arch_from_dict(dict(TINY8, num_attention_heads=9, num_key_value_heads=3))
+    assert valid_tp_sizes(smol, 9) == [1, 3, 9]
+    lay = tp_layout(arch, 8)
+    assert (lay.num_kv_heads, lay.kv_repeat, lay.intermediate_size, lay.vocab_size) == (8, 4, 104, 504)
+
+
+def test_kv_head_replication_keeps_each_query_head_with_its_kv_head():
+    """After expanding K=2 -> 8, query head h sits in kv group h // G' and that group's k/v are h // G's."""
+    arch = arch_from_dict(TINY8)
+    D, K, G, E = 64, 2, 4, 16
+    w = np.random.default_rng(0).normal(size=(D, K, G + 2, E)).astype(np.float32)
+    lay = tp_layout(arch, 8)
+    x = relayout("wqkv", w, lay)
+    Gl = G // lay.kv_repeat
+    assert x.shape == (D, 8, Gl + 2, E)
+    for h in range(K * G):
+        np.testing.assert_array_equal(x[:, h // Gl, h % Gl], w[:, h // G, h % G])  # same q head
+        np.testing.assert_array_equal(x[:, h // Gl, Gl:], w[:, h // G, G:])  # its kv head's k and v
+    b = relayout("bqkv", w[0], lay)
+    np.testing.assert_array_equal(b, x[0])
+
+
+def test_invalid_tp_size_is_a_startup_error(tiny8):
+    from jaxserve.engine_builder import StartupError
+    from jaxserve.llm import LLM
+    with pytest.raises(StartupError, match="valid sizes: 1, 2, 4, 8"):
+        LLM(str(tiny8), tensor_parallel_size=3, **TINY_FLAGS)
+
+
+# ----------------------------------------------------------------------------------- 8-device runs
+@pytest.mark.parametrize("key", ["2x1", "4x1", "8x1", "1x2", "2x2"])
+def test_greedy_tokens_equal_single_device(tiny_run, key):
+    assert tiny_run["tokens"][key] == tiny_run["tokens"]["1x1"]
+    assert tiny_run["logits_maxdiff"][key] < 1e-5  # fp32: only the summation order differs
+
+
+def test_hf_weights_relayout_tp4_equals_tp1(tiny_run):
+    assert tiny_run["tokens"]["qwen2/4"] == tiny_run["tokens"]["qwen2/1"]
+
+
+def test_two_all_reduces_per_layer(tiny_run):
+    """Megatron: psum after wo and after w_down in each layer; one all-gather for the logits."""
+    c = tiny_run["collectives"]
+    assert c["4x1/0"] == c["8x1/0"] == {"all-reduce": 2 * 4, "all-gather": 1}
+    assert c["2x2/0"] == {"all-reduce": 2 * 2}  # stage 0: layers 0-1, no logits
+    assert c["2x2/1"] == {"all-reduce": 2 * 2, "all-gather": 1}
+    assert c["1x2/0"] == c["1x2/1"] == {}
+
+
+def test_kv_pages_sharded_by_head(tiny_run):
+    kv = tiny_run["kv"]
+    assert kv["1x1"] == [[2, 64, 16, 16], [2, 64, 16, 16], 1]
+    assert kv["2x1"] == [[2, 64, 16, 16], [1, 64, 16, 16], 2]
+    assert kv["8x1"] == [[8, 64, 16, 16], [1, 64, 16, 16], 8]  # 2 kv heads replicated to 8, one per device
+    per_layer_head = 2 * 16 * 16 * 4  # k and v, block 16, head dim 16, fp32
+    b = tiny_run["kv_bytes_per_block"]
+    assert b["2x1"] == 4 * 1 * per_layer_head and b["8x1"] == 4 * 1 * per_layer_head
+    assert b["1x2"] == 2 * 2 * per_layer_head and b["2x2"] == 2 * 1 * per_layer_head
+
+
+@pytest.mark.slow
+def test_smollm2_tp3_and_pp2_equal_tp1(tmp_path):
+    """The default model (9 q heads, 3 kv heads, tied embeddings) at tp=3 and pp=2."""
+    from conftest import SMOL_FLAGS
+    script = _script(tmp_path, "smol.py", SMOL_SCRIPT, 8)
+    proc = subprocess.run([sys.executable, str(script), json.dumps(SMOL_FLAGS)], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    out = _result(proc)
+    assert out["3x1"] == out["1x1"]
+    assert out["1x2"] == out["1x1"]
+
+
+@pytest.mark.slow
+def test_two_processes_tp8_equal_one_process(tiny8, tiny_run, tmp_path):
+    """jax.distributed on loopback, 2 processes x 4 CPU devices, tp=8 across both (gloo collectives)."""
+    script = _script(tmp_path, "mh.py", MULTIHOST_SCRIPT, 4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [str(tiny8), json.dumps(PROMPTS), json.dumps(TINY_FLAGS)]
+    procs = [subprocess.Popen([sys.executable, str(script), *args, str(i), str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env()) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == 0, outs[1][1][-4000:]
+    got = _result(subprocess.CompletedProcess([], procs[0].returncode, outs[0][0], outs[0][1]))
+    assert got == tiny_run["tokens"]["1x1"]

@@ -1,0 +1,75 @@
+"""Startup errors say what is wrong and which flag fixes it (tiny llama checkpoint, CPU)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_dir
+
+from jaxserve.engine_builder import StartupError
+from jaxserve.kv_cache import bytes_per_block
+from jaxserve.models.arch import load_arch
+
+TINY = str(tiny_dir("llama"))
+SMALL = dict(model=TINY, skip_tokenizer_init=True, enforce_eager=True, max_num_batched_tokens=16, max_num_seqs=2)
+
+
+def make(**kw):
+    from jaxserve.llm import LLM
+    return LLM(**{**SMALL, **kw})
+
+
+def test_max_model_len_does_not_fit_names_numbers_and_flags():
+    per_block = bytes_per_block(load_arch(TINY), 16, "float32")  # 2 x 2 layers x 2 heads x 16 x 16 x 4 = 8 KiB
+    with pytest.raises(StartupError) as e:
+        make(max_model_len=256, kv_cache_memory=5 * per_block)  # 16 blocks needed, 5 - 1 (null) fit
+    msg = str(e.value)
+    assert "max_model_len 256" in msg and "needs 16 KV blocks" in msg and "only 4 fit" in msg
+    for flag in ("--max-model-len", "--kv-cache-memory", "--gpu-memory-utilization", "--num-gpu-blocks-override"):
+        assert flag in msg
+
+
+def test_num_gpu_blocks_override_too_small():
+    with pytest.raises(StartupError, match=r"max_model_len 64 needs 4 KV blocks .* only 2 fit"):
+        make(max_model_len=64, num_gpu_blocks_override=3)
+
+
+def test_exact_fit_starts():
+    llm = make(max_model_len=64, num_gpu_blocks_override=5)  # 4 blocks + the null block
+    assert llm.llm_engine.block_manager.num_allocatable_blocks == 4
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float64", "fp8"])
+def test_bad_dtype(dtype):
+    with pytest.raises(StartupError, match=f"--dtype '{dtype}' is not supported"):
+        make(dtype=dtype, num_gpu_blocks_override=64)
+
+
+@pytest.mark.parametrize("block_size", [0, 7, 24, 256])
+def test_bad_block_size(block_size):
+    with pytest.raises(StartupError, match="--block-size must be one of 8, 16, 32, 64, 128"):
+        make(block_size=block_size, num_gpu_blocks_override=64)
+
+
+def test_max_model_len_over_position_embeddings():
+    with pytest.raises(StartupError, match="max_position_embeddings"):
+        make(max_model_len=512, num_gpu_blocks_override=64)
+
+
+def test_unknown_engine_argument():
+    with pytest.raises(TypeError, match="max_num_sequences"):
+        make(max_num_sequences=4)
+
+
+def test_device_gpu_on_cpu_fails_loudly():
+    """--device gpu where JAX runs on CPU: PlatformError naming the missing CUDA plugin. Own process: the
+    platform is set up once per process, before JAX starts."""
+    code = ("from jaxserve.llm import LLM\n"
+            f"LLM(model={TINY!r}, skip_tokenizer_init=True, device='gpu')\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0
+    assert "PlatformError" in r.stderr
+    assert "a GPU was asked for" in r.stderr and "CUDA plugin is missing or failed to load" in r.stderr
