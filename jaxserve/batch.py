@@ -78,27 +78,44 @@ def build_batch(out: SchedulerOutput, *, block_size: int, pages_per_seq: int, to
     spans = []
     fill_dst, fill_src = [], []
     t = 0
+    # Decode rows (one new token) are the bulk at large batch: gather their scalars in Python lists and
+    # write each array once; multi-token rows (prefill chunks) use numpy slices.
+    d_t, d_tok, d_pos, d_slot = [], [], [], []
     for b, s in enumerate(sched):
         req, n = s.request, s.num_new_tokens
         start = req.num_computed_tokens
         qsl[b] = t
-        token_ids[t:t + n] = req.all_token_ids[start:start + n]
+        blocks = req.block_ids
+        if n == 1:
+            d_t.append(t)
+            d_tok.append(req.all_token_ids[start])
+            d_pos.append(start)
+            d_slot.append(blocks[start // block_size] * block_size + start % block_size)
+        else:
+            token_ids[t:t + n] = req.all_token_ids[start:start + n]
+            pos = np.arange(start, start + n, dtype=np.int32)
+            positions[t:t + n] = pos
+            slots[t:t + n] = np.asarray(blocks, np.int32)[pos // block_size] * block_size + pos % block_size
         if req.placeholder_row is not None and start + n == req.num_tokens:
             fill_dst.append(t + n - 1)  # the placeholder is always the request's last token
             fill_src.append(req.placeholder_row)
-        pos = np.arange(start, start + n, dtype=np.int32)
-        positions[t:t + n] = pos
-        blocks = np.asarray(req.block_ids, np.int32)
-        slots[t:t + n] = blocks[pos // block_size] * block_size + pos % block_size
         seq_ids[t:t + n] = b
         tables[b, :len(blocks)] = blocks
         seq_lens[b] = start + n
         if req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens:
             spans.append((req, t, min(n, req.num_prompt_tokens - start)))
-        for i in range(s.num_samples):
+        if s.num_samples == 1:
             logits_idx[len(rows)] = t + n - 1
-            rows.append(SampleRow(req, i if s.num_samples > 1 else req.sample_index))
+            rows.append(SampleRow(req, req.sample_index))
+        else:
+            for i in range(s.num_samples):
+                logits_idx[len(rows)] = t + n - 1
+                rows.append(SampleRow(req, i))
         t += n
+    if d_t:
+        token_ids[d_t] = d_tok
+        positions[d_t] = d_pos
+        slots[d_t] = d_slot
     decode_only = n_seq > 0 and n_tok == n_seq and T == B
     batch = InputBatch(token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, logits_idx, decode_only,
                        rows, n_tok, spans)

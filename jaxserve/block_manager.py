@@ -183,7 +183,7 @@ class BlockManager:
         become the head of the table and req.num_computed_tokens / num_cached_tokens advance past them;
         num_new_tokens counts from there (use `lookup_prefix` to size it beforehand).
         """
-        assert self.can_allocate(req, num_new_tokens), "call can_allocate first"
+        # The scheduler calls can_allocate first; re-checking here would double the hot path's cost.
         if self._is_first_allocation(req):
             hit, hashes = self._lookup(req)
             for b in hit:

@@ -71,6 +71,7 @@ class LLMEngine:
                                    last_step_tokens=0)
         self.finished_listeners: list = []
         self._inflight: _Step | None = None
+        self.stream_outputs = True  # False: step() returns finished requests only (the offline LLM)
 
     @classmethod
     def from_engine_args(cls, args) -> LLMEngine:
@@ -193,6 +194,8 @@ class LLMEngine:
 
     @property
     def _needs_sync(self) -> bool:
+        if self.runner.parallel is not None:  # sharded steps run in lock-step (docs/PARALLEL.md)
+            return True
         return any(g.params.prompt_logprobs is not None or g.params.presence_penalty or g.params.frequency_penalty
                    or g.params.repetition_penalty != 1.0 for g in self.groups.values())
 
@@ -250,9 +253,11 @@ class LLMEngine:
         for req, status in ended:
             self.scheduler.finish(req, status)
             req.status = status
-        outputs = [self._output(g) for g in touched.values()]
-        for g, o in zip(touched.values(), outputs):
+        # Offline generation only wants finished requests: skip building the others' outputs (O(tokens) each).
+        outputs = [self._output(g) for g in touched.values() if self.stream_outputs or self._finished(g)]
+        for o in outputs:
             if o.finished:
+                g = self.groups[o.request_id]
                 self.groups.pop(g.request_id, None)
                 g.metrics.finished_time = time.monotonic()
                 for fn in self.finished_listeners:
@@ -333,6 +338,10 @@ class LLMEngine:
                 g.prompt_logprobs[pos] = d
             else:
                 g.prompt_logprobs.append(d)
+
+    @staticmethod
+    def _finished(g: _Group) -> bool:
+        return all(s is not None and s.finish_reason for s in g.samples)
 
     def _output(self, g: _Group) -> RequestOutput:
         outs = []

@@ -24,6 +24,7 @@ class LLM:
             raise TypeError(f"unknown engine arguments: {sorted(unknown)}")
         self.engine_args = EngineArgs(model=model, **engine_flags)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+        self.llm_engine.stream_outputs = False  # generate() returns whole results, no per-token outputs
         self._ids = itertools.count()
 
     def get_tokenizer(self):

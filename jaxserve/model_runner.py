@@ -39,10 +39,18 @@ def prompt_logprobs_fn(logits, next_ids, k: int):
     return tok_lp, rank, top_ids, top_lp
 
 
-@jax.jit
-def _fill_tokens(token_ids, prev_sampled, src, dst):
-    """token_ids[dst[i]] = prev_sampled[src[i]] on the device (dst == T: padding, dropped)."""
-    return jnp.asarray(token_ids).at[dst].set(prev_sampled[src].astype(jnp.int32), mode="drop")
+@functools.partial(jax.jit, static_argnames=("T", "B", "P", "S"))
+def _unpack(packed, prev_sampled, *, T: int, B: int, P: int, S: int):
+    """Split the step's packed i32 inputs on the device and fill placeholder tokens from the previous
+    step's sampled ids: token_ids[dst[i]] = prev_sampled[src[i]] (dst == T marks padding, dropped)."""
+    sizes = (T, T, T, T, B * P, B, B + 1, S, B, B)
+    parts, o = [], 0
+    for n in sizes:
+        parts.append(packed[o:o + n])
+        o += n
+    token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li, dst, src = parts
+    token_ids = token_ids.at[dst].set(prev_sampled[src].astype(jnp.int32), mode="drop")
+    return token_ids, positions, slots, seq_ids, tables.reshape(B, P), seq_lens, qsl, li
 
 
 class ModelRunner:
@@ -72,6 +80,7 @@ class ModelRunner:
             self._copy_blocks = parallel.copy_blocks
             self.kv_sharding = parallel.kv_shardings()
         self._sample = jax.jit(sampler.sample)
+        self._no_prev = jnp.zeros((1,), jnp.int32)
 
     # ----------------------------------------------------------------------------------------- memory
     def allocate_kv(self, num_blocks: int, num_host_blocks: int = 0) -> None:
@@ -148,19 +157,32 @@ class ModelRunner:
         prev_sampled: the previous step's sampled ids (device) that placeholders in the batch stand for."""
         if not self.model.backend.has_decode_kernel:
             batch.decode_only = False  # one compiled program per bucket serves both
-        meta = AttentionMetadata(slot_mapping=batch.slot_mapping, positions=batch.positions,
-                                 token_seq_ids=batch.token_seq_ids, block_tables=batch.block_tables,
-                                 seq_lens=batch.seq_lens, query_start_loc=batch.query_start_loc,
-                                 decode_only=batch.decode_only)
-        token_ids = batch.token_ids
-        if batch.fill_dst is not None:
-            if prev_sampled is None:
-                raise RuntimeError("a placeholder token with no step in flight to fill it")
-            token_ids = _fill_tokens(token_ids, prev_sampled, batch.fill_src, batch.fill_dst)
         li = batch.logits_indices
         if batch.prompt_logprob_spans:  # every token's logits; the sampled rows are gathered from them
             li = np.arange(len(batch.token_ids), dtype=np.int32)
-        logits = self.run_forward(token_ids, meta, li)
+        if batch.fill_dst is not None and prev_sampled is None:
+            raise RuntimeError("a placeholder token with no step in flight to fill it")
+        if self.parallel is not None:  # meshes take host arrays (placed by the sharded step); lock-step only
+            meta = AttentionMetadata(slot_mapping=batch.slot_mapping, positions=batch.positions,
+                                     token_seq_ids=batch.token_seq_ids, block_tables=batch.block_tables,
+                                     seq_lens=batch.seq_lens, query_start_loc=batch.query_start_loc,
+                                     decode_only=batch.decode_only)
+            logits = self.run_forward(batch.token_ids, meta, li)
+            return (logits[batch.logits_indices], logits) if batch.prompt_logprob_spans else (logits, None)
+        B = len(batch.seq_lens)
+        fill_dst = batch.fill_dst if batch.fill_dst is not None else np.full(B, len(batch.token_ids), np.int32)
+        fill_src = batch.fill_src if batch.fill_src is not None else np.zeros(B, np.int32)
+        # One host->device transfer for all of the step's int32 inputs (seven small copies cost ms on a GPU).
+        packed = np.concatenate([batch.token_ids, batch.positions, batch.slot_mapping, batch.token_seq_ids,
+                                 batch.block_tables.reshape(-1), batch.seq_lens, batch.query_start_loc, li,
+                                 fill_dst, fill_src])
+        prev = prev_sampled if prev_sampled is not None else self._no_prev
+        token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li_d = _unpack(
+            jax.device_put(packed), prev, T=len(batch.token_ids), B=B, P=batch.block_tables.shape[1], S=len(li))
+        meta = AttentionMetadata(slot_mapping=slots, positions=positions, token_seq_ids=seq_ids,
+                                 block_tables=tables, seq_lens=seq_lens, query_start_loc=qsl,
+                                 decode_only=batch.decode_only)
+        logits = self.run_forward(token_ids, meta, li_d)
         if batch.prompt_logprob_spans:
             return logits[batch.logits_indices], logits
         return logits, None
