@@ -192,6 +192,8 @@ class ModelRunner:
         rows = [sampler.SamplingRow(r.request.sampling_params, r.request.prompt_token_ids,
                                     r.request.output_token_ids, seed) for r, seed in zip(batch.rows, seeds)]
         md = sampler.SamplingMetadata.build(rows, pad_to=len(batch.logits_indices))
+        if self.parallel is None:
+            md = jax.device_put(md)  # all leaves in one asynchronous call, not one blocking copy per argument
         return self._sample(logits, md)
 
     def prompt_logprobs(self, all_logits, batch: InputBatch):
