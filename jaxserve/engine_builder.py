@@ -35,6 +35,13 @@ def resolve_model_path(model: str | None) -> Path:
     p = Path(model).expanduser()
     if (p / "config.json").exists():
         return p.resolve()
+    if p.suffix == ".json" and p.is_file():  # a bare config (benchmarks/configs/*.json) for --load-format dummy
+        import hashlib
+        import shutil
+        folder = Path.home() / ".cache" / "jaxserve" / "configs" / hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, folder / "config.json")
+        return folder
     hub = Path.home() / ".cache" / "huggingface" / "hub" / f"models--{model.replace('/', '--')}" / "snapshots"
     snaps = sorted(hub.glob("*/config.json"), key=lambda f: f.stat().st_mtime) if hub.exists() else []
     if snaps:

@@ -5,15 +5,17 @@ export PYTHONUNBUFFERED=1
 M="--model benchmarks/configs/llama3-8b.json --load-format dummy --skip-tokenizer-init --dtype bfloat16"
 E="--enforce-eager --max-model-len 2048"
 run() { local name=$1; shift; timeout "$@" > "$OUT/$name.log" 2>&1; echo "== $name rc=$?"; grep -E "^batch|Throughput|idle share|ms/step|Error" "$OUT/$name.log" | tail -4; }
+if [ "${1:-all}" != serve ]; then
 run lat 150 python3 scripts/bench_latency.py $M $E --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 128 --output-json $OUT/lat.json
 run prof 150 python3 scripts/profile_decode.py $M $E --batch-size 256 --input-len 200 --steps 50 --trace-dir /tmp/tr --output-json $OUT/prof.json
-run tp_share 200 python3 scripts/bench_throughput.py $M $E --dataset sharegpt-like --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_sharegpt.json
+run tp_share 250 python3 scripts/bench_throughput.py $M --max-model-len 2048 --dataset sharegpt-like --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_sharegpt.json
 run tp_rand 200 python3 scripts/bench_throughput.py $M $E --dataset random --input-len 1024 --output-len 128 --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_random.json
+fi
 # Serving: a real server on loopback, 320 ShareGPT-like prompts sent at once; GPU utilization from /metrics.
 t0=$(date +%s.%N)
-python3 -m jaxserve.serve $M $E --port 8011 --served-model-name llama3-8b > $OUT/server.log 2>&1 &
+python3 -m jaxserve.serve $M --max-model-len 2048 --port 8011 --served-model-name llama3-8b > $OUT/server.log 2>&1 &
 SP=$!
-for i in $(seq 1 120); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
+for i in $(seq 1 200); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
 python3 - <<'PY' >> $OUT/server.log 2>&1
 import json, time, urllib.request
 t0 = time.time()
