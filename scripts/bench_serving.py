@@ -72,7 +72,10 @@ async def send_one(client: httpx.AsyncClient, url: str, model: str | None, s: Sa
                     return res
                 if ev.get("usage"):
                     res.output_len = ev["usage"]["completion_tokens"]
-                if ev.get("choices") and ev["choices"][0].get("text"):
+                # A chunk carries a token when it has text, or (token-id engines: empty text) is not the
+                # finish-only chunk.
+                ch = ev.get("choices")
+                if ch and (ch[0].get("text") or ch[0].get("finish_reason") is None):
                     now = time.perf_counter()
                     if chunks == 0:
                         res.ttft = now - t0
