@@ -160,7 +160,7 @@ def paged_decode(q, k_pages, v_pages, block_tables, seq_lens, *, scale: float | 
     G = Hq // Hkv
     Gp = max(16, tuning_lib.next_pow2(G))
     scale = default_scale(D) if scale is None else scale
-    tune = tuning.resolve(B, Hkv, block_tables.shape[1], S)
+    tune = tuning.resolve(B, Hkv, block_tables.shape[1], S, D, k_pages.dtype.itemsize)
     q4 = jnp.pad(q.reshape(B, Hkv, G, D), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))  # (B, Hkv, Gp, D)
     o, lse = _decode_call(q4, k_pages, v_pages, block_tables, seq_lens, scale=scale, tune=tune, interpret=interpret)
     o = o[0] if tune.num_splits == 1 else merge_splits(o, lse)  # (B, Hkv, Gp, D)

@@ -177,7 +177,7 @@ def ragged_prefill(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens, *, sc
     Gp = tuning_lib.next_pow2(G)
     scale = default_scale(D) if scale is None else scale
     P = block_tables.shape[1]
-    tune = tuning.resolve(Gp, S, P, D)
+    tune = tuning.resolve(Gp, S, P, D, k_pages.dtype.itemsize)
     bq, ppcb = tune.block_q, tune.pages_per_compute_block
     if bq & (bq - 1) or ppcb & (ppcb - 1) or bq * Gp < 16:
         raise ValueError(f"block_q {bq} and pages_per_compute_block {ppcb} must be powers of 2, block_q * Gp >= 16")

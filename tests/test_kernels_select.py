@@ -42,3 +42,13 @@ def test_override():
 
 def test_device_backend_on_this_host():
     assert device_attention_backend() in ("xla", "pallas_triton")
+
+
+def test_tuning_trims_pipeline_stages_to_fit_shared_memory():
+    from jaxserve.pallas_kernels.tuning import DecodeTuning, PrefillTuning, fit_stages
+    # f32, head dim 128, one 128-token page per step: 128 KiB of K+V per stage, so only one stage fits.
+    assert fit_stages(2, 128, 128, 4) == 1
+    assert fit_stages(2, 128, 128, 2) == 2  # bf16: 64 KiB per stage, two fit
+    assert fit_stages(3, 16, 64, 2) == 3
+    assert DecodeTuning(num_splits=1).resolve(2, 2, 4, 128, head_dim=128, itemsize=4).num_stages == 1
+    assert PrefillTuning().resolve(8, 128, 4, 128, itemsize=4).num_stages == 1
