@@ -22,17 +22,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def model_dir_for(path: str | None) -> str | None:
-    """A benchmark config file (benchmarks/configs/x.json) becomes a folder holding it as config.json."""
-    if path and path.endswith(".json") and Path(path).is_file():
-        import shutil
-        import tempfile
-        d = Path(tempfile.mkdtemp(prefix="jaxserve-cfg-"))
-        shutil.copy(path, d / "config.json")
-        return str(d)
-    return path
-
-
 def main() -> None:
     from jaxserve.config import EngineArgs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +32,6 @@ def main() -> None:
     p.add_argument("--peak-tbps", type=float, default=3.0, help="copy bandwidth to compare with (TB/s)")
     p.add_argument("--output-json", default=None)
     ns = p.parse_args()
-    ns.model = model_dir_for(ns.model)
     args = EngineArgs.from_cli_args(ns)
     from jaxserve.engine import LLMEngine
     from jaxserve.sampling_params import SamplingParams

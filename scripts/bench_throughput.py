@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (detect_peaks, matmul_params, model_dir_for, random_dataset,  # noqa: E402
+from common import (detect_peaks, matmul_params, random_dataset,  # noqa: E402
                     sharegpt_like_dataset, weight_bytes_per_step)
 
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -65,7 +65,6 @@ def make_samples(ns: argparse.Namespace, vocab: int):
 
 def main(argv: list[str] | None = None) -> dict:
     ns = parse_args(argv)
-    ns.model = model_dir_for(ns.model)
     import jax
 
     from jaxserve import LLM

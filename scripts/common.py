@@ -16,8 +16,6 @@ a tokenizer or a corpus.
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,16 +42,6 @@ def sharegpt_like_dataset(rng: np.random.Generator, n: int, vocab: int, offset: 
     outs = np.rint(rng.lognormal(math.log(mean_out) - sigma**2 / 2, sigma, size=n)).astype(int)
     outs = np.clip(outs, 1, max_total - ins)
     return [Sample(rng.integers(offset, vocab, size=int(i)).tolist(), int(o)) for i, o in zip(ins, outs)]
-
-
-def model_dir_for(path: str | None) -> str | None:
-    """A benchmark config file (benchmarks/configs/x.json) becomes a temp folder holding it as config.json
-    (for --load-format dummy); a folder or None passes through."""
-    if path and path.endswith(".json") and Path(path).is_file():
-        d = Path(tempfile.mkdtemp(prefix="jaxserve-cfg-"))
-        shutil.copy(path, d / "config.json")
-        return str(d)
-    return path
 
 
 # Peaks to compare with, by substring of jax's device_kind. Measured rates, not datasheet ones (gpt-fast's

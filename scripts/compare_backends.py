@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_latency import model_dir_for  # noqa: E402
 
 
 def run(args, backend: str, prompts, max_tokens: int):
@@ -54,7 +53,6 @@ def main() -> None:
     extra = {k: getattr(ns, k) for k in ("backends", "num_prompts", "max_tokens", "tie", "output_json")}
     for k in extra:
         delattr(ns, k)
-    ns.model = model_dir_for(ns.model)
     args = EngineArgs.from_cli_args(ns)
     rng = np.random.default_rng(0)
     from jaxserve.models.arch import load_arch

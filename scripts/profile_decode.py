@@ -77,10 +77,8 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from bench_latency import model_dir_for
     from jaxserve.engine import LLMEngine
     from jaxserve.sampling_params import SamplingParams
-    ns.model = model_dir_for(ns.model)
     eng = LLMEngine.from_engine_args(EngineArgs.from_cli_args(ns))
     rng = np.random.default_rng(0)
     for i in range(ns.batch_size):
