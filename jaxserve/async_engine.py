@@ -81,7 +81,7 @@ class AsyncLLMEngine:
                 rid, prompt, params = a
                 try:
                     self.engine.add_request(rid, prompt, params)
-                except ValueError as e:
+                except Exception as e:  # noqa: BLE001 - one bad request must not kill the loop
                     self._emit(rid, e, final=True)
             elif cmd == "abort":
                 out = self.engine.abort_request(a[0])
@@ -110,6 +110,9 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = (asyncio.get_running_loop(), q)
+        if self.errored:  # died between the check above and registering: its sweep may have missed us
+            self._streams.pop(request_id, None)
+            raise RuntimeError(f"the engine loop has died: {self.dead_error!r}")
         self._commands.put(("add", request_id, prompt, sampling_params))
         self._wake.set()
         finished = False

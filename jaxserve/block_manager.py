@@ -127,6 +127,8 @@ class BlockManager:
             return
         hashes = self._req_hashes.setdefault(req, [])
         num_full = min(req.num_computed_tokens // self.block_size, len(req.block_ids))
+        if req.placeholder_row is not None:  # the last token is still on the device (-1 here): not hashable yet
+            num_full = min(num_full, (req.num_tokens - 1) // self.block_size)
         for i in range(len(hashes), num_full):
             h = hash((hashes[-1] if hashes else None, self._block_tokens(req, i)))
             hashes.append(h)

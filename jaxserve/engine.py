@@ -151,10 +151,11 @@ class LLMEngine:
         g = self.groups.pop(request_id, None)
         if g is None:
             return None
-        self.scheduler.abort(request_id)
+        # Every sample, not just the parent: forked children outlive a parent that already finished.
         for s in g.samples:
             if s is not None:
                 s.req.drop_placeholder()
+                self.scheduler.finish(s.req, RequestStatus.FINISHED_ABORTED)
         for s in g.samples:
             if s is not None and s.finish_reason is None:
                 s.finish_reason = "abort"

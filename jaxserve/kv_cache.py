@@ -71,6 +71,15 @@ def allocate(arch: ArchConfig, num_blocks: int, block_size: int, dtype, sharding
     return tuple((makes[sh](), makes[sh]()) for sh in per_layer)
 
 
+def pad_ids(ids, fill: int = 0) -> np.ndarray:
+    """i32 ids padded to a power of two with `fill` (the null block), so block copies and swaps compile
+    once per size class instead of once per count while serving. Copying block 0 onto itself is a no-op."""
+    n = max(1, len(ids))
+    out = np.full(1 << (n - 1).bit_length(), fill, np.int32)
+    out[:len(ids)] = ids
+    return out
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def copy_blocks(kv_caches, src: jax.Array, dst: jax.Array):
     """Copy pages src[i] -> dst[i] in every layer (copy-on-write). src, dst: i32[n]."""
@@ -102,16 +111,18 @@ class HostSwapSpace:
         return int(swap_space_gib * (1 << 30)) // bytes_per_block(arch, block_size, dtype)
 
     def swap_out(self, kv_caches, mapping: list[tuple[int, int]]) -> None:
-        dev = np.array([d for d, _ in mapping], np.int32)
+        n = len(mapping)
+        dev = pad_ids([d for d, _ in mapping])
         host = np.array([h for _, h in mapping], np.int32)
         pages = jax.device_get(gather_blocks(kv_caches, jnp.asarray(dev)))
         for layer, (k, v) in enumerate(pages):
-            self.pages[layer, 0][:, host] = k
-            self.pages[layer, 1][:, host] = v
+            self.pages[layer, 0][:, host] = k[:, :n]
+            self.pages[layer, 1][:, host] = v[:, :n]
 
     def swap_in(self, kv_caches, mapping: list[tuple[int, int]]):
-        host = np.array([h for h, _ in mapping], np.int32)
-        dev = jnp.asarray(np.array([d for _, d in mapping], np.int32))
+        # Padding entries read host block 0 and write the device null block 0 (never read unmasked).
+        host = pad_ids([h for h, _ in mapping])
+        dev = jnp.asarray(pad_ids([d for _, d in mapping]))
         pages = tuple((self.pages[layer, 0][:, host], self.pages[layer, 1][:, host])
                       for layer in range(self.pages.shape[0]))
         return scatter_blocks(kv_caches, dev, pages)

@@ -139,8 +139,8 @@ class ModelRunner:
         if sched_out.blocks_to_swap_in:
             self.kv_caches = self.swap.swap_in(self.kv_caches, sched_out.blocks_to_swap_in)
         if sched_out.blocks_to_copy:
-            src = jnp.asarray([s for s, _ in sched_out.blocks_to_copy], jnp.int32)
-            dst = jnp.asarray([d for _, d in sched_out.blocks_to_copy], jnp.int32)
+            src = jnp.asarray(kv_cache.pad_ids([s for s, _ in sched_out.blocks_to_copy]))
+            dst = jnp.asarray(kv_cache.pad_ids([d for _, d in sched_out.blocks_to_copy]))
             self.copy_blocks(src, dst)
 
     def copy_blocks(self, src, dst) -> None:

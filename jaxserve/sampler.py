@@ -74,6 +74,7 @@ class SamplerFlags:
     logit_bias: bool = False
     min_tokens: bool = False
     num_logprobs: int = 0  # 0 or MAX_LOGPROBS
+    logprobs: bool = False  # any row wants its sampled token's logprob (False: skip the [S, V] log_softmax)
 
 
 @struct.dataclass
@@ -107,7 +108,7 @@ class SamplingMetadata:
         rows = [SamplingRow(*r) for r in rows]
         params = [r.params for r in rows]
         sampled = [p for p in params if not p.greedy]
-        stops = [sorted(set(p.all_stop_token_ids) | set(p.stop_token_ids))
+        stops = [sorted(set(p.all_stop_token_ids) | set(p.stop_token_ids))  # engine-made params hold both already
                  if len(r.output_token_ids) < p.min_tokens else [] for p, r in zip(params, rows)]
         flags = SamplerFlags(
             all_greedy=not sampled,
@@ -119,6 +120,7 @@ class SamplingMetadata:
             logit_bias=any(p.logit_bias for p in params),
             min_tokens=any(stops),
             num_logprobs=MAX_LOGPROBS if any(p.logprobs for p in params) else 0,
+            logprobs=any(p.logprobs is not None for p in params),
         )
 
         def per_row(get, fill, dtype):  # (S,) array of one scalar per row, padding = fill
@@ -245,6 +247,11 @@ def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
         drawn = jax.vmap(jax.random.categorical)(row_keys(md), y).astype(jnp.int32)  # (S,)
         tokens = jnp.where(greedy, tokens, drawn)
 
+    if not f.logprobs:  # nobody asked: no log_softmax over the vocabulary on the hot path
+        zero = jnp.zeros(tokens.shape, jnp.float32)
+        return SamplerOutput(token_ids=tokens, logprob=zero, top_ids=jnp.zeros((tokens.shape[0], 0), jnp.int32),
+                             top_logprobs=jnp.zeros((tokens.shape[0], 0), jnp.float32),
+                             ranks=jnp.zeros(tokens.shape, jnp.int32))
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # (S, V) raw-logit logprobs
     tok_lp = jnp.take_along_axis(lp, tokens[:, None], axis=1)  # (S, 1)
     ranks = 1 + jnp.sum(lp > tok_lp, axis=-1, dtype=jnp.int32)  # (S,)

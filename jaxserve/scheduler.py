@@ -140,6 +140,15 @@ class Scheduler:
         for child in children:
             if child.request_id in self.requests:
                 raise ValueError(f"request id {child.request_id!r} is already in use")
+            if parent.status is not RequestStatus.RUNNING or not parent.block_ids:
+                # The parent was preempted between its prompt step and this fork (async scheduling): nothing
+                # to share, so the child recomputes its prompt and token from the front of the queue.
+                child.num_computed_tokens = 0
+                child.status = RequestStatus.WAITING
+                self.requests[child.request_id] = child
+                self._arrival[child] = (self._arrival[parent][0], child.sample_index)
+                self.waiting.appendleft(child)
+                continue
             self.block_manager.fork(parent, child)
             # Shared K/V: the prompt's. Not parent.num_computed_tokens: with async scheduling the parent has
             # already computed its own first token (a step ahead), which the child must not inherit.

@@ -251,7 +251,7 @@ def test_build_buckets_flags_and_padding():
             SamplingRow(SP(temperature=0.0, top_k=3, top_p=0.5, logprobs=2), [1], [], 2)]
     md = SamplingMetadata.build(rows, 4)
     # Greedy rows' top-k/top-p are moot: only penalties and logprobs are switched on.
-    assert md.flags == SamplerFlags(all_greedy=True, penalties=True, num_logprobs=MAX_LOGPROBS)
+    assert md.flags == SamplerFlags(all_greedy=True, penalties=True, num_logprobs=MAX_LOGPROBS, logprobs=True)
     assert md.prompt_ids.shape == (4, 16) and md.output_ids.shape == (4, 8)
     assert md.bias_ids.shape == (4, 0) and md.stop_ids.shape == (4, 0)
     np.testing.assert_array_equal(md.prompt_ids[1], [1] + [-1] * 15)
