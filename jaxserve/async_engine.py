@@ -106,6 +106,10 @@ class AsyncLLMEngine:
     async def generate(self, prompt, sampling_params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         if self.errored:
             raise RuntimeError(f"the engine loop has died: {self.dead_error!r}")
+        if isinstance(prompt, str) and self.tokenizer is not None:
+            # Tokenize here, in a worker thread, not on the engine thread between device steps.
+            ids = await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.encode, prompt)
+            prompt = {"prompt": prompt, "prompt_token_ids": ids}
         q: asyncio.Queue = asyncio.Queue()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -53,6 +53,7 @@ class _Group:
     prompt_logprobs: list | None = None
     finished_sent: bool = False
     metrics: RequestMetrics = field(default=None)
+    base_seed: int = 0  # sample i draws with seed base_seed + i
 
 
 class LLMEngine:
@@ -71,6 +72,7 @@ class LLMEngine:
                                    last_step_tokens=0)
         self.finished_listeners: list = []
         self._inflight: _Step | None = None
+        self._token_text: dict[int, str] = {}
         self.stream_outputs = True  # False: step() returns finished requests only (the offline LLM)
 
     @classmethod
@@ -127,9 +129,9 @@ class LLMEngine:
         now = arrival_time or time.monotonic()
         req = Request(request_id, ids, params, arrival_time=now)
         self.scheduler.add(req)  # may raise: can never fit the KV cache
-        g = _Group(request_id, text, ids, params, [], now, metrics=RequestMetrics(arrival_time=now))
+        g = _Group(request_id, text, ids, params, [], now, metrics=RequestMetrics(arrival_time=now),
+                   base_seed=base_seed)
         g.samples = [self._new_sample(req, base_seed)] + [None] * (params.n - 1)
-        g.base_seed = base_seed
         if params.prompt_logprobs is not None:
             g.prompt_logprobs = [None]
         self.groups[request_id] = g
@@ -328,7 +330,12 @@ class LLMEngine:
         return d
 
     def _decode_token(self, tok: int) -> str | None:
-        return self.tokenizer.decode([tok], skip_special_tokens=False) if self.tokenizer is not None else None
+        if self.tokenizer is None:
+            return None
+        text = self._token_text.get(tok)
+        if text is None:  # top-N logprobs ask for the same few thousand tokens over and over
+            text = self._token_text[tok] = self.tokenizer.decode([tok], skip_special_tokens=False)
+        return text
 
     def _add_prompt_logprobs(self, g: _Group, first_pos, tok_lp, rank, top_ids, top_lp) -> None:
         n = g.params.prompt_logprobs

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve import kv_cache, sampler
-from jaxserve.attention import AttentionMetadata
+from jaxserve.attention import AttentionMetadata, dummy_metadata
 from jaxserve.batch import InputBatch, build_batch, make_buckets
 from jaxserve.sampling_params import MAX_LOGPROBS
 
@@ -105,11 +105,7 @@ class ModelRunner:
     # ---------------------------------------------------------------------------------------- compile
     def _dummy_inputs(self, T: int, decode_only: bool):
         B = T if decode_only else min(T, self.max_num_seqs)
-        z = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
-        meta = AttentionMetadata(slot_mapping=z(T), positions=z(T), token_seq_ids=z(T),
-                                 block_tables=z(B, self.pages_per_seq), seq_lens=z(B), query_start_loc=z(B + 1),
-                                 decode_only=decode_only)
-        return meta, z(T), z(B)
+        return dummy_metadata(T, B, self.pages_per_seq, decode_only), jnp.zeros(T, jnp.int32), jnp.zeros(B, jnp.int32)
 
     def warmup(self) -> float:
         """Compile every forward bucket now (not while serving). Returns seconds spent."""

@@ -48,7 +48,6 @@ class Request:
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
     block_ids: list[int] = field(default_factory=list)  # the block table, in order
     num_preemptions: int = 0
-    stop_reason: int | str | None = None
     # timing for metrics
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -104,7 +103,3 @@ class Request:
             return
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.status.value if self.status.finished else None

@@ -83,6 +83,9 @@ class SamplingParams:
             bad("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be a list of non-negative integers")
+        if not self.spaces_between_special_tokens:
+            bad("spaces_between_special_tokens", "false is not supported (special tokens decode as the tokenizer "
+                "writes them)")
         if self.logit_bias:
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from tqdm import tqdm
 
 from jaxserve.models.arch import ArchConfig
+from jaxserve.models.default_model import cache_root  # one definition of the cache folder
 from jaxserve.parallel import checkpoint_shape, relayout
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,6 @@ _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": 
 
 class CheckpointError(ValueError):
     pass
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("JAXSERVE_CACHE", Path.home() / ".cache" / "jaxserve"))
 
 
 def _shardings(specs, mesh):
