@@ -55,6 +55,7 @@ class InputBatch:
     # Async scheduling: token_ids[fill_dst[i]] is the previous step's sampled id at row fill_src[i]
     fill_dst: np.ndarray | None = None  # i32[B], padded with T (dropped)
     fill_src: np.ndarray | None = None  # i32[B]
+    span_layout: list = None  # (request, first row, rows, first prompt position) of prompt-logprob rows
 
 
 def build_batch(out: SchedulerOutput, *, block_size: int, pages_per_seq: int, token_buckets: list[int],

@@ -154,8 +154,8 @@ class ModelRunner:
         if not self.model.backend.has_decode_kernel:
             batch.decode_only = False  # one compiled program per bucket serves both
         li = batch.logits_indices
-        if batch.prompt_logprob_spans:  # every token's logits; the sampled rows are gathered from them
-            li = np.arange(len(batch.token_ids), dtype=np.int32)
+        if batch.prompt_logprob_spans:  # the sampled rows, then the prompt rows whose next-token logprobs are wanted
+            li = np.concatenate([li, self._span_rows(batch)])
         if batch.fill_dst is not None and prev_sampled is None:
             raise RuntimeError("a placeholder token with no step in flight to fill it")
         if self.parallel is not None:  # meshes take host arrays (placed by the sharded step); lock-step only
@@ -164,7 +164,7 @@ class ModelRunner:
                                      seq_lens=batch.seq_lens, query_start_loc=batch.query_start_loc,
                                      decode_only=batch.decode_only)
             logits = self.run_forward(batch.token_ids, meta, li)
-            return (logits[batch.logits_indices], logits) if batch.prompt_logprob_spans else (logits, None)
+            return (logits[:len(batch.logits_indices)], logits) if batch.prompt_logprob_spans else (logits, None)
         B = len(batch.seq_lens)
         fill_dst = batch.fill_dst if batch.fill_dst is not None else np.full(B, len(batch.token_ids), np.int32)
         fill_src = batch.fill_src if batch.fill_src is not None else np.zeros(B, np.int32)
@@ -180,7 +180,7 @@ class ModelRunner:
                                  decode_only=batch.decode_only)
         logits = self.run_forward(token_ids, meta, li_d)
         if batch.prompt_logprob_spans:
-            return logits[batch.logits_indices], logits
+            return logits[:len(batch.logits_indices)], logits
         return logits, None
 
     def sample(self, logits, batch: InputBatch, seeds: list[int]):
@@ -192,16 +192,29 @@ class ModelRunner:
             md = jax.device_put(md)  # all leaves in one asynchronous call, not one blocking copy per argument
         return self._sample(logits, md)
 
-    def prompt_logprobs(self, all_logits, batch: InputBatch):
-        """-> {request_id: (first prompt position, tok_lp, rank, top_ids, top_lp)} as numpy, for this step's span."""
-        out = {}
+    @staticmethod
+    def _span_rows(batch: InputBatch) -> np.ndarray:
+        """Token rows of this step whose logits predict a prompt token, padded to a power of two (row 0).
+
+        Only these rows' logits are computed (not all T x V), and one compiled shape serves many lengths."""
+        rows, batch.span_layout = [], []
         for req, t0, n in batch.prompt_logprob_spans:
             start = req.num_computed_tokens
             # logits at token p predict token p+1; the last prompt position predicts the first output.
             n_pred = min(n, req.num_prompt_tokens - 1 - start)
-            if n_pred <= 0:
-                continue
-            nxt = np.asarray(req.prompt_token_ids[start + 1:start + 1 + n_pred], np.int32)
-            res = prompt_logprobs_fn(all_logits[t0:t0 + n_pred], jnp.asarray(nxt), MAX_LOGPROBS)
-            out[req.request_id] = (start + 1,) + tuple(np.asarray(x) for x in res)
-        return out
+            if n_pred > 0:
+                batch.span_layout.append((req, len(rows), n_pred, start))
+                rows.extend(range(t0, t0 + n_pred))
+        size = 1 << max(0, len(rows) - 1).bit_length()
+        return np.asarray(rows + [0] * (size - len(rows)), np.int32)
+
+    def prompt_logprobs(self, all_logits, batch: InputBatch):
+        """-> {request_id: (first prompt position, tok_lp, rank, top_ids, top_lp)} as numpy, for this step's span."""
+        first = len(batch.logits_indices)
+        span_logits = all_logits[first:]  # (R, V): the rows _span_rows laid out
+        nxt = np.zeros(span_logits.shape[0], np.int32)
+        for req, off, n_pred, start in batch.span_layout:
+            nxt[off:off + n_pred] = req.prompt_token_ids[start + 1:start + 1 + n_pred]
+        res = [np.asarray(x) for x in prompt_logprobs_fn(span_logits, jnp.asarray(nxt), MAX_LOGPROBS)]
+        return {req.request_id: (start + 1,) + tuple(x[off:off + n_pred] for x in res)
+                for req, off, n_pred, start in batch.span_layout}
