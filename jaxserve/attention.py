@@ -75,6 +75,7 @@ class PallasBackend:
 
     name: str = "pallas_triton"
     has_decode_kernel: bool = True
+    interpret: bool = False  # the Pallas interpreter: the same kernels end to end on CPU (tests)
 
     def write_kv(self, k_cache, v_cache, k, v, meta):
         from jaxserve.pallas_kernels.kv_write import kv_write
@@ -83,9 +84,10 @@ class PallasBackend:
     def attend(self, q, k_cache, v_cache, meta, scale):
         from jaxserve.pallas_kernels import paged_decode, ragged_prefill
         if meta.decode_only:
-            return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale)
+            return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale,
+                                interpret=self.interpret)
         return ragged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                              scale=scale)
+                              scale=scale, interpret=self.interpret)
 
 
 def get_backend(name: str = "auto") -> AttentionBackend:
