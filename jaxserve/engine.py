@@ -203,23 +203,30 @@ class LLMEngine:
                    or g.params.repetition_penalty != 1.0 for g in self.groups.values())
 
     def _dispatch(self) -> _Step | None:
-        """Schedule and launch one step on the device (asynchronously)."""
-        out = self.scheduler.schedule()
+        """Schedule and launch one step on the device (asynchronously).
+
+        Host phases carry profiler annotations, so a trace (scripts/profile_decode.py, /start_profile)
+        shows where the host's time per step goes beside the device ops."""
+        with _annotate("jaxserve.schedule"):
+            out = self.scheduler.schedule()
         if out.is_empty:
             return None
         runner = self.runner
         runner.run_block_ops(out)
         if not out.scheduled:
             return None
-        batch = runner.prepare(out)
+        with _annotate("jaxserve.prepare"):
+            batch = runner.prepare(out)
         self.stats_counters["last_step_tokens"] = batch.num_tokens
         self.stats_counters["num_steps"] += 1
         # A step in flight that sampled nothing (every row mid-prefill) left no placeholders to fill.
         prev = self._inflight.sampled if self._inflight is not None else None
         prev_ids = prev.token_ids if prev is not None else None
-        logits, all_logits = runner.forward(batch, prev_ids)
-        seeds = [self._group_of(r.request).base_seed + r.sample_index for r in batch.rows]
-        sampled = runner.sample(logits, batch, seeds) if batch.rows else None
+        with _annotate("jaxserve.dispatch_forward"):
+            logits, all_logits = runner.forward(batch, prev_ids)
+        with _annotate("jaxserve.dispatch_sample"):
+            seeds = [self._group_of(r.request).base_seed + r.sample_index for r in batch.rows]
+            sampled = runner.sample(logits, batch, seeds) if batch.rows else None
         plp = runner.prompt_logprobs(all_logits, batch) if batch.prompt_logprob_spans else {}
         self.scheduler.on_step_done(out)
         return _Step(out, batch, sampled, plp)
@@ -230,7 +237,8 @@ class LLMEngine:
         if step.sampled is None:
             return []
         want_lp = any(r.request.sampling_params.logprobs is not None for r in batch.rows)
-        host = _to_host(step.sampled, len(batch.rows), want_lp)
+        with _annotate("jaxserve.wait_tokens"):
+            host = _to_host(step.sampled, len(batch.rows), want_lp)
         for rid, res in step.prompt_logprobs.items():
             if rid in self.groups:
                 self._add_prompt_logprobs(self.groups[rid], *res)
@@ -373,6 +381,11 @@ class LLMEngine:
                     kv_cache_usage=bm.usage, num_preemptions_total=sch.num_preemptions_total,
                     prefix_cache_queries_total=bm.prefix_cache_queries,
                     prefix_cache_hits_total=bm.prefix_cache_hits, **self.stats_counters)
+
+
+def _annotate(name: str):
+    import jax
+    return jax.profiler.TraceAnnotation(name)
 
 
 def _to_host(so, n: int, want_logprobs: bool) -> dict:

@@ -33,8 +33,15 @@ def analyze(trace_dir: str, wall_s: float | None = None, top: int = 15) -> dict:
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     dev_pids = {p for p, n in pname.items() if "/device:" in n.lower() and "cpu" not in n.lower()}
     ops = [e for e in events if e.get("ph") == "X" and e.get("pid") in dev_pids and e.get("dur", 0) > 0]
+    host = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and str(e.get("name", "")).startswith("jaxserve."):
+            host[e["name"]] += e.get("dur", 0)
+    for name, us in host.most_common():
+        print(f"host phase {name:30s} {us / 1e3:9.2f} ms")
     if not ops:
-        raise SystemExit(f"no device ops in {files[-1]} (processes: {sorted(set(pname.values()))[:10]})")
+        print(f"no device ops in {files[-1]} (processes: {sorted(set(pname.values()))[:10]}): CPU run?")
+        return dict(host_phases_ms={k: v / 1e3 for k, v in host.items()})
     by_name = collections.Counter()
     for e in ops:
         by_name[e["name"]] += e["dur"]
@@ -55,7 +62,7 @@ def analyze(trace_dir: str, wall_s: float | None = None, top: int = 15) -> dict:
         print(f"{name[:70]:70s} {us / 1e3:9.2f} {us / total:6.1%}")
     idle = 1 - busy / wall_us
     print(f"device busy {busy / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall: idle share {idle:.1%}")
-    return dict(busy_ms=busy / 1e3, wall_ms=wall_us / 1e3, idle_share=idle,
+    return dict(busy_ms=busy / 1e3, wall_ms=wall_us / 1e3, idle_share=idle, host_phases_ms={k: v / 1e3 for k, v in host.items()},
                 top=[(n, us / 1e3) for n, us in by_name.most_common(top)])
 
 
