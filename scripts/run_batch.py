@@ -162,23 +162,10 @@ class Runner:
 
     def _completion_body(self, job: Job) -> dict:
         # The non-streaming /v1/completions answer (jaxserve/server/completions.py:_full), from finished outputs.
-        from jaxserve.server.common import choices_of, usage
-        from jaxserve.server.completions import _Echo
-        from jaxserve.server.logprobs import CompletionLogprobs
+        from jaxserve.server.common import usage
+        from jaxserve.server.completions import completion_choices
 
-        req, echo = job.req, _Echo(job.prompts, self.tokenizer)
-        choices = []
-        for idx, i, out, c in choices_of(job.outputs, req.n):
-            text, ids, positions = c.text, list(c.token_ids), list(c.logprobs or [])
-            if req.echo:
-                text = echo.text(i, out) + text
-                ids = list(out.prompt_token_ids) + ids
-                positions = echo.positions(out) + positions
-            lp = None
-            if req.logprobs is not None:
-                lp = CompletionLogprobs(req.logprobs, self.tokenizer).format(ids, positions)
-            choices.append({"index": idx, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
-                            "stop_reason": c.stop_reason})
+        choices = completion_choices(job.req, job.outputs, job.prompts, self.tokenizer)
         return {**self._header(job, "text_completion"), "choices": choices, "usage": usage(job.outputs)}
 
     def _chat_body(self, job: Job) -> dict:

@@ -63,7 +63,14 @@ async def _full(state: Any, req: CompletionRequest, params: Any, request_id: str
     last: dict[int, RequestOutput] = {}
     async for i, out in merge_outputs(state.engine, prompts, params, request_id):
         last[i] = out
-    echo = _Echo(prompts, state.engine.tokenizer)
+    choices = completion_choices(req, last, prompts, state.engine.tokenizer)
+    yield {**_header(req, request_id, created, state.model_name), "choices": choices, "usage": usage(last)}
+
+
+def completion_choices(req: CompletionRequest, last: dict[int, RequestOutput], prompts: list,
+                       tokenizer: Any) -> list[dict]:
+    """The `choices` of a finished (non-streaming) completion; the batch runner builds its bodies with it too."""
+    echo = _Echo(prompts, tokenizer)
     choices = []
     for idx, i, out, c in choices_of(last, req.n):
         text, ids, positions = c.text, list(c.token_ids), list(c.logprobs or [])
@@ -73,10 +80,10 @@ async def _full(state: Any, req: CompletionRequest, params: Any, request_id: str
             positions = echo.positions(out) + positions
         lp = None
         if req.logprobs is not None:
-            lp = CompletionLogprobs(req.logprobs, state.engine.tokenizer).format(ids, positions)
+            lp = CompletionLogprobs(req.logprobs, tokenizer).format(ids, positions)
         choices.append({"index": idx, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason})
-    yield {**_header(req, request_id, created, state.model_name), "choices": choices, "usage": usage(last)}
+    return choices
 
 
 async def _stream(state: Any, req: CompletionRequest, params: Any, request_id: str,
