@@ -24,6 +24,14 @@ log = logging.getLogger("jaxserve")
 _END = object()
 
 
+def _deliver(items) -> None:
+    """On the event loop: put each output on its stream; a finished one also ends the stream."""
+    for q, out in items:
+        q.put_nowait(out)
+        if out.finished:
+            q.put_nowait(_END)
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -63,8 +71,7 @@ class AsyncLLMEngine:
                     continue
                 outs = eng.step()
                 self._hist.observe(eng.stats_counters["last_step_tokens"])
-                for out in outs:
-                    self._emit(out.request_id, out, final=out.finished)
+                self._emit_step(outs)
         except BaseException as e:  # noqa: BLE001 - the loop must report any death
             log.exception("engine loop died")
             self.dead_error, self.errored = e, True
@@ -87,6 +94,22 @@ class AsyncLLMEngine:
                 out = self.engine.abort_request(a[0])
                 if out is not None:
                     self._emit(a[0], out, final=True)
+
+    def _emit_step(self, outs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams with one wake-up per event loop, not one per request."""
+        by_loop: dict = {}
+        for out in outs:
+            entry = self._streams.get(out.request_id)
+            if entry is None:
+                continue
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+            by_loop.setdefault(entry[0], []).append((entry[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the client's loop is closed
+                pass
 
     def _emit(self, rid: str, item, final: bool) -> None:
         entry = self._streams.get(rid)
