@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxserve.pallas_kernels import tuning as tuning_lib
+from jaxserve.pallas_kernels.checks import check_paged_args
 from jaxserve.pallas_kernels.reference import _MIN_FINITE, default_scale
 
 
@@ -140,23 +141,11 @@ def paged_decode(q, k_pages, v_pages, block_tables, seq_lens, *, scale: float | 
     Returns:
       [batch, num_q_heads, head_dim] in q.dtype.
     """
-    if q.ndim != 3 or k_pages.ndim != 4:
-        raise ValueError(f"want q [B, Hq, D] and pages [Hkv, N, S, D], got {q.shape} and {k_pages.shape}")
+    check_paged_args(q, k_pages, v_pages, block_tables, "B")
     B, Hq, D = q.shape
-    Hkv, _, S, Dk = k_pages.shape
-    if k_pages.shape != v_pages.shape:
-        raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
-    if Dk != D:
-        raise ValueError(f"head_dim of q ({D}) and pages ({Dk}) differ")
-    if Hq % Hkv:
-        raise ValueError(f"num_q_heads {Hq} is not a multiple of num_kv_heads {Hkv}")
-    if block_tables.ndim != 2 or block_tables.shape[0] != B or block_tables.dtype != jnp.int32:
-        raise ValueError(f"block_tables must be i32[{B}, pages_per_seq], got {block_tables.dtype}{block_tables.shape}")
+    Hkv, _, S, _ = k_pages.shape
     if seq_lens.shape != (B,) or seq_lens.dtype != jnp.int32:
         raise ValueError(f"seq_lens must be i32[{B}], got {seq_lens.dtype}{seq_lens.shape}")
-    for name, x in (("block_size", S), ("head_dim", D)):
-        if x & (x - 1):
-            raise ValueError(f"{name} must be a power of 2 for the Triton lowering, got {x}")
     G = Hq // Hkv
     Gp = max(16, tuning_lib.next_pow2(G))
     scale = default_scale(D) if scale is None else scale

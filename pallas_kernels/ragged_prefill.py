@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxserve.pallas_kernels import tuning as tuning_lib
+from jaxserve.pallas_kernels.checks import check_paged_args
 from jaxserve.pallas_kernels.reference import _MIN_FINITE, default_scale
 
 
@@ -154,25 +155,13 @@ def ragged_prefill(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens, *, sc
     Returns:
       [num_tokens, num_q_heads, head_dim] in q.dtype.
     """
-    if q.ndim != 3 or k_pages.ndim != 4:
-        raise ValueError(f"want q [T, Hq, D] and pages [Hkv, N, S, D], got {q.shape} and {k_pages.shape}")
-    T, Hq, D = q.shape
-    Hkv, _, S, Dk = k_pages.shape
     B = seq_lens.shape[0]
-    if k_pages.shape != v_pages.shape:
-        raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
-    if Dk != D:
-        raise ValueError(f"head_dim of q ({D}) and pages ({Dk}) differ")
-    if Hq % Hkv:
-        raise ValueError(f"num_q_heads {Hq} is not a multiple of num_kv_heads {Hkv}")
-    if block_tables.ndim != 2 or block_tables.shape[0] != B or block_tables.dtype != jnp.int32:
-        raise ValueError(f"block_tables must be i32[{B}, pages_per_seq], got {block_tables.dtype}{block_tables.shape}")
+    check_paged_args(q, k_pages, v_pages, block_tables, "T", batch=B)
+    T, Hq, D = q.shape
+    Hkv, _, S, _ = k_pages.shape
     if seq_lens.dtype != jnp.int32 or cu_q_lens.shape != (B + 1,) or cu_q_lens.dtype != jnp.int32:
         raise ValueError(f"want seq_lens i32[{B}] and cu_q_lens i32[{B + 1}], got {seq_lens.dtype}{seq_lens.shape}"
                          f" and {cu_q_lens.dtype}{cu_q_lens.shape}")
-    for name, x in (("block_size", S), ("head_dim", D)):
-        if x & (x - 1):
-            raise ValueError(f"{name} must be a power of 2 for the Triton lowering, got {x}")
     G = Hq // Hkv
     Gp = tuning_lib.next_pow2(G)
     scale = default_scale(D) if scale is None else scale
