@@ -146,6 +146,10 @@ class AsyncLLMEngine:
         try:
             while True:
                 item = await q.get()
+                # Outputs are cumulative: a consumer that fell behind skips to the newest one (one SSE
+                # chunk with several tokens), so a slow client costs the loop less, not more.
+                while isinstance(item, RequestOutput) and not item.finished and not q.empty():
+                    item = q.get_nowait()
                 if item is _END:
                     finished = True
                     return

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxserve.request import Request, RequestStatus
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 from jaxserve.tokenizer import find_stop_string, stop_string_holdback
 
 log = logging.getLogger("jaxserve")
@@ -38,7 +39,7 @@ class _Step:
     """A dispatched step whose sampled tokens may still be on the device."""
     out: object  # SchedulerOutput
     batch: object  # InputBatch
-    sampled: object  # sampler.SamplerOutput (device arrays) or None
+    sampled: object  # (sampler.SamplerOutput of device arrays or None, all logits or None), or a Future of it
     prompt_logprobs: dict
 
 
@@ -72,6 +73,10 @@ class LLMEngine:
                                    last_step_tokens=0)
         self.finished_listeners: list = []
         self._inflight: _Step | None = None
+        # Device launches from their own thread (config.dispatch_thread): XLA enqueues a step's kernels on
+        # the calling thread with the GIL released, so that time overlaps the engine's Python work.
+        self._dispatcher = (ThreadPoolExecutor(1, thread_name_prefix="jaxserve-dispatch")
+                            if config.dispatch_thread and runner.parallel is None else None)
         self._token_text: dict[int, str] = {}
         self.stream_outputs = True  # False: step() returns finished requests only (the offline LLM)
 
@@ -212,39 +217,58 @@ class LLMEngine:
         if out.is_empty:
             return None
         runner = self.runner
-        runner.run_block_ops(out)
         if not out.scheduled:
+            self._launch(lambda prev: runner.run_block_ops(out))  # swaps of preempted requests only
             return None
         with _annotate("jaxserve.prepare"):
             batch = runner.prepare(out)
+            fwd_in = runner.forward_inputs(batch)
+            seeds = [self._group_of(r.request).base_seed + r.sample_index for r in batch.rows]
+            smp_in = runner.sample_inputs(batch, seeds) if batch.rows else None
         self.stats_counters["last_step_tokens"] = batch.num_tokens
         self.stats_counters["num_steps"] += 1
-        # A step in flight that sampled nothing (every row mid-prefill) left no placeholders to fill.
-        prev = self._inflight.sampled if self._inflight is not None else None
-        prev_ids = prev.token_ids if prev is not None else None
-        with _annotate("jaxserve.dispatch_forward"):
-            logits, all_logits = runner.forward(batch, prev_ids)
-        with _annotate("jaxserve.dispatch_sample"):
-            seeds = [self._group_of(r.request).base_seed + r.sample_index for r in batch.rows]
-            sampled = runner.sample(logits, batch, seeds) if batch.rows else None
-        plp = runner.prompt_logprobs(all_logits, batch) if batch.prompt_logprob_spans else {}
+
+        def device_work(prev):
+            # prev: the step in flight's sampled ids, which placeholders in this batch stand for (None when
+            # that step sampled nothing, every row mid-prefill).
+            runner.run_block_ops(out)
+            with _annotate("jaxserve.dispatch_forward"):
+                logits, all_logits = runner.launch_forward(fwd_in, prev.token_ids if prev is not None else None)
+            with _annotate("jaxserve.dispatch_sample"):
+                sampled = runner.launch_sample(logits, smp_in) if smp_in is not None else None
+            return sampled, all_logits
+
+        launched = self._launch(device_work)
+        plp = {}
+        if batch.prompt_logprob_spans:  # lock-step only (_needs_sync): wait for this step's logits
+            plp = runner.prompt_logprobs(_result(launched)[1], batch)
         self.scheduler.on_step_done(out)
-        return _Step(out, batch, sampled, plp)
+        return _Step(out, batch, launched, plp)
+
+    def _launch(self, work):
+        """Run work(previous step's SamplerOutput) now, or queue it on the dispatch thread (FIFO, so the
+        previous step's launch has returned by the time this one runs). Returns a value or a Future."""
+        prev = self._inflight.sampled if self._inflight is not None else None
+        if self._dispatcher is None:
+            return work(_result(prev)[0] if prev is not None else None)
+        return self._dispatcher.submit(lambda: work(_result(prev)[0] if prev is not None else None))
 
     def _process(self, step: _Step) -> list[RequestOutput]:
         """Bring a step's sampled tokens to the host and apply them: detokenize, stop, fork, finish."""
         batch = step.batch
-        if step.sampled is None:
+        sampled = _result(step.sampled)[0]
+        if sampled is None:
             return []
         want_lp = any(r.request.sampling_params.logprobs is not None for r in batch.rows)
         with _annotate("jaxserve.wait_tokens"):
-            host = _to_host(step.sampled, len(batch.rows), want_lp)
+            host = _to_host(sampled, len(batch.rows), want_lp)
         for rid, res in step.prompt_logprobs.items():
             if rid in self.groups:
                 self._add_prompt_logprobs(self.groups[rid], *res)
         touched: dict[str, _Group] = {}
         children: dict[str, list[Request]] = {}
         ended: list[tuple[Request, RequestStatus]] = []
+        now = time.monotonic()  # one clock read per step: every row's token arrived with this transfer
         for i, row in enumerate(batch.rows):
             req = row.request
             g = self.groups.get(self._group_id(req))
@@ -254,7 +278,7 @@ class LLMEngine:
             if req.parent is None and req.sampling_params.n > 1 and row.sample_index > 0:
                 req = self._fork(g, req, row.sample_index)
                 children.setdefault(g.request_id, []).append(req)
-            status = self._append(g, req, host, i)
+            status = self._append(g, req, host, i, now)
             if status is not None:
                 ended.append((req, status))
         # Children join before anyone finishes: a parent done at its first token still lends its blocks.
@@ -264,8 +288,11 @@ class LLMEngine:
         for req, status in ended:
             self.scheduler.finish(req, status)
             req.status = status
-        # Offline generation only wants finished requests: skip building the others' outputs (O(tokens) each).
-        outputs = [self._output(g) for g in touched.values() if self.stream_outputs or self._finished(g)]
+        # Offline generation and non-streaming requests want finished outputs only: skip building the
+        # others' (O(tokens) each, every step).
+        outputs = [self._output(g) for g in touched.values()
+                   if (self.stream_outputs and g.params.output_kind is RequestOutputKind.CUMULATIVE)
+                   or self._finished(g)]
         for o in outputs:
             if o.finished:
                 g = self.groups[o.request_id]
@@ -288,12 +315,11 @@ class LLMEngine:
         g.samples[index] = self._new_sample(child, g.base_seed + index)
         return child  # joins the scheduler (fork_children) once all n first tokens are appended
 
-    def _append(self, g: _Group, req: Request, host, i: int) -> RequestStatus | None:
+    def _append(self, g: _Group, req: Request, host, i: int, now: float) -> RequestStatus | None:
         """Append row i's sampled token to req; returns the status that ends it, if any."""
         s = g.samples[req.sample_index]
-        tok = int(host["ids"][i])
+        tok = host["ids"][i]
         sp = req.sampling_params
-        now = time.monotonic()
         req.append_token(tok)  # fills the placeholder if the step was dispatched ahead of this token
         req.first_token_time = req.first_token_time or now
         req.last_token_time = now
@@ -388,9 +414,13 @@ def _annotate(name: str):
     return jax.profiler.TraceAnnotation(name)
 
 
+def _result(x):
+    return x.result() if isinstance(x, Future) else x
+
+
 def _to_host(so, n: int, want_logprobs: bool) -> dict:
     """The one device->host transfer of a step: sampled ids (and logprobs when a row asked for them)."""
-    d = {"ids": np.asarray(so.token_ids)[:n]}
+    d = {"ids": np.asarray(so.token_ids)[:n].tolist()}  # Python ints: the hot loop reads one per row
     if want_logprobs:
         d["lp"] = np.asarray(so.logprob)[:n]
         d["rank"] = np.asarray(so.ranks)[:n]

@@ -53,6 +53,29 @@ def _unpack(packed, prev_sampled, *, T: int, B: int, P: int, S: int):
     return token_ids, positions, slots, seq_ids, tables.reshape(B, P), seq_lens, qsl, li
 
 
+@functools.partial(jax.jit, static_argnames=("treedef", "layout"))
+def _sample_packed(logits, packed, *, treedef, layout):
+    """Sampling metadata arrives as one i32 buffer (one host->device copy, not fourteen): split it,
+    bitcast each leaf back to its dtype, rebuild the metadata pytree and sample."""
+    leaves, o = [], 0
+    for shape, dtype in layout:
+        n = int(np.prod(shape))
+        part = packed[o:o + n]
+        o += n
+        if dtype != "int32":
+            part = jax.lax.bitcast_convert_type(part, jnp.dtype(dtype))
+        leaves.append(part.reshape(shape))
+    return sampler.sample(logits, jax.tree.unflatten(treedef, leaves))
+
+
+def pack_metadata(md) -> tuple:
+    """(one i32 numpy buffer, treedef, layout) of a SamplingMetadata whose leaves are all 4-byte dtypes."""
+    leaves, treedef = jax.tree.flatten(md)
+    layout = tuple((x.shape, x.dtype.name) for x in leaves)
+    packed = np.concatenate([np.ascontiguousarray(x).view(np.int32).ravel() for x in leaves])
+    return packed, treedef, layout
+
+
 class ModelRunner:
     def __init__(self, model, params, arch, *, block_size: int, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, kv_dtype, mesh=None, kv_sharding=None, num_kv_heads=None,
@@ -151,20 +174,22 @@ class ModelRunner:
         """Dispatch the forward pass; returns logits f32[S, V] (or f32[T, V] with prompt logprobs) on device.
 
         prev_sampled: the previous step's sampled ids (device) that placeholders in the batch stand for."""
+        return self.launch_forward(self.forward_inputs(batch), prev_sampled)
+
+    def forward_inputs(self, batch: InputBatch) -> tuple:
+        """The host half of `forward`: numpy only, so it can run while another thread launches device work."""
         if not self.model.backend.has_decode_kernel:
             batch.decode_only = False  # one compiled program per bucket serves both
         li = batch.logits_indices
         if batch.prompt_logprob_spans:  # the sampled rows, then the prompt rows whose next-token logprobs are wanted
             li = np.concatenate([li, self._span_rows(batch)])
-        if batch.fill_dst is not None and prev_sampled is None:
-            raise RuntimeError("a placeholder token with no step in flight to fill it")
+        n_sampled = len(batch.logits_indices) if batch.prompt_logprob_spans else None
         if self.parallel is not None:  # meshes take host arrays (placed by the sharded step); lock-step only
             meta = AttentionMetadata(slot_mapping=batch.slot_mapping, positions=batch.positions,
                                      token_seq_ids=batch.token_seq_ids, block_tables=batch.block_tables,
                                      seq_lens=batch.seq_lens, query_start_loc=batch.query_start_loc,
                                      decode_only=batch.decode_only)
-            logits = self.run_forward(batch.token_ids, meta, li)
-            return (logits[:len(batch.logits_indices)], logits) if batch.prompt_logprob_spans else (logits, None)
+            return ("host", batch.token_ids, meta, li, n_sampled, batch.fill_dst is not None)
         B = len(batch.seq_lens)
         fill_dst = batch.fill_dst if batch.fill_dst is not None else np.full(B, len(batch.token_ids), np.int32)
         fill_src = batch.fill_src if batch.fill_src is not None else np.zeros(B, np.int32)
@@ -172,25 +197,46 @@ class ModelRunner:
         packed = np.concatenate([batch.token_ids, batch.positions, batch.slot_mapping, batch.token_seq_ids,
                                  batch.block_tables.reshape(-1), batch.seq_lens, batch.query_start_loc, li,
                                  fill_dst, fill_src])
-        prev = prev_sampled if prev_sampled is not None else self._no_prev
-        token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li_d = _unpack(
-            jax.device_put(packed), prev, T=len(batch.token_ids), B=B, P=batch.block_tables.shape[1], S=len(li))
-        meta = AttentionMetadata(slot_mapping=slots, positions=positions, token_seq_ids=seq_ids,
-                                 block_tables=tables, seq_lens=seq_lens, query_start_loc=qsl,
-                                 decode_only=batch.decode_only)
-        logits = self.run_forward(token_ids, meta, li_d)
-        if batch.prompt_logprob_spans:
-            return logits[:len(batch.logits_indices)], logits
+        dims = dict(T=len(batch.token_ids), B=B, P=batch.block_tables.shape[1], S=len(li))
+        return ("packed", packed, dims, batch.decode_only, n_sampled, batch.fill_dst is not None)
+
+    def launch_forward(self, inputs: tuple, prev_sampled=None):
+        """The device half of `forward` -> (logits of the sampled rows, all computed logits or None)."""
+        kind, *rest = inputs
+        if rest[-1] and prev_sampled is None:
+            raise RuntimeError("a placeholder token with no step in flight to fill it")
+        if kind == "host":
+            token_ids, meta, li, n_sampled, _ = rest
+            logits = self.run_forward(token_ids, meta, li)
+        else:
+            packed, dims, decode_only, n_sampled, _ = rest
+            prev = prev_sampled if prev_sampled is not None else self._no_prev
+            token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li_d = _unpack(
+                jax.device_put(packed), prev, **dims)
+            meta = AttentionMetadata(slot_mapping=slots, positions=positions, token_seq_ids=seq_ids,
+                                     block_tables=tables, seq_lens=seq_lens, query_start_loc=qsl,
+                                     decode_only=decode_only)
+            logits = self.run_forward(token_ids, meta, li_d)
+        if n_sampled is not None:
+            return logits[:n_sampled], logits
         return logits, None
 
     def sample(self, logits, batch: InputBatch, seeds: list[int]):
+        return self.launch_sample(logits, self.sample_inputs(batch, seeds))
+
+    def sample_inputs(self, batch: InputBatch, seeds: list[int]):
+        """The host half of `sample`: the sampling metadata, packed into one buffer on a single device."""
         # An n > 1 parent's rows all draw a first token (no outputs yet), each with its own seed.
-        rows = [sampler.SamplingRow(r.request.sampling_params, r.request.prompt_token_ids,
-                                    r.request.output_token_ids, seed) for r, seed in zip(batch.rows, seeds)]
+        rows = [(r.request.sampling_params, r.request.prompt_token_ids, r.request.output_token_ids, seed)
+                for r, seed in zip(batch.rows, seeds)]
         md = sampler.SamplingMetadata.build(rows, pad_to=len(batch.logits_indices))
-        if self.parallel is None:
-            md = jax.device_put(md)  # all leaves in one asynchronous call, not one blocking copy per argument
-        return self._sample(logits, md)
+        return md if self.parallel is not None else pack_metadata(md)
+
+    def launch_sample(self, logits, inputs):
+        if self.parallel is not None:
+            return self._sample(logits, inputs)
+        packed, treedef, layout = inputs
+        return _sample_packed(logits, jax.device_put(packed), treedef=treedef, layout=layout)
 
     @staticmethod
     def _span_rows(batch: InputBatch) -> np.ndarray:

@@ -102,31 +102,42 @@ class SamplingMetadata:
 
     @classmethod
     def build(cls, rows: Sequence[SamplingRow | tuple], pad_to: int) -> SamplingMetadata:
-        """Host-side numpy build from (params, prompt_ids, output_ids, seed) rows, padded to `pad_to`."""
-        if len(rows) > pad_to:
-            raise ValueError(f"pad_to ({pad_to}) must be >= the number of rows ({len(rows)})")
-        rows = [SamplingRow(*r) for r in rows]
-        params = [r.params for r in rows]
-        sampled = [p for p in params if not p.greedy]
-        stops = [sorted(set(p.all_stop_token_ids) | set(p.stop_token_ids))  # engine-made params hold both already
-                 if len(r.output_token_ids) < p.min_tokens else [] for p, r in zip(params, rows)]
-        flags = SamplerFlags(
-            all_greedy=not sampled,
-            top_k=_bucket(max((p.top_k for p in sampled), default=0)),
-            top_p=any(p.top_p < 1.0 for p in sampled),
-            min_p=any(p.min_p > 0.0 for p in sampled),
-            penalties=any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-                          or p.repetition_penalty != 1.0 for p in params),
-            logit_bias=any(p.logit_bias for p in params),
-            min_tokens=any(stops),
-            num_logprobs=MAX_LOGPROBS if any(p.logprobs for p in params) else 0,
-            logprobs=any(p.logprobs is not None for p in params),
-        )
+        """Host-side numpy build from (params, prompt_ids, output_ids, seed) rows, padded to `pad_to`.
 
-        def per_row(get, fill, dtype):  # (S,) array of one scalar per row, padding = fill
-            out = np.full(pad_to, fill, dtype)
-            out[:len(rows)] = [get(r) for r in rows]
-            return out
+        Called every step for every sampled row, so the per-row Python is one cached tuple of the
+        row's scalar parameters (`SamplingParams.sampler_row`), its output length and its seed; the
+        columns, the flags and the padding are numpy. Token-list features (penalties, logit_bias,
+        min_tokens) walk their rows only when some row uses them."""
+        n = len(rows)
+        if n > pad_to:
+            raise ValueError(f"pad_to ({pad_to}) must be >= the number of rows ({n})")
+        params = [r[0] for r in rows]
+        # (temperature, top_k, top_p, min_p, presence, frequency, repetition, min_tokens, logprobs, has_bias)
+        stat = np.zeros((pad_to, 10), np.float64)
+        stat[:, 2] = stat[:, 6] = 1.0  # padding rows: greedy, every feature neutral
+        stat[:, 8] = -1.0
+        if n:
+            stat[:n] = [p.sampler_row for p in params]
+        out_len = np.zeros(pad_to, np.int64)
+        out_len[:n] = [len(r[2]) for r in rows]
+        sampled = stat[:n, 0] > 0
+        mt_rows = np.flatnonzero(out_len[:n] < stat[:n, 7])  # still under min_tokens: stop ids blocked
+        stops = [[] for _ in range(n)]
+        for i in mt_rows:
+            p = params[i]
+            stops[i] = sorted(set(p.all_stop_token_ids) | set(p.stop_token_ids))  # engine params hold both
+        penalties = bool(n) and bool(((stat[:n, 4] != 0) | (stat[:n, 5] != 0) | (stat[:n, 6] != 1)).any())
+        flags = SamplerFlags(
+            all_greedy=not sampled.any(),
+            top_k=_bucket(int(stat[:n, 1][sampled].max(initial=0))),
+            top_p=bool((stat[:n, 2][sampled] < 1.0).any()),
+            min_p=bool((stat[:n, 3][sampled] > 0.0).any()),
+            penalties=penalties,
+            logit_bias=bool(stat[:n, 9].any()),
+            min_tokens=any(stops),
+            num_logprobs=MAX_LOGPROBS if (stat[:n, 8] > 0).any() else 0,
+            logprobs=bool((stat[:n, 8] >= 0).any()),
+        )
 
         def ragged(lists, width, dtype=np.int32, fill=-1):  # (S, width), -1 padded
             out = np.full((pad_to, width), fill, dtype)
@@ -134,26 +145,25 @@ class SamplingMetadata:
                 out[i, :len(xs)] = xs
             return out
 
-        seeds = [r.seed % (1 << 64) for r in rows]
-        seed = np.zeros((pad_to, 2), np.uint32)
-        seed[:len(rows), 0] = [s >> 32 for s in seeds]
-        seed[:len(rows), 1] = [s & 0xFFFFFFFF for s in seeds]
-        lp = _bucket(max((len(r.prompt_token_ids) for r in rows), default=0)) if flags.penalties else 0
-        lo = _bucket(max((len(r.output_token_ids) for r in rows), default=0)) if flags.penalties else 0
-        biases = [sorted((p.logit_bias or {}).items()) for p in params]
-        k = _bucket(max(map(len, biases), default=0))
+        seeds = np.zeros(pad_to, np.uint64)
+        seeds[:n] = [r[3] % (1 << 64) for r in rows]
+        seed = np.stack([seeds >> np.uint64(32), seeds & np.uint64(0xFFFFFFFF)], axis=1).astype(np.uint32)
+        lp = _bucket(max((len(r[1]) for r in rows), default=0)) if penalties else 0
+        lo = _bucket(int(out_len.max(initial=0))) if penalties else 0
+        if flags.logit_bias:
+            biases = [sorted((p.logit_bias or {}).items()) for p in params]
+            k = _bucket(max(map(len, biases), default=0))
+        else:
+            biases, k = [], 0
+        f32 = np.float32
         return cls(
-            temperature=per_row(lambda r: r.params.temperature, 0.0, np.float32),
-            top_k=per_row(lambda r: r.params.top_k, 0, np.int32),
-            top_p=per_row(lambda r: r.params.top_p, 1.0, np.float32),
-            min_p=per_row(lambda r: r.params.min_p, 0.0, np.float32),
-            presence_penalty=per_row(lambda r: r.params.presence_penalty, 0.0, np.float32),
-            frequency_penalty=per_row(lambda r: r.params.frequency_penalty, 0.0, np.float32),
-            repetition_penalty=per_row(lambda r: r.params.repetition_penalty, 1.0, np.float32),
+            temperature=stat[:, 0].astype(f32), top_k=stat[:, 1].astype(np.int32), top_p=stat[:, 2].astype(f32),
+            min_p=stat[:, 3].astype(f32), presence_penalty=stat[:, 4].astype(f32),
+            frequency_penalty=stat[:, 5].astype(f32), repetition_penalty=stat[:, 6].astype(f32),
             seed=seed,
-            step=per_row(lambda r: len(r.output_token_ids), 0, np.int32),
-            prompt_ids=ragged([r.prompt_token_ids for r in rows], lp),
-            output_ids=ragged([r.output_token_ids for r in rows], lo),
+            step=out_len.astype(np.int32),
+            prompt_ids=ragged([r[1] for r in rows], lp),
+            output_ids=ragged([r[2] for r in rows], lo),
             bias_ids=ragged([[t for t, _ in b] for b in biases], k),
             bias_values=ragged([[v for _, v in b] for b in biases], k, np.float32, 0.0),
             stop_ids=ragged(stops, _bucket(max(map(len, stops), default=0))),

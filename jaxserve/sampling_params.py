@@ -1,10 +1,21 @@
 """Per-request sampling parameters, with vLLM's names and defaults (no JAX here)."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 # Top-N logprobs are computed on device with a fixed N (one compiled shape); asking for more is an error.
 MAX_LOGPROBS = 20
+
+
+class RequestOutputKind(enum.Enum):
+    """Which outputs the engine builds for a request (vLLM's names).
+
+    CUMULATIVE: one output per step with all text and tokens so far (streaming consumers).
+    FINAL_ONLY: only the finished output; a non-streaming request costs no per-step output work."""
+
+    CUMULATIVE = 0
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -36,6 +47,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine from the model: eos and generation_config stop ids (not user facing).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -97,3 +109,20 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def __setattr__(self, name, value) -> None:
+        self.__dict__.pop("_sampler_row", None)  # any change invalidates the cached sampler row
+        object.__setattr__(self, name, value)
+
+    @property
+    def sampler_row(self) -> tuple:
+        """The scalars the on-device sampler reads, cached (the runner asks for them every step):
+        (temperature, top_k, top_p, min_p, presence, frequency, repetition, min_tokens, logprobs or -1,
+        has logit_bias)."""
+        row = self.__dict__.get("_sampler_row")
+        if row is None:
+            row = (self.temperature, self.top_k, self.top_p, self.min_p, self.presence_penalty,
+                   self.frequency_penalty, self.repetition_penalty, self.min_tokens,
+                   -1 if self.logprobs is None else self.logprobs, 1 if self.logit_bias else 0)
+            self.__dict__["_sampler_row"] = row
+        return row

@@ -201,8 +201,20 @@ class Scheduler:
 
         # 1. Running requests, oldest first. Victims come off the tail, which is not yet scheduled.
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        running, scheduled, bs = self.running, out.scheduled, bm.block_size
+        while i < len(running) and budget > 0:
+            req = running[i]
+            nc = req.num_computed_tokens
+            if len(req.all_token_ids) - nc == 1 and req.first_scheduled_time is not None:
+                # Decode fast path (the bulk of every large step): one token into a block it already owns
+                # alone needs no allocation; a full or shared last block takes the general path below.
+                table = req.block_ids
+                j = nc // bs
+                if j < len(table) and bm.ref_counts[table[j]] == 1:
+                    scheduled.append(ScheduledRequest(req, 1, _seq_slots(req)))
+                    budget -= 1
+                    i += 1
+                    continue
             num_new = self._chunk(req, req.num_computed_tokens, budget)
             if num_new <= 0:  # caught up, waiting for the engine to append a token (e.g. unforked parent)
                 i += 1

@@ -114,6 +114,42 @@ def bench_decode(args, interpret: bool):
     return rows
 
 
+def sweep_decode(args, interpret: bool):
+    """Decode-kernel tunings (pages per compute block x splits x warps) at the cells that set the targets;
+    prints each cell's best, the data the defaults in pallas_kernels/tuning.py are chosen from."""
+    from jaxserve.pallas_kernels.tuning import DecodeTuning
+    rows = []
+    scale = 1 / math.sqrt(args.head_dim)
+    for batch, ctx in args.sweep_cells:
+        key = jax.random.PRNGKey(batch * 31 + ctx)
+        k, v, tables = make_cache(key, batch, ctx, args.kv_heads, args.head_dim)
+        q = jax.random.normal(jax.random.fold_in(key, 1), (batch, args.q_heads, args.head_dim), DTYPE)
+        lens = jnp.full((batch,), ctx, jnp.int32)
+        kv_bytes = 2 * batch * ctx * args.kv_heads * args.head_dim * jnp.dtype(DTYPE).itemsize
+        auto = DecodeTuning().resolve(batch, args.kv_heads, tables.shape[1], BLOCK, args.head_dim, 2)
+        best = None
+        for ppcb in (4, 8, 16):
+            for splits in (1, 2, 4, 8):
+                for warps in (4, 8):
+                    t = DecodeTuning(pages_per_compute_block=ppcb, num_splits=splits, num_warps=warps)
+                    row = dict(kind="decode_sweep", batch=batch, ctx=ctx, ppcb=ppcb, splits=splits, warps=warps,
+                               auto=(ppcb, splits, warps) == (auto.pages_per_compute_block, auto.num_splits,
+                                                              auto.num_warps))
+                    try:
+                        f = jax.jit(functools.partial(paged_decode, scale=scale, tuning=t, interpret=interpret))
+                        sec = time_fn(f, q, k, v, tables, lens, repeats=args.repeats)
+                        row.update(us=sec * 1e6, gbps=kv_bytes / sec / 1e9)
+                        if best is None or sec * 1e6 < best["us"]:
+                            best = row
+                    except Exception as e:  # noqa: BLE001 - e.g. shared memory overflow: recorded
+                        row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                    rows.append(row)
+        autos = [r for r in rows if r.get("auto") and r["batch"] == batch and r["ctx"] == ctx and "us" in r]
+        print(f"sweep B={batch} ctx={ctx}: best {best} | auto {autos[0] if autos else auto}", flush=True)
+        del k, v
+    return rows
+
+
 def _prefill_batch(key, ctx_lens, q_lens, hq, hkv, d):
     """Flat batch of new tokens (their K/V already in the cache) + metadata."""
     seq_lens = np.asarray(ctx_lens) + np.asarray(q_lens)
@@ -202,12 +238,14 @@ def main():
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 64, 128, 256])
     p.add_argument("--ctxs", type=int, nargs="*", default=[512, 2048, 8192])
     p.add_argument("--xla-pages-per-iter", type=int, default=4)
+    p.add_argument("--sweep", action="store_true", help="also sweep decode tunings at a few cells")
     args = p.parse_args()
     interpret = args.smoke or jax.devices()[0].platform == "cpu"
     args.q_heads, args.kv_heads, args.head_dim = HQ, HKV, D
     if args.smoke:
         args.q_heads, args.kv_heads, args.head_dim = 8, 2, 64
         args.batches, args.ctxs, args.repeats = [1, 3], [40, 64], min(args.repeats, 2)
+        args.sweep_cells = [(3, 64)]
         args.prefill_cases = {"prompts": ([0, 0], [24, 17]), "mixed": ([0, 33, 20, 20], [16, 8, 1, 1])}
         bw_bytes, mm_n = 1 << 22, 256
     else:
@@ -217,6 +255,7 @@ def main():
             "mixed_chunked": ([4096, 1024, 1024] + [2047] * 64, [2048, 512, 512] + [1] * 64),
         }
         bw_bytes, mm_n = 1 << 30, 8192
+        args.sweep_cells = [(64, 2048), (256, 2048), (8, 8192), (1, 2048)]
     os.makedirs(args.out, exist_ok=True)
     dev = jax.devices()[0]
     args.copy_bw = copy_bandwidth(bw_bytes, args.repeats)
@@ -224,6 +263,8 @@ def main():
     print(f"device {dev.device_kind}: copy {args.copy_bw / 1e9:.1f} GB/s, bf16 matmul "
           f"{args.matmul_flops / 1e12:.1f} TFLOP/s (interpret={interpret})", flush=True)
     rows = bench_decode(args, interpret) + bench_prefill(args, interpret)
+    if args.sweep:
+        rows += sweep_decode(args, interpret)
     result = dict(device=dev.device_kind, jax=jax.__version__, interpret=interpret, copy_bw=args.copy_bw,
                   matmul_flops=args.matmul_flops, rows=rows)
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -5,15 +5,24 @@ export PYTHONUNBUFFERED=1
 M="--model benchmarks/configs/llama3-8b.json --load-format dummy --skip-tokenizer-init --dtype bfloat16"
 E="--enforce-eager --max-model-len 2048"
 run() { local name=$1; shift; timeout "$@" > "$OUT/$name.log" 2>&1; echo "== $name rc=$?"; grep -E "^batch|Throughput|idle share|ms/step|Error" "$OUT/$name.log" | tail -4; }
-if [ "${1:-all}" != serve ]; then
-run lat 150 python3 scripts/bench_latency.py $M $E --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 128 --output-json $OUT/lat.json
+MODE=${1:-all}
+DT=${DT:-false}
+if [ "$MODE" = all ] || [ "$MODE" = engine ]; then
+# The dispatch thread on and off at batch 256; the faster one runs the rest (DT is exported for serve).
 run prof 150 python3 scripts/profile_decode.py $M $E --batch-size 256 --input-len 200 --steps 50 --trace-dir /tmp/tr --output-json $OUT/prof.json
-run tp_share 250 python3 scripts/bench_throughput.py $M --max-model-len 2048 --dataset sharegpt-like --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_sharegpt.json
-run tp_rand 200 python3 scripts/bench_throughput.py $M $E --dataset random --input-len 1024 --output-len 128 --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_random.json
+run prof_dt 150 python3 scripts/profile_decode.py $M $E --batch-size 256 --input-len 200 --steps 50 --trace-dir /tmp/tr_dt --output-json $OUT/prof_dt.json --dispatch-thread
+DT=$(python3 -c "import json; a=json.load(open('$OUT/prof.json'))['step_ms']; b=json.load(open('$OUT/prof_dt.json'))['step_ms']; print('true' if b < a else 'false')" 2>/dev/null || echo false)
+echo "dispatch thread: $DT"; echo "$DT" > $OUT/dispatch_thread.txt
+run lat 150 python3 scripts/bench_latency.py $M $E --dispatch-thread $DT --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 128 --output-json $OUT/lat.json
+run tp_share 280 python3 scripts/bench_throughput.py $M --dispatch-thread $DT --max-model-len 2048 --dataset sharegpt-like --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_sharegpt.json
 fi
+if [ "$MODE" = all ] || [ "$MODE" = random ]; then
+run tp_rand 200 python3 scripts/bench_throughput.py $M $E --dispatch-thread ${DT:-false} --dataset random --input-len 1024 --output-len 128 --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_random.json
+fi
+[ "$MODE" = engine ] || [ "$MODE" = random ] && exit 0
 # Serving: a real server on loopback, 320 ShareGPT-like prompts sent at once; GPU utilization from /metrics.
 t0=$(date +%s.%N)
-python3 -m jaxserve.serve $M --max-model-len 2048 --port 8011 --served-model-name llama3-8b > $OUT/server.log 2>&1 &
+python3 -m jaxserve.serve $M --max-model-len 2048 --port 8011 --dispatch-thread ${DT:-false} --served-model-name llama3-8b > $OUT/server.log 2>&1 &
 SP=$!
 for i in $(seq 1 200); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
 python3 - <<'PY' >> $OUT/server.log 2>&1
@@ -26,7 +35,8 @@ PY
 python3 -c "import time; print(\"server start to first served token: %.1f s\" % (time.time() - $t0))"
 timeout 200 python3 scripts/bench_serving.py --base-url http://localhost:8011 --dataset sharegpt-like --num-prompts 320 --request-rate inf --vocab-size 128256 --result-json $OUT/serving.json --plot $OUT/serving.png > $OUT/serving.log 2>&1 &
 BP=$!
-sleep 20; curl -s localhost:8011/metrics | grep -E "^jaxserve:(gpu_utilization|gpu_memory|num_requests_running|kv_cache_usage)" > $OUT/metrics_under_load.txt
+# NVML's utilization is a sampled figure: read it every 4 s under load, not once.
+for i in 1 2 3 4 5 6 7 8; do sleep 4; echo "t=$((i*4))s $(curl -s localhost:8011/metrics | grep -E '^jaxserve:(gpu_utilization|num_requests_running|num_requests_waiting|kv_cache_usage_perc)' | tr '\n' ' ')"; done > $OUT/metrics_under_load.txt
 wait $BP; echo "== serving rc=$?"; tail -25 $OUT/serving.log
 cat $OUT/metrics_under_load.txt
 kill -TERM $SP; wait $SP; echo "server exit $?"

@@ -14,9 +14,9 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=24),
           SamplingParams(temperature=1.0, seed=11, max_tokens=1)]
 
 
-def _run(async_scheduling: bool):
+def _run(async_scheduling: bool, dispatch_thread: bool = False):
     llm = LLM(enforce_eager=True, max_model_len=1024, num_gpu_blocks_override=400, max_num_batched_tokens=64,
-              max_num_seqs=8, async_scheduling=async_scheduling)
+              max_num_seqs=8, async_scheduling=async_scheduling, dispatch_thread=dispatch_thread)
     outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
     eng = llm.llm_engine
     assert eng.block_manager.num_free_blocks == 399  # every block back (block 0 is the null page)
@@ -28,6 +28,9 @@ def test_async_overlap_same_outputs():
     sync, _ = _run(False)
     overlap, eng = _run(True)
     assert overlap == sync
+    threaded, eng_t = _run(True, dispatch_thread=True)  # device launches from the dispatch thread
+    assert eng_t._dispatcher is not None
+    assert threaded == sync
     assert [len(o) for o in overlap] == [1, 1, 3, 1, 1]
     assert overlap[4][0][2] == "length" and len(overlap[4][0][0]) == 1
     assert "." not in overlap[3][0][1]

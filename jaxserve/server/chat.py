@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 import anyio
 
 from jaxserve.outputs import RequestOutput
+from jaxserve.sampling_params import RequestOutputKind
 from jaxserve.server.common import DeltaTracker, choices_of, usage
 from jaxserve.server.errors import bad_request
 from jaxserve.server.logprobs import chat_logprobs
@@ -52,6 +53,8 @@ async def render_chat(state: Any, messages: list[ChatMessage], add_generation_pr
 async def chat_events(state: Any, req: ChatCompletionRequest, params: Any,
                       request_id: str) -> AsyncIterator[dict]:
     prompt_ids = await render_chat(state, req.messages, req.add_generation_prompt)
+    if not req.stream:  # the engine builds this request's output once, when it finishes
+        params.output_kind = RequestOutputKind.FINAL_ONLY
     gen = _stream if req.stream else _full
     return gen(state, req, params, request_id, prompt_ids)
 

@@ -10,6 +10,7 @@ import time
 from typing import Any, AsyncIterator
 
 from jaxserve.outputs import RequestOutput
+from jaxserve.sampling_params import RequestOutputKind
 from jaxserve.server.common import DeltaTracker, choices_of, usage
 from jaxserve.server.errors import bad_request
 from jaxserve.server.logprobs import CompletionLogprobs
@@ -49,6 +50,8 @@ class _Echo:
 
 def completion_events(state: Any, req: CompletionRequest, params: Any, request_id: str) -> AsyncIterator[dict]:
     prompts = normalize_prompts(req.prompt)
+    if not req.stream:  # the engine builds this request's output once, when it finishes
+        params.output_kind = RequestOutputKind.FINAL_ONLY
     gen = _stream if req.stream else _full
     return gen(state, req, params, request_id, prompts)
 
