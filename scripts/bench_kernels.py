@@ -255,7 +255,7 @@ def main():
             "mixed_chunked": ([4096, 1024, 1024] + [2047] * 64, [2048, 512, 512] + [1] * 64),
         }
         bw_bytes, mm_n = 1 << 30, 8192
-        args.sweep_cells = [(64, 2048), (256, 2048), (8, 8192), (1, 2048)]
+        args.sweep_cells = [(64, 2048), (256, 2048), (8, 8192)]
     os.makedirs(args.out, exist_ok=True)
     dev = jax.devices()[0]
     args.copy_bw = copy_bandwidth(bw_bytes, args.repeats)
