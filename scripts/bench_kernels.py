@@ -128,8 +128,8 @@ def sweep_decode(args, interpret: bool):
         kv_bytes = 2 * batch * ctx * args.kv_heads * args.head_dim * jnp.dtype(DTYPE).itemsize
         auto = DecodeTuning().resolve(batch, args.kv_heads, tables.shape[1], BLOCK, args.head_dim, 2)
         best = None
-        for ppcb in (4, 8, 16):
-            for splits in (1, 2, 4, 8):
+        for ppcb in (8, 16):
+            for splits in (1, 2, 4):
                 for warps in (4, 8):
                     t = DecodeTuning(pages_per_compute_block=ppcb, num_splits=splits, num_warps=warps)
                     row = dict(kind="decode_sweep", batch=batch, ctx=ctx, ppcb=ppcb, splits=splits, warps=warps,
