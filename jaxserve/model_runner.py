@@ -53,10 +53,13 @@ def _unpack(packed, prev_sampled, *, T: int, B: int, P: int, S: int):
     return token_ids, positions, slots, seq_ids, tables.reshape(B, P), seq_lens, qsl, li
 
 
-@functools.partial(jax.jit, static_argnames=("treedef", "layout"))
-def _sample_packed(logits, packed, *, treedef, layout):
+@functools.partial(jax.jit, static_argnames=("treedef", "layout", "ids_len"))
+def _sample_packed(logits, packed, *, treedef, layout, ids_len: int):
     """Sampling metadata arrives as one i32 buffer (one host->device copy, not fourteen): split it,
-    bitcast each leaf back to its dtype, rebuild the metadata pytree and sample."""
+    bitcast each leaf back to its dtype, rebuild the metadata pytree and sample.
+
+    The sampled ids are padded to `ids_len` rows: the next step's `_unpack` reads them, and one fixed
+    shape there means one compiled `_unpack` per token bucket, not one per (bucket, previous rows)."""
     leaves, o = [], 0
     for shape, dtype in layout:
         n = int(np.prod(shape))
@@ -65,7 +68,9 @@ def _sample_packed(logits, packed, *, treedef, layout):
         if dtype != "int32":
             part = jax.lax.bitcast_convert_type(part, jnp.dtype(dtype))
         leaves.append(part.reshape(shape))
-    return sampler.sample(logits, jax.tree.unflatten(treedef, leaves))
+    out = sampler.sample(logits, jax.tree.unflatten(treedef, leaves))
+    pad = max(0, ids_len - out.token_ids.shape[0])
+    return out.replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
 
 
 def pack_metadata(md) -> tuple:
@@ -103,7 +108,10 @@ class ModelRunner:
             self._copy_blocks = parallel.copy_blocks
             self.kv_sharding = parallel.kv_shardings()
         self._sample = jax.jit(sampler.sample)
-        self._no_prev = jnp.zeros((1,), jnp.int32)
+        # Rows of sampled ids handed from one step to the next (see _sample_packed): the largest rows bucket.
+        self.ids_len = max_num_seqs  # the most rows a step samples (more only while n > 1 prompts fork)
+        # Committed, like the sampler outputs it stands in for (committedness is part of jit's cache key).
+        self._no_prev = jax.device_put(np.zeros((self.ids_len,), np.int32), jax.devices()[0])
 
     # ----------------------------------------------------------------------------------------- memory
     def allocate_kv(self, num_blocks: int, num_host_blocks: int = 0) -> None:
@@ -128,7 +136,13 @@ class ModelRunner:
     # ---------------------------------------------------------------------------------------- compile
     def _dummy_inputs(self, T: int, decode_only: bool):
         B = T if decode_only else min(T, self.max_num_seqs)
-        return dummy_metadata(T, B, self.pages_per_seq, decode_only), jnp.zeros(T, jnp.int32), jnp.zeros(B, jnp.int32)
+        args = dummy_metadata(T, B, self.pages_per_seq, decode_only), jnp.zeros(T, jnp.int32), jnp.zeros(B, jnp.int32)
+        if self.parallel is None:
+            # Committed, as the step's real inputs (outputs of `_unpack`) are: jit keys its cache on
+            # committedness, so uncommitted stand-ins would leave every shape to be compiled (or loaded from
+            # the persistent cache) again at its first real use, stalling a serving engine for seconds.
+            args = jax.device_put(args, jax.devices()[0])
+        return args
 
     def warmup(self) -> float:
         """Compile every forward bucket now (not while serving). Returns seconds spent."""
@@ -142,10 +156,29 @@ class ModelRunner:
             logits, self.kv_caches = self._forward(self.params, self.kv_caches, ids, meta, li)
             jax.block_until_ready(logits)
             self.compiled[("forward", T, dec)] = time.perf_counter() - t1
+        if self.parallel is None:
+            self._warmup_step_helpers()
         dt = time.perf_counter() - t0
-        log.info("compiled %d step shapes in %.1f s: tokens %s (+ decode-only up to %d)", len(shapes), dt,
-                 self.token_buckets, self.max_num_seqs)
+        log.info("compiled %d step shapes in %.1f s: tokens %s (+ decode-only up to %d; input unpacking and "
+                 "the sampler for every rows bucket)", len(shapes), dt, self.token_buckets, self.max_num_seqs)
         return dt
+
+    def _warmup_step_helpers(self) -> None:
+        """Compile the small per-step programs too: `_unpack` per token bucket and the sampler per rows
+        bucket, greedy and plain random sampling. Left lazy, each first use stalls a serving engine for
+        a compile (seen on the H100: seconds of zero GPU utilization under a burst of requests)."""
+        from jaxserve.sampling_params import SamplingParams
+        P = self.pages_per_seq
+        for T in self.token_buckets:
+            B = min(T, self.max_num_seqs)
+            packed = jax.device_put(np.zeros(4 * T + B * P + B + (B + 1) + B + 2 * B, np.int32))
+            jax.block_until_ready(_unpack(packed, self._no_prev, T=T, B=B, P=P, S=B))
+        for S in sorted({min(T, self.max_num_seqs) for T in self.token_buckets}):
+            # committed, as the forward's logits are: an uncommitted stand-in would compile a twin program
+            logits = jax.device_put(np.zeros((S, self.arch.vocab_size), np.float32), jax.devices()[0])
+            for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
+                jax.block_until_ready(self.launch_sample(logits, pack_metadata(
+                    sampler.SamplingMetadata.build([(params, [1], [], 0)], pad_to=S))))
 
     # ------------------------------------------------------------------------------------------- step
     def prepare(self, sched_out) -> InputBatch:
@@ -236,7 +269,8 @@ class ModelRunner:
         if self.parallel is not None:
             return self._sample(logits, inputs)
         packed, treedef, layout = inputs
-        return _sample_packed(logits, jax.device_put(packed), treedef=treedef, layout=layout)
+        return _sample_packed(logits, jax.device_put(packed), treedef=treedef, layout=layout,
+                              ids_len=self.ids_len)
 
     @staticmethod
     def _span_rows(batch: InputBatch) -> np.ndarray:

@@ -1,4 +1,6 @@
 """Regressions found in review: leaks and cache poisoning around n > 1 forking and async placeholders."""
+import pytest
+
 from jaxserve.block_manager import BlockManager
 from jaxserve.config import EngineArgs
 from jaxserve.engine import LLMEngine
@@ -39,3 +41,47 @@ def test_abort_frees_forked_children_after_the_parent_finished():
     eng.abort_request("g")
     assert not eng.scheduler.has_unfinished_requests()
     assert eng.block_manager.num_free_blocks == free
+
+
+
+def _serve_burst_counting_compiles():
+    import jax
+
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    eng = LLMEngine.from_engine_args(EngineArgs(model=TINY, skip_tokenizer_init=True, max_model_len=256,
+                                                num_gpu_blocks_override=200, max_num_batched_tokens=64,
+                                                max_num_seqs=16))
+    from jaxserve import model_runner as mr
+    before = mr._unpack._cache_size(), mr._sample_packed._cache_size()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for i in range(12):
+            sp = SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, max_tokens=3 + 5 * i, ignore_eos=True)
+            eng.add_request(str(i), list(range(1, 2 + 7 * i)), sp)
+        while eng.has_unfinished_requests():
+            eng.step()
+    finally:
+        jax.monitoring.clear_event_listeners()
+    return compiles, before, (mr._unpack._cache_size(), mr._sample_packed._cache_size())
+
+
+def test_warmup_compiles_the_per_step_helpers():
+    """Seen on the H100: seconds of zero GPU utilization under a burst of requests, because warm-up had
+    compiled with uncommitted stand-in inputs (jit keys its cache on committedness) and never compiled the
+    per-step input unpacking or the sampler. After warm-up, greedy and random requests of every size must
+    find `_unpack` and the sampler compiled."""
+    compiles, before, after = _serve_burst_counting_compiles()
+    assert after == before
+    assert len(compiles) <= 1  # see the next test
+
+
+@pytest.mark.xfail(strict=False, reason="one forward program still compiles at first use after warm-up "
+                                        "(cause not found yet; docs/PERF.md)")
+def test_warmup_leaves_nothing_to_compile_while_serving():
+    compiles, _, _ = _serve_burst_counting_compiles()
+    assert compiles == []
