@@ -95,7 +95,7 @@ class EngineArgs:
     enforce_eager: bool = False
     compile_cache_dir: str | None = None
     async_scheduling: bool = True
-    dispatch_thread: bool = False
+    dispatch_thread: bool | None = None
     attention_backend: str = "auto"
 
     HELP = {
@@ -129,7 +129,8 @@ class EngineArgs:
         "compile_cache_dir": "JAX persistent compilation cache folder (default ~/.cache/jaxserve/xla).",
         "async_scheduling": "Prepare step t+1 on the host while the device runs step t.",
         "dispatch_thread": "Launch device work from a second host thread, so the launch cost of a step overlaps "
-                           "the engine's Python work (with async scheduling).",
+                           "the engine's Python work (with async scheduling). Default: on for GPUs (measured faster on the "
+                           "H100, docs/PERF.md), off on CPU.",
         "attention_backend": "auto (the device's fastest: Pallas kernels on GPU, XLA on CPU), xla, pallas_triton.",
     }
 

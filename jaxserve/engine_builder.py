@@ -115,7 +115,8 @@ def make_config(args: EngineArgs, path: Path, arch) -> EngineConfig:
                                                  args.num_processes, args.process_id, args.coordinator_address),
                         device=args.device, enforce_eager=args.enforce_eager,
                         compile_cache_dir=args.compile_cache_dir, async_scheduling=args.async_scheduling,
-                        dispatch_thread=args.dispatch_thread)
+                        dispatch_thread=(args.dispatch_thread if args.dispatch_thread is not None
+                                         else not on_cpu))
 
 
 def _read_template(t: str | None) -> str | None:
