@@ -39,11 +39,17 @@ def prompt_logprobs_fn(logits, next_ids, k: int):
     return tok_lp, rank, top_ids, top_lp
 
 
+def _packed_sizes(T: int, B: int, P: int, S: int) -> tuple:
+    """Lengths of the packed step inputs, in order: token_ids, positions, slots, seq ids (T each), tables
+    (B * P), seq_lens (B), query_start_loc (B + 1), logits indices (S), fill dst and src (B each)."""
+    return (T, T, T, T, B * P, B, B + 1, S, B, B)
+
+
 @functools.partial(jax.jit, static_argnames=("T", "B", "P", "S"))
 def _unpack(packed, prev_sampled, *, T: int, B: int, P: int, S: int):
     """Split the step's packed i32 inputs on the device and fill placeholder tokens from the previous
     step's sampled ids: token_ids[dst[i]] = prev_sampled[src[i]] (dst == T marks padding, dropped)."""
-    sizes = (T, T, T, T, B * P, B, B + 1, S, B, B)
+    sizes = _packed_sizes(T, B, P, S)
     parts, o = [], 0
     for n in sizes:
         parts.append(packed[o:o + n])
@@ -108,7 +114,7 @@ class ModelRunner:
             self._copy_blocks = parallel.copy_blocks
             self.kv_sharding = parallel.kv_shardings()
         self._sample = jax.jit(sampler.sample)
-        # Rows of sampled ids handed from one step to the next (see _sample_packed): the largest rows bucket.
+        # Rows of sampled ids handed from one step to the next (see _sample_packed).
         self.ids_len = max_num_seqs  # the most rows a step samples (more only while n > 1 prompts fork)
         # Committed, like the sampler outputs it stands in for (committedness is part of jit's cache key).
         self._no_prev = jax.device_put(np.zeros((self.ids_len,), np.int32), jax.devices()[0])
@@ -171,7 +177,7 @@ class ModelRunner:
         P = self.pages_per_seq
         for T in self.token_buckets:
             B = min(T, self.max_num_seqs)
-            packed = jax.device_put(np.zeros(4 * T + B * P + B + (B + 1) + B + 2 * B, np.int32))
+            packed = jax.device_put(np.zeros(sum(_packed_sizes(T, B, P, B)), np.int32))
             jax.block_until_ready(_unpack(packed, self._no_prev, T=T, B=B, P=P, S=B))
         for S in sorted({min(T, self.max_num_seqs) for T in self.token_buckets}):
             # committed, as the forward's logits are: an uncommitted stand-in would compile a twin program
@@ -203,14 +209,9 @@ class ModelRunner:
         logits, self.kv_caches = self._forward(self.params, self.kv_caches, token_ids, meta, logits_indices)
         return logits
 
-    def forward(self, batch: InputBatch, prev_sampled=None):
-        """Dispatch the forward pass; returns logits f32[S, V] (or f32[T, V] with prompt logprobs) on device.
-
-        prev_sampled: the previous step's sampled ids (device) that placeholders in the batch stand for."""
-        return self.launch_forward(self.forward_inputs(batch), prev_sampled)
-
     def forward_inputs(self, batch: InputBatch) -> tuple:
-        """The host half of `forward`: numpy only, so it can run while another thread launches device work."""
+        """The host half of a forward pass: numpy only, so it can run while another thread launches device
+        work. `launch_forward(inputs, prev_sampled)` is the device half."""
         if not self.model.backend.has_decode_kernel:
             batch.decode_only = False  # one compiled program per bucket serves both
         li = batch.logits_indices
@@ -234,7 +235,9 @@ class ModelRunner:
         return ("packed", packed, dims, batch.decode_only, n_sampled, batch.fill_dst is not None)
 
     def launch_forward(self, inputs: tuple, prev_sampled=None):
-        """The device half of `forward` -> (logits of the sampled rows, all computed logits or None)."""
+        """Dispatch the forward pass -> (logits f32[S, V] of the sampled rows, all computed logits or None).
+
+        prev_sampled: the previous step's sampled ids (device) that placeholders in the batch stand for."""
         kind, *rest = inputs
         if rest[-1] and prev_sampled is None:
             raise RuntimeError("a placeholder token with no step in flight to fill it")
@@ -254,11 +257,9 @@ class ModelRunner:
             return logits[:n_sampled], logits
         return logits, None
 
-    def sample(self, logits, batch: InputBatch, seeds: list[int]):
-        return self.launch_sample(logits, self.sample_inputs(batch, seeds))
-
     def sample_inputs(self, batch: InputBatch, seeds: list[int]):
-        """The host half of `sample`: the sampling metadata, packed into one buffer on a single device."""
+        """The host half of sampling (`launch_sample` is the device half): the sampling metadata, packed
+        into one buffer on a single device."""
         # An n > 1 parent's rows all draw a first token (no outputs yet), each with its own seed.
         rows = [(r.request.sampling_params, r.request.prompt_token_ids, r.request.output_token_ids, seed)
                 for r, seed in zip(batch.rows, seeds)]
