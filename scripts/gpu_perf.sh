@@ -4,7 +4,7 @@ set -u
 export PYTHONUNBUFFERED=1
 M="--model benchmarks/configs/llama3-8b.json --load-format dummy --skip-tokenizer-init --dtype bfloat16"
 E="--enforce-eager --max-model-len 2048"
-run() { local name=$1; shift; timeout "$@" > "$OUT/$name.log" 2>&1; echo "== $name rc=$?"; grep -E "^batch|Throughput|idle share|ms/step|Error" "$OUT/$name.log" | tail -4; }
+run() { local name=$1; shift; timeout "$@" > "$OUT/$name.log" 2>&1; echo "== $name rc=$?"; grep -E "^batch|Throughput|idle share|ms/step|first token|Error" "$OUT/$name.log" | tail -4; }
 MODE=${1:-all}
 DT=${DT:-false}
 if [ "$MODE" = all ] || [ "$MODE" = engine ]; then
@@ -19,7 +19,8 @@ fi
 if [ "$MODE" = all ] || [ "$MODE" = random ]; then
 run tp_rand 200 python3 scripts/bench_throughput.py $M $E --dispatch-thread ${DT:-false} --dataset random --input-len 1024 --output-len 128 --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_random.json
 fi
-[ "$MODE" = engine ] || [ "$MODE" = random ] && exit 0
+if [ "$MODE" = all ] || [ "$MODE" = startup ]; then run startup 400 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup.json -- $M --max-model-len 2048; fi
+[ "$MODE" = engine ] || [ "$MODE" = random ] || [ "$MODE" = startup ] && exit 0
 # Serving: a real server on loopback, 320 ShareGPT-like prompts sent at once; GPU utilization from /metrics.
 t0=$(date +%s.%N)
 python3 -m jaxserve.serve $M --max-model-len 2048 --port 8011 --dispatch-thread ${DT:-false} --served-model-name llama3-8b > $OUT/server.log 2>&1 &

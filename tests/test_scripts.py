@@ -1,4 +1,4 @@
-"""scripts/bench_throughput.py and scripts/run_batch.py, tiny, on CPU.
+"""scripts/bench_throughput.py, bench_startup.py and run_batch.py, tiny, on CPU.
 
 The tiny llama (tests/data/tiny/llama: vocab 512, 256 positions, no tokenizer) runs with
 --skip-tokenizer-init, so prompts are token ids and text fields come back empty. One slow test runs
@@ -67,6 +67,33 @@ def test_bench_throughput_weight_bytes_match_the_tiny_checkpoint():
     assert common.weight_bytes_per_step(arch, 4) == 4 * (L * per_layer + d + v * d)
     assert common.detect_peaks("NVIDIA H100 80GB HBM3") == (790.0, 3.0)
     assert common.detect_peaks("cpu") == (None, None)
+
+
+# ---------------------------------------------------------------------------------------- bench_startup
+def test_bench_startup_cold_then_warm(tmp_path):
+    """Two real server starts on one compile cache: the second reloads what the first compiled.
+    JAX caches only programs that took >= 0.5 s to compile (jaxserve/platform.py); the 2-layer tiny
+    llama compiles faster than that and would leave the cache empty, so this is the tiny config with
+    16 layers (unrolled: ~1.5 s per forward bucket on CPU) and dummy weights. ~15 s in all."""
+    cfg = json.loads((Path(TINY) / "config.json").read_text())
+    (tmp_path / "deep.json").write_text(json.dumps({**cfg, "num_hidden_layers": 16}))
+    cache, out = tmp_path / "xla", tmp_path / "startup.json"
+    server = (f"--model {tmp_path / 'deep.json'} --load-format dummy --skip-tokenizer-init --max-model-len 128 "
+              "--max-num-batched-tokens 32 --max-num-seqs 4 --num-gpu-blocks-override 64")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_startup.py"), "--runs", "2", "--compile-cache-dir", str(cache),
+         "--log-dir", str(tmp_path / "logs"), "--timeout", "120", "--output-json", str(out), "--server-args", server],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cold, warm = json.loads(out.read_text())["runs"]
+    assert (cold["cache"], warm["cache"]) == ("cold", "warm")
+    for r in (cold, warm):
+        assert r["error"] is None and r["completion_tokens"] == 1 and r["exit_code"] == 0, r
+        assert 0 < r["health_s"] <= r["first_token_s"]
+        assert r["shapes"] == 3 and "compiled 3 step shapes" in r["compile_line"]  # buckets 8/16/32
+    assert cold["cache_files_before"] == 0 and cold["cache_files_after"] > 0
+    assert warm["compile_s"] < cold["compile_s"]
+    assert "warm start to first token" in proc.stdout
 
 
 # -------------------------------------------------------------------------------------------- run_batch
