@@ -71,7 +71,10 @@ class XlaBackend:
 
 @dataclasses.dataclass(frozen=True)
 class PallasBackend:
-    """Pallas GPU kernels: paged decode for decode-only steps, ragged prefill over pages otherwise."""
+    """Pallas GPU kernels: paged decode for decode-only steps, ragged prefill over pages otherwise.
+
+    "pallas_mosaic" runs decode steps with the Mosaic GPU kernel (Hopper, bf16/f16) and everything else with
+    the Triton-lowered kernels; "pallas_triton" uses the Triton kernels throughout."""
 
     name: str = "pallas_triton"
     has_decode_kernel: bool = True
@@ -83,6 +86,11 @@ class PallasBackend:
 
     def attend(self, q, k_cache, v_cache, meta, scale):
         from jaxserve.pallas_kernels import paged_decode, ragged_prefill
+        if meta.decode_only and self.name == "pallas_mosaic":
+            from jaxserve.pallas_kernels import paged_decode_mgpu as mgpu
+            if mgpu.supports(q, k_cache):  # bf16/f16, head dim a multiple of 64; else the Triton kernel
+                return mgpu.paged_decode_mgpu(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale,
+                                              interpret=self.interpret)
         if meta.decode_only:
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale,
                                 interpret=self.interpret)
@@ -91,7 +99,7 @@ class PallasBackend:
 
 
 def get_backend(name: str = "auto") -> AttentionBackend:
-    """`auto`: the platform's best (pallas_kernels.select); `xla`, `pallas_triton` force one."""
+    """`auto`: the platform's best (pallas_kernels.select); `xla`, `pallas_triton`, `pallas_mosaic` force one."""
     from jaxserve.pallas_kernels.select import device_attention_backend
     choice = device_attention_backend(override=None if name == "auto" else name)
     if choice == "xla":

@@ -131,7 +131,7 @@ class EngineArgs:
         "dispatch_thread": "Launch device work from a second host thread, so the launch cost of a step overlaps "
                            "the engine's Python work (with async scheduling). Default: on for GPUs (measured faster on the "
                            "H100, docs/PERF.md), off on CPU.",
-        "attention_backend": "auto (the device's fastest: Pallas kernels on GPU, XLA on CPU), xla, pallas_triton.",
+        "attention_backend": "auto (the device's fastest: Pallas kernels on GPU, XLA on CPU), xla, pallas_triton, pallas_mosaic (Hopper).",
     }
 
     @classmethod

@@ -142,15 +142,23 @@ def paged_decode(q, k_pages, v_pages, block_tables, seq_lens, *, scale: float | 
       [batch, num_q_heads, head_dim] in q.dtype.
     """
     check_paged_args(q, k_pages, v_pages, block_tables, "B")
+    Gp = max(16, tuning_lib.next_pow2(q.shape[1] // k_pages.shape[0]))
+    return grouped_decode(_decode_call, q, k_pages, v_pages, block_tables, seq_lens, scale=scale, tuning=tuning,
+                          group_padded=Gp, interpret=interpret)
+
+
+def grouped_decode(call, q, k_pages, v_pages, block_tables, seq_lens, *, scale, tuning, group_padded: int,
+                   interpret: bool):
+    """The part both decode kernels share: q [B, Hq, D] -> groups [B, Hkv, Gp, D] (zero rows past G), the
+    kernel `call` (-> per-split outputs and lse), the split merge, and back to [B, Hq, D] in q.dtype."""
     B, Hq, D = q.shape
     Hkv, _, S, _ = k_pages.shape
     if seq_lens.shape != (B,) or seq_lens.dtype != jnp.int32:
         raise ValueError(f"seq_lens must be i32[{B}], got {seq_lens.dtype}{seq_lens.shape}")
     G = Hq // Hkv
-    Gp = max(16, tuning_lib.next_pow2(G))
     scale = default_scale(D) if scale is None else scale
     tune = tuning.resolve(B, Hkv, block_tables.shape[1], S, D, k_pages.dtype.itemsize)
-    q4 = jnp.pad(q.reshape(B, Hkv, G, D), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))  # (B, Hkv, Gp, D)
-    o, lse = _decode_call(q4, k_pages, v_pages, block_tables, seq_lens, scale=scale, tune=tune, interpret=interpret)
+    q4 = jnp.pad(q.reshape(B, Hkv, G, D), ((0, 0), (0, 0), (0, group_padded - G), (0, 0)))  # (B, Hkv, Gp, D)
+    o, lse = call(q4, k_pages, v_pages, block_tables, seq_lens, scale=scale, tune=tune, interpret=interpret)
     o = o[0] if tune.num_splits == 1 else merge_splits(o, lse)  # (B, Hkv, Gp, D)
     return o[:, :, :G].reshape(B, Hq, D).astype(q.dtype)

@@ -4,7 +4,8 @@ The choice is a pure function of (platform, compute capability, requested name),
 is built and passed down; nothing reads an environment variable or global behind the config's back.
 
   cpu (and anything unknown)      -> "xla"          pure-jnp reference.py, compiled by XLA
-  gpu, sm 9.x (Hopper)            -> best measured: "pallas_triton" until a Mosaic GPU kernel is built and wins
+  gpu, sm 9.x (Hopper)            -> best measured: "pallas_mosaic" (Mosaic GPU decode kernel, Triton prefill) if
+                                     MOSAIC_FASTEST, else "pallas_triton" (see MOSAIC_FASTEST for the figures)
   gpu, sm 8.x (Ampere/Ada)        -> "pallas_triton"
   gpu, older / unknown capability -> "xla"
 """
@@ -15,8 +16,9 @@ import jax
 
 BACKENDS = ("xla", "pallas_triton", "pallas_mosaic")
 
-# Mosaic GPU kernels are not built yet; flip when one exists and beats Triton in scripts/bench_kernels.py.
-MOSAIC_AVAILABLE = False
+# Whether the Mosaic GPU decode kernel (paged_decode_mgpu.py) beats the Triton one on Hopper in
+# scripts/bench_kernels.py; decided by the H100 run recorded in docs/PERF.md.
+MOSAIC_FASTEST = False
 
 
 def attention_backend(platform: str, compute_capability: tuple[int, int] | None = None,
@@ -36,13 +38,13 @@ def attention_backend(platform: str, compute_capability: tuple[int, int] | None 
             return override
         if platform != "gpu" or compute_capability is None or compute_capability < (8, 0):
             raise ValueError(f"{override} needs an NVIDIA GPU with sm >= 8.0, got {platform} {compute_capability}")
-        if override == "pallas_mosaic" and (compute_capability[0] != 9 or not MOSAIC_AVAILABLE):
-            raise ValueError(f"pallas_mosaic is Hopper-only and built={MOSAIC_AVAILABLE}; got sm {compute_capability}")
+        if override == "pallas_mosaic" and compute_capability[0] != 9:
+            raise ValueError(f"pallas_mosaic is Hopper-only (sm 9.x); got sm {compute_capability}")
         return override
     if platform != "gpu" or compute_capability is None:
         return "xla"
     if compute_capability[0] == 9:
-        return "pallas_mosaic" if MOSAIC_AVAILABLE else "pallas_triton"
+        return "pallas_mosaic" if MOSAIC_FASTEST else "pallas_triton"
     if compute_capability[0] == 8:
         return "pallas_triton"
     return "xla"  # pre-Ampere, or Blackwell until measured there
@@ -54,3 +56,25 @@ def device_attention_backend(device: jax.Device | None = None, override: str | N
     cc = getattr(device, "compute_capability", None)  # "9.0" on CUDA devices
     cap = tuple(int(x) for x in cc.split(".")[:2]) if isinstance(cc, str) and cc[:1].isdigit() else None
     return attention_backend(device.platform, cap, override)
+
+
+KV_WRITE_BACKENDS = ("xla", "pallas_triton", "jax_triton")
+
+
+def kv_write_backend(platform: str, override: str | None = None) -> str:
+    """Which KV-cache write a device gets: one of KV_WRITE_BACKENDS.
+
+    "xla" (kv_write's scatter) everywhere for now. scripts/bench_kernels.py --kv-write times it against
+    kv_write_pallas and kv_write_triton on the H100; this flips to whichever wins there, on GPUs only.
+
+    Args:
+      platform: "cpu", "gpu" (or "cuda"/"rocm"), "tpu", ...
+      override: a name from KV_WRITE_BACKENDS (or "auto"/None); a Triton one off a GPU raises ValueError.
+    """
+    if override in (None, "auto"):
+        return "xla"
+    if override not in KV_WRITE_BACKENDS:
+        raise ValueError(f"unknown kv write backend {override!r}; choose from {KV_WRITE_BACKENDS} or 'auto'")
+    if override != "xla" and platform not in ("gpu", "cuda"):
+        raise ValueError(f"{override} kv write needs an NVIDIA GPU, got {platform}")
+    return override

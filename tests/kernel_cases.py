@@ -4,6 +4,7 @@ permuted block tables, and a dumb numpy loop oracle independent of the jnp refer
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -42,7 +43,6 @@ def make_case(rng, *, num_kv_heads, group, head_dim, block_size, ctx_lens, q_len
     v = np.full((Hkv, N, S, D), np.nan, np.float32)
     free = list(rng.permutation(np.arange(1, N)))
     bt = np.zeros((B, P), np.int32)
-    slot_of = {}
     for b in range(B):
         for j in range(pages_needed[b]):
             bt[b, j] = free.pop()
@@ -95,3 +95,31 @@ def tol(dtype):
     if np.dtype(dtype) != np.float32:
         return dict(atol=2e-2, rtol=2e-2)
     return dict(atol=2e-5, rtol=2e-5) if INTERPRET else dict(atol=3e-3, rtol=3e-3)
+
+
+def decode_case(rng, group, head_dim, block_size, dtype=np.float32, num_kv_heads=2, long_pages=7):
+    """One new token per sequence: lengths of 1 token, odd, exactly on block boundaries (S, 4S), one past one,
+    a long one, and a padding row (0, last)."""
+    S = block_size
+    lens = [1, S + 3, S, 4 * S, 2 * S + 1, long_pages * S - 5, 0]
+    c = make_case(rng, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, block_size=S,
+                  ctx_lens=[max(n - 1, 0) for n in lens], q_lens=[1 if n else 0 for n in lens], dtype=dtype)
+    q = rng.standard_normal((len(lens), num_kv_heads * group, head_dim)).astype(dtype)
+    return q, c
+
+
+def check_decode(kernel, reference, q, c, dtype, **kwargs):
+    """kernel(q, pages, tables, lens, **kwargs) against the jnp reference: dtype kept, no NaN from the NaN-filled
+    unused pages, within tol(dtype), exact zeros for the padding row."""
+    got = kernel(q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, interpret=INTERPRET, **kwargs)
+    want = reference(q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, scale=kwargs.get("scale"))
+    assert got.dtype == q.dtype
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, want, **tol(dtype))
+    np.testing.assert_array_equal(got[-1], 0.0)  # padding row
+
+
+# Every GQA ratio x block size for the decode sweeps; head dim and split count alternate to keep CI time down.
+DECODE_SWEEP = [(g, s, *((64, 1) if (g + s.bit_length()) % 2 else (128, 3)))
+                for g, s in itertools.product([1, 3, 4, 7, 8], [16, 32, 64, 128])]

@@ -22,8 +22,8 @@ def test_auto(platform, cap, want):
     assert attention_backend(platform, cap, "auto") == want
 
 
-def test_hopper_prefers_mosaic_when_built(monkeypatch):
-    monkeypatch.setattr(select, "MOSAIC_AVAILABLE", True)
+def test_hopper_prefers_mosaic_when_fastest(monkeypatch):
+    monkeypatch.setattr(select, "MOSAIC_FASTEST", True)
     assert attention_backend("gpu", (9, 0)) == "pallas_mosaic"
     assert attention_backend("gpu", (8, 0)) == "pallas_triton"
 
@@ -36,8 +36,9 @@ def test_override():
         attention_backend("gpu", (9, 0), "flash")
     with pytest.raises(ValueError, match="GPU"):
         attention_backend("cpu", None, "pallas_triton")
+    assert attention_backend("gpu", (9, 0), "pallas_mosaic") == "pallas_mosaic"
     with pytest.raises(ValueError, match="Hopper"):
-        attention_backend("gpu", (9, 0), "pallas_mosaic")  # not built yet
+        attention_backend("gpu", (8, 0), "pallas_mosaic")
 
 
 def test_device_backend_on_this_host():

@@ -1,0 +1,251 @@
+"""Paged decode attention in Pallas, Mosaic GPU lowering (Hopper: TMA + wgmma).
+
+Design note.
+- Same contract and split-K scheme as paged_decode.py (the Triton twin): one CUDA block per (kv head h,
+  sequence b, split s) owns all G query heads of kv head h. wgmma needs M = 64 rows, so the group sits in rows
+  0..Gp-1 (Gp = G rounded up to 8, the TMA tile) of a zeroed 64-row q tile in shared memory; the padded rows
+  cost tensor-core time only, which decode has to spare (it is bound by KV bytes).
+- K/V stay in the cache layout [Hkv, N, S, D]. Each step covers `keys_per_step` keys = ppcb pages; the block
+  issues one TMA copy per page (a page of one kv head is a contiguous [S, D] tile) into a `num_stages`-deep ring
+  of shared-memory slots, so the copies for the next steps are in flight while wgmma and the softmax run on
+  this one. A slot's barrier expects ppcb arrivals (one per page copy).
+- Keys past seq_len inside the last step (the tail of the last page, and pages past the sequence, which the
+  table pads with in-range ids) are masked to -inf in the logits; V rows there are zeroed in shared memory
+  before the PV product, since 0 * NaN would poison the output (tests fill unused slots with NaN).
+- The softmax runs in base 2 with the scale folded into one multiply (exp2 is a single MUFU op); lse is
+  written back in natural log for merge_splits, shared with the Triton kernel.
+- bf16/f16 only (wgmma has no f32 operands); f32 callers use the Triton kernel. keys_per_step must be a
+  multiple of 64 (the wgmma layout of the V tile that is masked) and of the block size.
+- The Mosaic GPU interpreter (`interpret=True` here -> plgpu's CPU interpreter) runs it in the CPU tests; the
+  same kernel lowers to Mosaic GPU IR on a CPU host (tests/gpu_lowering.py), which catches layout errors
+  before any GPU time is spent.
+Measurements: docs/PERF.md (scripts/bench_kernels.py, "mosaic" column).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxserve.pallas_kernels.checks import check_paged_args
+from jaxserve.pallas_kernels.paged_decode import grouped_decode
+
+_ROWS = 64  # wgmma's M
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_SMEM_BUDGET = 220 * 1024
+_TARGET_BLOCKS = 132  # one block per H100 SM; the ring of TMA copies keeps each SM's memory pipe busy
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicDecodeTuning:
+    """keys_per_step: keys per wgmma step (multiple of 64 and of the block size); 0 = 64 (block sizes <= 64)
+    or the block size. num_stages: depth of the TMA ring. num_splits: split-K partitions; 0 = fill the SMs."""
+    keys_per_step: int = 0
+    num_stages: int = 4
+    num_splits: int = 0
+
+    def resolve(self, batch: int, num_kv_heads: int, pages_per_seq: int, block_size: int,
+                head_dim: int, itemsize: int) -> "MosaicDecodeTuning":
+        keys = self.keys_per_step or max(64, block_size)
+        if keys % 64 or keys % block_size:
+            raise ValueError(f"keys_per_step {keys} must be a multiple of 64 and of block_size {block_size}")
+        ppcb = keys // block_size
+        steps_per_seq = -(-pages_per_seq // ppcb)
+        splits = self.num_splits
+        if splits == 0:
+            want = max(1, _TARGET_BLOCKS // max(1, batch * num_kv_heads))
+            splits = max(1, min(want, steps_per_seq // 2, 16))
+        fixed = _ROWS * head_dim * (itemsize + 4) + 4 * _ROWS  # q tile + f32 output tile + lse
+        stages = self.num_stages
+        while stages > 1 and fixed + stages * 2 * keys * head_dim * itemsize > _SMEM_BUDGET:
+            stages -= 1
+        return dataclasses.replace(self, keys_per_step=keys, num_stages=stages, num_splits=splits)
+
+
+DEFAULT_MOSAIC_DECODE = MosaicDecodeTuning()
+
+
+def _tiled(shape, dtype):
+    """Shared memory in the wgmma operand layout: (8, 128 bytes) tiles, 128-byte swizzle."""
+    minor = 128 // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, minor)), plgpu.SwizzleTransform(128)))
+
+
+def _decode_call(q4, k_pages, v_pages, block_tables, seq_lens, *, scale: float, tune: MosaicDecodeTuning,
+                 interpret: bool):
+    """q4 [B, Hkv, Gp, D] -> (o f32[splits, B, Hkv, Gp, D], lse f32[splits, B, Hkv, Gp])."""
+    B, Hkv, Gp, D = q4.shape
+    _, _, S, _ = k_pages.shape
+    dtype = k_pages.dtype
+    T, stages, splits = tune.keys_per_step, tune.num_stages, tune.num_splits
+    ppcb = T // S
+    P = block_tables.shape[1]
+    block_tables = jnp.pad(block_tables, ((0, 0), (0, -P % ppcb)))  # the last step may run past P; pads = page 0
+    qk_scale = scale * _LOG2E
+
+    def kernel(bt_ref,  # i32[B, P']           block tables (GMEM; scalars read per page)
+               len_ref,  # i32[B]              context lengths
+               q_ref,  # [B, Hkv, Gp, D]       query groups
+               k_ref,  # [Hkv, N, S, D]        key pages
+               v_ref,  # [Hkv, N, S, D]        value pages
+               o_ref,  # f32[splits, B, Hkv, Gp, D]
+               lse_ref,  # f32[splits, B, Hkv, Gp]
+               q_smem,  # [64, D]              rows >= Gp stay zero
+               k_smem,  # [stages, T, D]
+               v_smem,  # [stages, T, D]
+               o_smem,  # f32[64, D]
+               lse_smem,  # f32[64]
+               q_bar, k_bar, v_bar):
+        h, b, split = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("s")
+        seq_len = len_ref[b]
+        n_steps = (seq_len + T - 1) // T
+        per_split = (n_steps + splits - 1) // splits
+        c0 = split * per_split
+        c1 = jnp.minimum(c0 + per_split, n_steps)
+
+        q_smem[...] = plgpu.layout_cast(jnp.zeros((_ROWS, D), dtype), plgpu.Layout.WGMMA)
+        plgpu.commit_smem()  # the zeros land before the TMA writes rows 0..Gp-1
+        plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, Gp)], q_bar.at[0])
+
+        def issue(c, slot):
+            for j in range(ppcb):
+                page = bt_ref[b, c * ppcb + j]
+                plgpu.copy_gmem_to_smem(k_ref.at[h, page], k_smem.at[slot, pl.ds(j * S, S)], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[h, page], v_smem.at[slot, pl.ds(j * S, S)], v_bar.at[slot])
+
+        for i in range(stages):
+            @pl.when(c0 + i < c1)
+            def _():
+                issue(c0 + i, i)
+
+        plgpu.barrier_wait(q_bar.at[0])
+
+        def step(c, carry):
+            acc, m_i, l_i = carry
+            slot = lax.rem(c - c0, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            if interpret:  # the CPU interpreter has no wgmma: the same product in jnp
+                s = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+            else:
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    return acc_ref[...]
+                s = pl.run_scoped(qk, plgpu.ACC((_ROWS, T), jnp.float32))
+            s = s * qk_scale  # (64, T) in log2 units
+            key = plgpu.broadcasted_iota(jnp.int32, (_ROWS, T), 1, layout=plgpu.Layout.WGMMA) + c * T
+            s = jnp.where(key < seq_len, s, -jnp.inf)
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            plgpu.barrier_wait(v_bar.at[slot])
+
+            @pl.when((c + 1) * T > seq_len)  # last step: zero V rows past the context (may hold NaN)
+            def _():
+                row = plgpu.broadcasted_iota(jnp.int32, (T, D), 0, layout=plgpu.Layout.WGMMA) + c * T
+                v_smem.at[slot][...] = jnp.where(row < seq_len, v_smem.at[slot][...], jnp.zeros((T, D), dtype))
+                plgpu.commit_smem()
+
+            if interpret:
+                acc = acc + jnp.dot(p.astype(dtype), v_smem.at[slot][...], preferred_element_type=jnp.float32)
+            else:
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+
+            @pl.when(c + stages < c1)  # the slot is free again: refill it
+            def _():
+                issue(c + stages, slot)
+            return acc, m_new, l_i
+
+        init = (plgpu.layout_cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA),
+                plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+                plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
+        acc, m_i, l_i = lax.fori_loop(c0, c1, step, init)
+        nonempty = l_i > 0
+        l_safe = jnp.where(nonempty, l_i, jnp.ones_like(l_i))
+        o_smem[...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+        lse_smem[...] = jnp.where(nonempty, m_i * _LN2 + jnp.log(l_safe), jnp.full_like(l_i, -jnp.inf))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, Gp)], o_ref.at[split, b, h])
+        plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, Gp)], lse_ref.at[split, b, h])
+        plgpu.wait_smem_to_gmem(0)
+
+    return plgpu.kernel(
+        kernel,
+        out_type=[jax.ShapeDtypeStruct((splits, B, Hkv, Gp, D), jnp.float32),
+                  jax.ShapeDtypeStruct((splits, B, Hkv, Gp), jnp.float32)],
+        scratch_types=[
+            _tiled((_ROWS, D), dtype),
+            _tiled((stages, T, D), dtype),
+            _tiled((stages, T, D), dtype),
+            _tiled((_ROWS, D), jnp.float32),
+            plgpu.SMEM((_ROWS,), jnp.float32),
+            plgpu.Barrier(num_barriers=1),
+            plgpu.Barrier(num_arrivals=ppcb, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=ppcb, num_barriers=stages),
+        ],
+        grid=(Hkv, B, splits),
+        grid_names=("h", "b", "s"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+        kernel_name=f"paged_decode_mgpu_T{T}_st{stages}_sp{splits}",
+    )(block_tables, seq_lens, q4, k_pages, v_pages)
+
+
+def supports(q, k_pages) -> bool:
+    """Whether paged_decode_mgpu takes these operands (the backend falls back to the Triton kernel if not)."""
+    try:
+        check_mosaic_args(q, k_pages)
+    except ValueError:
+        return False
+    return True
+
+
+def check_mosaic_args(q, k_pages) -> None:
+    """What the Mosaic kernel needs beyond check_paged_args (ValueError otherwise)."""
+    Hkv, _, S, D = k_pages.shape
+    G = q.shape[1] // Hkv
+    if k_pages.dtype not in (jnp.bfloat16, jnp.float16) or q.dtype != k_pages.dtype:
+        raise ValueError(f"the Mosaic decode kernel takes bf16/f16 q and pages of one dtype, got {q.dtype}, "
+                         f"{k_pages.dtype}")
+    if D % 64:
+        raise ValueError(f"head_dim must be a multiple of 64, got {D}")
+    if G > _ROWS:
+        raise ValueError(f"at most {_ROWS} query heads per kv head, got {G}")
+    if S % 8:
+        raise ValueError(f"block_size must be a multiple of 8, got {S}")
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "tuning", "interpret"))
+def paged_decode_mgpu(q, k_pages, v_pages, block_tables, seq_lens, *, scale: float | None = None,
+                      tuning: MosaicDecodeTuning = DEFAULT_MOSAIC_DECODE, interpret: bool = False):
+    """Paged GQA decode attention (Mosaic GPU); same contract as paged_decode.paged_decode.
+
+    Args:
+      q: bf16/f16 [batch, num_q_heads, head_dim] (one new token per sequence).
+      k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim], q's dtype; block 0 is the null page.
+      block_tables: i32[batch, pages_per_seq]; entries past a sequence's pages may be anything in range.
+      seq_lens: i32[batch] context length including the new token; 0 (padding row) gives zeros.
+      scale: softmax scale, default 1/sqrt(head_dim).
+      tuning: MosaicDecodeTuning; 0 fields are picked from the shapes.
+      interpret: run Mosaic GPU's CPU interpreter (CPU tests).
+    Returns:
+      [batch, num_q_heads, head_dim] in q.dtype.
+    """
+    check_paged_args(q, k_pages, v_pages, block_tables, "B")
+    check_mosaic_args(q, k_pages)
+    Gp = -(-(q.shape[1] // k_pages.shape[0]) // 8) * 8  # the TMA tile: 8 rows
+    return grouped_decode(_decode_call, q, k_pages, v_pages, block_tables, seq_lens, scale=scale, tuning=tuning,
+                          group_padded=Gp, interpret=interpret)
