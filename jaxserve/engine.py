@@ -76,7 +76,7 @@ class LLMEngine:
         # Device launches from their own thread (config.dispatch_thread): XLA enqueues a step's kernels on
         # the calling thread with the GIL released, so that time overlaps the engine's Python work.
         self._dispatcher = (ThreadPoolExecutor(1, thread_name_prefix="jaxserve-dispatch")
-                            if config.dispatch_thread and runner.parallel is None else None)
+                            if config.dispatch_thread and runner.device_inputs else None)
         self._token_text: dict[int, str] = {}
         self.stream_outputs = True  # False: step() returns finished requests only (the offline LLM)
 
@@ -202,7 +202,7 @@ class LLMEngine:
 
     @property
     def _needs_sync(self) -> bool:
-        if self.runner.parallel is not None:  # sharded steps run in lock-step (docs/PARALLEL.md)
+        if not self.runner.device_inputs:  # multi-host steps run in lock-step (docs/PARALLEL.md)
             return True
         return any(g.params.prompt_logprobs is not None or g.params.presence_penalty or g.params.frequency_penalty
                    or g.params.repetition_penalty != 1.0 for g in self.groups.values())

@@ -109,6 +109,12 @@ class ModelRunner:
         self._forward = jax.jit(fwd, donate_argnums=(1,))
         self._copy_blocks = kv_cache.copy_blocks
         self.parallel = parallel
+        # Step inputs built on the device (packed, placeholders filled there), so the engine need not wait for
+        # a step before scheduling the next. A sharded step takes them too in one process; a multi-host
+        # leader sends host inputs to its followers (LeaderRunner), so it runs in lock-step.
+        self.device_inputs = parallel is None or jax.process_count() == 1
+        # Where a step's logits (and so the sampler and the sampled ids) live: the last stage's first device.
+        self.logits_device = jax.devices()[0] if parallel is None else parallel.mesh.devices[-1, 0]
         if parallel is not None:  # params: one dict per stage; pages: each layer on its stage's tp mesh
             self._forward = parallel.make_forward(model, specs)
             self._copy_blocks = parallel.copy_blocks
@@ -162,7 +168,7 @@ class ModelRunner:
             logits, self.kv_caches = self._forward(self.params, self.kv_caches, ids, meta, li)
             jax.block_until_ready(logits)
             self.compiled[("forward", T, dec)] = time.perf_counter() - t1
-        if self.parallel is None:
+        if self.device_inputs:
             self._warmup_step_helpers()
         dt = time.perf_counter() - t0
         log.info("compiled %d step shapes in %.1f s: tokens %s (+ decode-only up to %d; input unpacking and "
@@ -181,7 +187,7 @@ class ModelRunner:
             jax.block_until_ready(_unpack(packed, self._no_prev, T=T, B=B, P=P, S=B))
         for S in sorted({min(T, self.max_num_seqs) for T in self.token_buckets}):
             # committed, as the forward's logits are: an uncommitted stand-in would compile a twin program
-            logits = jax.device_put(np.zeros((S, self.arch.vocab_size), np.float32), jax.devices()[0])
+            logits = jax.device_put(np.zeros((S, self.arch.vocab_size), np.float32), self.logits_device)
             for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
                 jax.block_until_ready(self.launch_sample(logits, pack_metadata(
                     sampler.SamplingMetadata.build([(params, [1], [], 0)], pad_to=S))))
@@ -218,7 +224,7 @@ class ModelRunner:
         if batch.prompt_logprob_spans:  # the sampled rows, then the prompt rows whose next-token logprobs are wanted
             li = np.concatenate([li, self._span_rows(batch)])
         n_sampled = len(batch.logits_indices) if batch.prompt_logprob_spans else None
-        if self.parallel is not None:  # meshes take host arrays (placed by the sharded step); lock-step only
+        if not self.device_inputs:  # multi-host: host arrays, broadcast to the followers; lock-step only
             meta = AttentionMetadata(slot_mapping=batch.slot_mapping, positions=batch.positions,
                                      token_seq_ids=batch.token_seq_ids, block_tables=batch.block_tables,
                                      seq_lens=batch.seq_lens, query_start_loc=batch.query_start_loc,
@@ -246,7 +252,9 @@ class ModelRunner:
             logits = self.run_forward(token_ids, meta, li)
         else:
             packed, dims, decode_only, n_sampled, _ = rest
-            prev = prev_sampled if prev_sampled is not None else self._no_prev
+            prev = self._no_prev
+            if prev_sampled is not None:  # pipeline stages: the ids come from the last stage's device
+                prev = prev_sampled if self.parallel is None else jax.device_put(prev_sampled, jax.devices()[0])
             token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li_d = _unpack(
                 jax.device_put(packed), prev, **dims)
             meta = AttentionMetadata(slot_mapping=slots, positions=positions, token_seq_ids=seq_ids,
@@ -264,13 +272,13 @@ class ModelRunner:
         rows = [(r.request.sampling_params, r.request.prompt_token_ids, r.request.output_token_ids, seed)
                 for r, seed in zip(batch.rows, seeds)]
         md = sampler.SamplingMetadata.build(rows, pad_to=len(batch.logits_indices))
-        return md if self.parallel is not None else pack_metadata(md)
+        return pack_metadata(md) if self.device_inputs else md
 
     def launch_sample(self, logits, inputs):
-        if self.parallel is not None:
+        if not self.device_inputs:
             return self._sample(logits, inputs)
         packed, treedef, layout = inputs
-        return _sample_packed(logits, jax.device_put(packed), treedef=treedef, layout=layout,
+        return _sample_packed(logits, jax.device_put(packed, self.logits_device), treedef=treedef, layout=layout,
                               ids_len=self.ids_len)
 
     @staticmethod

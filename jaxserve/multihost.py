@@ -63,6 +63,7 @@ class LeaderRunner(ModelRunner):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
+        self.device_inputs = False  # the followers replay host inputs
         self._stopped = False
         atexit.register(self.stop_followers)
 

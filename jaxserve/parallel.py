@@ -213,8 +213,11 @@ class ParallelPlan:
             self.stage_fns.append(jax.jit(step, donate_argnums=(1,)))
 
         def forward(params, kv, token_ids, meta, li):
-            # Host inputs (numpy; warm-up's jnp zeros are brought back): every process puts its own copy.
-            token_ids, meta, li = jax.tree.map(np.asarray, (token_ids, meta, li))
+            # One process: device arrays (the runner's packed inputs), copied to each stage's mesh without a
+            # sync. Multi-host: host arrays (numpy; warm-up's jnp zeros are brought back), every process puts
+            # its own copy.
+            if jax.process_count() > 1:
+                token_ids, meta, li = jax.tree.map(np.asarray, (token_ids, meta, li))
             x, new_kv = token_ids, []
             for s, (a, b) in enumerate(self.stages):
                 x, m, l = jax.device_put((x, meta, li), self.replicated[s])  # (T,) ids or (T, D) hidden

@@ -72,6 +72,11 @@ for tp, pp in [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (2, 2)]:
             hlo = fn.lower(r.params[s], r.kv_caches[a:b], x, meta, li).compile().as_text()
             out["collectives"][f"{key}/{s}"] = count_collectives(hlo)
         out.setdefault("kv_bytes_per_block", {})[key] = r.parallel.kv_bytes_per_block(16, np.float32)
+# One process: sharded steps take device inputs and run ahead of the host (async), also from the dispatch thread.
+for tp, pp in [(2, 1), (2, 2)]:
+    llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, dispatch_thread=True, **flags)
+    out["tokens"][f"{tp}x{pp}/dispatch_thread"] = tokens(llm, prompts)
+    out.setdefault("lockstep", {})[f"{tp}x{pp}"] = llm.llm_engine._needs_sync
 # Real HF weights through the loader's re-layout: qwen2 (qkv bias, 2 kv heads) at tp=4 repeats kv heads.
 qwen = sys.argv[4]
 for tp in (1, 4):
@@ -174,6 +179,12 @@ def test_invalid_tp_size_is_a_startup_error(tiny8):
 def test_greedy_tokens_equal_single_device(tiny_run, key):
     assert tiny_run["tokens"][key] == tiny_run["tokens"]["1x1"]
     assert tiny_run["logits_maxdiff"][key] < 1e-5  # fp32: only the summation order differs
+
+
+@pytest.mark.parametrize("key", ["2x1", "2x2"])
+def test_sharded_steps_run_async_from_the_dispatch_thread(tiny_run, key):
+    assert tiny_run["lockstep"][key] is False  # one process: no host sync per step
+    assert tiny_run["tokens"][f"{key}/dispatch_thread"] == tiny_run["tokens"]["1x1"]
 
 
 def test_hf_weights_relayout_tp4_equals_tp1(tiny_run):
