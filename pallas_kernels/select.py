@@ -65,7 +65,8 @@ def kv_write_backend(platform: str, override: str | None = None) -> str:
     """Which KV-cache write a device gets: one of KV_WRITE_BACKENDS.
 
     "xla" (kv_write's scatter) everywhere for now. scripts/bench_kernels.py --kv-write times it against
-    kv_write_pallas and kv_write_triton on the H100; this flips to whichever wins there, on GPUs only.
+    kv_write_pallas and kv_write_triton on the H100; this flips to whichever wins there, on GPUs only (first
+    figures in kv_write_triton.py's note: no one backend wins at every token count).
 
     Args:
       platform: "cpu", "gpu" (or "cuda"/"rocm"), "tpu", ...

@@ -3,10 +3,12 @@
 Decode: our Pallas paged decode vs jax's bundled Pallas paged_attention vs the XLA reference, Llama-3-8B heads
 (32 q / 8 kv, d=128, block 16, bf16), reported as achieved KV-read bandwidth next to a device copy's bandwidth
 measured in the same run. Prefill: our ragged kernel vs the XLA reference, causal FLOP/s next to a bf16 matmul
-measured in the same run, for 8 x 2048-token prompts and a mixed chunked batch.
+measured in the same run, for 8 x 2048-token prompts and a mixed chunked batch. KV write: new tokens' K/V into
+one layer's cache (~2 GiB per K and V), in place, XLA scatter vs Pallas vs jax-triton, as bandwidth.
 
   python scripts/bench_kernels.py --out /tmp/bench            # GPU
   python scripts/bench_kernels.py --smoke --out /tmp/smoke    # CPU: tiny sizes, Pallas in interpret mode
+  python scripts/bench_kernels.py --kv-write --out /tmp/kvw    # the KV-write part alone
 
 Timing: one uncounted warm-up call (compile + run), then the median of --repeats calls, each ended with
 block_until_ready. Writes results.json and kernels.png to --out and prints a table.
@@ -27,11 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.pallas_kernels import (paged_decode, paged_decode_reference, ragged_attention_reference,
-                                     ragged_prefill)
+from jaxserve.pallas_kernels import (kv_write, kv_write_pallas, paged_decode, paged_decode_reference,
+                                     ragged_attention_reference, ragged_prefill)
+from jaxserve.pallas_kernels import kv_write_triton as kvt
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16  # Llama-3-8B attention
 DTYPE = jnp.bfloat16
+KV_WRITE_TOKENS = (64, 256, 2048, 8192)  # a few decode rows ... a long prefill chunk
+KV_WRITE_BLOCKS = 65536  # 8 kv heads x 16 slots x 128 x bf16 = 32 KiB a block: 2 GiB per K and per V
+KV_WRITES_PER_CALL = 32  # one jitted call writes 32 times (a forward pass's layers); see _chained_writes
 
 
 def time_fn(fn, *args, repeats: int) -> float:
@@ -192,6 +198,74 @@ def bench_prefill(args, interpret: bool):
     return rows
 
 
+def _time_donating(fn, cache: list, *args, repeats: int) -> float:
+    """time_fn of `cache[:] = fn(*cache, *args)`: the donated cache threads through the calls, updated in place."""
+    def step():
+        cache[:] = fn(*cache, *args)
+        return cache[0]
+    return time_fn(step, repeats=repeats)
+
+
+def _chained_writes(write):
+    """jit of R writes in a row (slots i32[R, T], other pages each time), as a forward pass writes one per layer:
+    a lone write runs for a few us on the GPU, less than the host's ~40 us to dispatch a call, so timing calls
+    of one would measure the host. The cache is donated, so the chain updates it in place."""
+    def run(k, v, k_new, v_new, slots):
+        for r in range(slots.shape[0]):
+            k, v = write(k, v, k_new, v_new, slots[r])
+        return k, v
+    return jax.jit(run, donate_argnums=(0, 1))
+
+
+def bench_kv_write(args, interpret: bool):
+    """T new tokens' K/V into one layer's cache (T tokens in whole pages, pages in random order), the cache donated
+    so every implementation updates it in place; jax-triton once per tokens-per-program choice (`auto` marks the
+    one launch_config picks). Bytes: k_new and v_new read, the same rows written; us and GB/s per write."""
+    hkv, d = args.kv_heads, args.head_dim
+    tokens, n_blocks, R = ((8, 40), 64, 2) if args.smoke else (KV_WRITE_TOKENS, KV_WRITE_BLOCKS, KV_WRITES_PER_CALL)
+    impls = {"xla": kv_write, "pallas": functools.partial(kv_write_pallas, interpret=interpret)}
+    if kvt.triton_available():
+        impls |= {f"jax_triton/bt{b}": functools.partial(kvt.kv_write_triton, block_tokens=b) for b in kvt.BLOCK_TOKENS}
+    rows = [] if kvt.triton_available() else [dict(kind="kv_write", impl="jax_triton", skipped="no GPU or jax_triton")]
+    for r in rows:
+        print(_fmt_kv_write(r), flush=True)
+    new_cache = lambda: [jnp.zeros((hkv, n_blocks, BLOCK, d), DTYPE) for _ in "kv"]  # [Hkv, N, S, D] each
+    cache = new_cache()
+    for T in tokens:
+        key = jax.random.PRNGKey(T)
+        P = math.ceil(T / BLOCK)
+        pages = (jax.random.permutation(key, n_blocks - 1)[:R * P] + 1).reshape(R, P)  # never the null block 0
+        slots = (pages[:, :, None] * BLOCK + jnp.arange(BLOCK)).reshape(R, -1)[:, :T].astype(jnp.int32)  # [R, T]
+        k_new, v_new = (jax.random.normal(jax.random.fold_in(key, i), (T, hkv, d), DTYPE) for i in (1, 2))
+        n_bytes = 2 * T * hkv * d * jnp.dtype(DTYPE).itemsize * 2  # k and v; read + written
+        for impl, write in impls.items():
+            row = dict(kind="kv_write", impl=impl, tokens=T, writes_per_call=R)
+            if impl.startswith("jax_triton"):
+                row["auto"] = int(impl.removeprefix("jax_triton/bt")) == kvt.launch_config(T, hkv, d)[0]
+            try:
+                sec = _time_donating(_chained_writes(write), cache, k_new, v_new, slots, repeats=args.repeats) / R
+                row["max_err"] = max(float(jnp.max(jnp.abs(c.reshape(hkv, -1, d)[:, slots].astype(jnp.float32)
+                                                           - new.transpose(1, 0, 2)[:, None].astype(jnp.float32))))
+                                     for c, new in zip(cache, (k_new, v_new)))  # [Hkv, R, T, D] vs [Hkv, 1, T, D]
+                row.update(us=sec * 1e6, gbps=n_bytes / sec / 1e9, frac_copy=n_bytes / sec / args.copy_bw)
+            except Exception as e:  # a failing impl is recorded, not fatal; it may have consumed the cache
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                if any(c.is_deleted() for c in cache):
+                    cache[:] = new_cache()
+            rows.append(row)
+            print(_fmt_kv_write(row), flush=True)
+    return rows
+
+
+def _fmt_kv_write(r):
+    head = f"kv_write {r['impl']:15s} T={r.get('tokens', '-')!s:<6s}"
+    if "skipped" in r or "error" in r:
+        return f"{head} {'SKIPPED ' + r['skipped'] if 'skipped' in r else 'ERROR ' + r['error']}"
+    auto = " (auto)" if r.get("auto") else ""
+    return (f"{head} err={r['max_err']:.1e} {r['us']:10.1f} us  {r['gbps']:8.1f} GB/s  "
+            f"{100 * r['frac_copy']:5.1f}% of copy{auto}")
+
+
 def _fmt(r):
     head = f"{r['kind']:8s} {r['impl']:12s} " + (f"B={r['batch']:<4d} ctx={r['ctx']:<6d}" if r["kind"] == "decode"
                                                  else f"{r['case']:14s} T={r['tokens']:<6d}")
@@ -239,6 +313,8 @@ def main():
     p.add_argument("--ctxs", type=int, nargs="*", default=[512, 2048, 8192])
     p.add_argument("--xla-pages-per-iter", type=int, default=4)
     p.add_argument("--sweep", action="store_true", help="also sweep decode tunings at a few cells")
+    p.add_argument("--kv-write", action="store_true",
+                   help="only the KV-cache write benchmark (the default run includes it: ~20 s on an H100)")
     args = p.parse_args()
     interpret = args.smoke or jax.devices()[0].platform == "cpu"
     args.q_heads, args.kv_heads, args.head_dim = HQ, HKV, D
@@ -262,7 +338,10 @@ def main():
     args.matmul_flops = matmul_flops(mm_n, args.repeats)
     print(f"device {dev.device_kind}: copy {args.copy_bw / 1e9:.1f} GB/s, bf16 matmul "
           f"{args.matmul_flops / 1e12:.1f} TFLOP/s (interpret={interpret})", flush=True)
-    rows = bench_decode(args, interpret) + bench_prefill(args, interpret)
+    if args.kv_write:
+        rows = bench_kv_write(args, interpret)
+    else:
+        rows = bench_decode(args, interpret) + bench_prefill(args, interpret) + bench_kv_write(args, interpret)
     if args.sweep:
         rows += sweep_decode(args, interpret)
     result = dict(device=dev.device_kind, jax=jax.__version__, interpret=interpret, copy_bw=args.copy_bw,
@@ -270,7 +349,8 @@ def main():
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}/results.json")
-    plot(rows, args, os.path.join(args.out, "kernels.png"))
+    if not args.kv_write:
+        plot(rows, args, os.path.join(args.out, "kernels.png"))
 
 
 if __name__ == "__main__":
