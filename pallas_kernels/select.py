@@ -61,21 +61,37 @@ def device_attention_backend(device: jax.Device | None = None, override: str | N
 KV_WRITE_BACKENDS = ("xla", "pallas_triton", "jax_triton")
 
 
-def kv_write_backend(platform: str, override: str | None = None) -> str:
-    """Which KV-cache write a device gets: one of KV_WRITE_BACKENDS.
+# From the H100 run of bench_kernels.py --kv-write (Llama-3-8B layer, bf16, us per write; docs/PERF.md): Pallas
+# wins up to a few hundred tokens (T=64: 2.5-3.3 vs XLA 3.6, jax-triton ~10 launch-bound), jax-triton from ~2048
+# (T=2048: 10.5 vs Pallas 12.5, XLA 43.5; T=8192: 29.6 vs 43 and 156).
+JAX_TRITON_MIN_TOKENS = 2048
 
-    "xla" (kv_write's scatter) everywhere for now. scripts/bench_kernels.py --kv-write times it against
-    kv_write_pallas and kv_write_triton on the H100; this flips to whichever wins there, on GPUs only (first
-    figures in kv_write_triton.py's note: no one backend wins at every token count).
+
+def kv_write_backend(platform: str, num_tokens: int = 0, override: str | None = None,
+                     triton_ok: bool | None = None) -> str:
+    """Which KV-cache write a step of `num_tokens` new tokens gets: one of KV_WRITE_BACKENDS.
+
+    auto: "xla" (kv_write's scatter) off GPUs; on GPUs the Pallas kernel, or the jax-triton one from
+    JAX_TRITON_MIN_TOKENS tokens where jax_triton imports (triton_ok; default: probe it).
 
     Args:
       platform: "cpu", "gpu" (or "cuda"/"rocm"), "tpu", ...
+      num_tokens: the step's (padded) token count, a static shape.
       override: a name from KV_WRITE_BACKENDS (or "auto"/None); a Triton one off a GPU raises ValueError.
     """
+    gpu = platform in ("gpu", "cuda")
     if override in (None, "auto"):
-        return "xla"
+        if not gpu:
+            return "xla"
+        if num_tokens >= JAX_TRITON_MIN_TOKENS:
+            if triton_ok is None:
+                from jaxserve.pallas_kernels.kv_write_triton import triton_available
+                triton_ok = triton_available()
+            if triton_ok:
+                return "jax_triton"
+        return "pallas_triton"
     if override not in KV_WRITE_BACKENDS:
         raise ValueError(f"unknown kv write backend {override!r}; choose from {KV_WRITE_BACKENDS} or 'auto'")
-    if override != "xla" and platform not in ("gpu", "cuda"):
+    if override != "xla" and not gpu:
         raise ValueError(f"{override} kv write needs an NVIDIA GPU, got {platform}")
     return override

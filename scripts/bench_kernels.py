@@ -32,6 +32,7 @@ import numpy as np
 from jaxserve.pallas_kernels import (kv_write, kv_write_pallas, paged_decode, paged_decode_reference,
                                      ragged_attention_reference, ragged_prefill)
 from jaxserve.pallas_kernels import kv_write_triton as kvt
+from jaxserve.pallas_kernels.paged_decode_mgpu import MosaicDecodeTuning, paged_decode_mgpu
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16  # Llama-3-8B attention
 DTYPE = jnp.bfloat16
@@ -95,6 +96,8 @@ def bench_decode(args, interpret: bool):
             pps = tables.shape[1]
             impls = {
                 "ours": functools.partial(paged_decode, scale=scale, interpret=interpret),
+                **({} if args.no_mosaic else {
+                    "ours_mosaic": functools.partial(paged_decode_mgpu, scale=scale, interpret=interpret)}),
                 "jax_bundled": lambda q, k, v, t, l: bundled.paged_attention(
                     q * scale, k, v, t, l, block_h=16, k_splits=math.gcd(16, pps),
                     pages_per_compute_block=min(8, pps // math.gcd(16, pps)), interpret=interpret),
@@ -150,7 +153,28 @@ def sweep_decode(args, interpret: bool):
                     except Exception as e:  # noqa: BLE001 - e.g. shared memory overflow: recorded
                         row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
                     rows.append(row)
-        autos = [r for r in rows if r.get("auto") and r["batch"] == batch and r["ctx"] == ctx and "us" in r]
+        m_auto = MosaicDecodeTuning().resolve(batch, args.kv_heads, tables.shape[1], BLOCK, args.head_dim, 2)
+        for keys in () if args.no_mosaic else (64, 128):
+            for stages in (2, 3, 4):
+                for splits in (1, 2, 4):
+                    t = MosaicDecodeTuning(keys_per_step=keys, num_stages=stages, num_splits=splits)
+                    row = dict(kind="decode_sweep_mosaic", batch=batch, ctx=ctx, keys=keys, stages=stages,
+                               splits=splits, auto=(keys, stages, splits) == (m_auto.keys_per_step,
+                                                                              m_auto.num_stages, m_auto.num_splits))
+                    try:
+                        f = jax.jit(functools.partial(paged_decode_mgpu, scale=scale, tuning=t, interpret=interpret))
+                        sec = time_fn(f, q, k, v, tables, lens, repeats=args.repeats)
+                        row.update(us=sec * 1e6, gbps=kv_bytes / sec / 1e9)
+                    except Exception as e:  # noqa: BLE001 - recorded
+                        row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                    rows.append(row)
+        ok = [r for r in rows if r["kind"] == "decode_sweep_mosaic" and r["batch"] == batch and r["ctx"] == ctx
+              and "us" in r]
+        if ok:
+            print(f"mosaic sweep B={batch} ctx={ctx}: best {min(ok, key=lambda r: r['us'])} | auto "
+                  f"{[r for r in ok if r['auto']]}", flush=True)
+        autos = [r for r in rows if r.get("auto") and r["kind"] == "decode_sweep" and r["batch"] == batch
+                 and r["ctx"] == ctx and "us" in r]
         print(f"sweep B={batch} ctx={ctx}: best {best} | auto {autos[0] if autos else auto}", flush=True)
         del k, v
     return rows
@@ -170,6 +194,28 @@ def _prefill_batch(key, ctx_lens, q_lens, hq, hkv, d):
     return q, k, v, meta, flops
 
 
+def _tokamax_impls(q, ctx_lens, q_lens, args, scale) -> dict:
+    """tokamax's attention (a Pallas kernel library; optional) on the same prompts with contiguous K/V: the upper
+    reference for a paged prefill kernel. Only for prompt-only cases of equal lengths (no cached context);
+    its output is compared with ours on the same q (K/V drawn here, so the error column is not comparable)."""
+    try:
+        import tokamax
+    except ImportError:
+        return {}
+    if any(ctx_lens) or len(set(q_lens)) != 1 or jax.devices()[0].platform != "gpu":
+        return {}
+    B, L = len(q_lens), q_lens[0]
+    qb = q.reshape(B, L, args.q_heads, args.head_dim)
+    kk, kv = jax.random.split(jax.random.key(5))
+    k = jax.random.normal(kk, (B, L, args.kv_heads, args.head_dim), DTYPE)
+    v = jax.random.normal(kv, (B, L, args.kv_heads, args.head_dim), DTYPE)
+    out = {}
+    for impl in ("mosaic", "triton", "cudnn", "xla"):
+        out[f"tokamax_{impl}"] = (lambda q_, k_, v_, impl=impl: tokamax.dot_product_attention(
+            q_, k_, v_, scale=scale, is_causal=True, implementation=impl), (qb, k, v))
+    return out
+
+
 def bench_prefill(args, interpret: bool):
     rows = []
     scale = 1 / math.sqrt(args.head_dim)
@@ -181,15 +227,19 @@ def bench_prefill(args, interpret: bool):
             "xla": lambda q, k, v: ragged_attention_reference(q, k, v, tables, lens, cu, seq_ids, pos, scale=scale,
                                                               pages_per_iter=args.xla_pages_per_iter),
         }
+        contiguous = _tokamax_impls(q, ctx_lens, q_lens, args, scale)
         ref_out = None
-        for impl, fn in impls.items():
+        runs = [(impl, fn, (q, k, v)) for impl, fn in impls.items()] + [(i, f, a) for i, (f, a) in contiguous.items()]
+        for impl, fn, fargs in runs:
             row = dict(kind="prefill", impl=impl, case=name, tokens=int(q.shape[0]))
             try:
                 jf = jax.jit(fn)
-                out = jf(q, k, v)
-                ref_out = out if ref_out is None else ref_out
-                row["max_err_vs_first"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32))))
-                sec = time_fn(jf, q, k, v, repeats=args.repeats)
+                out = jf(*fargs)
+                if impl in impls:
+                    ref_out = out if ref_out is None else ref_out
+                    err = jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32))
+                row["max_err_vs_first"] = float(jnp.max(err)) if impl in impls else float("nan")  # own K/V
+                sec = time_fn(jf, *fargs, repeats=args.repeats)
                 row.update(us=sec * 1e6, tflops=flops / sec / 1e12, frac_matmul=flops / sec / args.matmul_flops)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -313,6 +363,7 @@ def main():
     p.add_argument("--ctxs", type=int, nargs="*", default=[512, 2048, 8192])
     p.add_argument("--xla-pages-per-iter", type=int, default=4)
     p.add_argument("--sweep", action="store_true", help="also sweep decode tunings at a few cells")
+    p.add_argument("--no-mosaic", action="store_true", help="leave out the Mosaic GPU decode kernel")
     p.add_argument("--kv-write", action="store_true",
                    help="only the KV-cache write benchmark (the default run includes it: ~20 s on an H100)")
     args = p.parse_args()

@@ -125,13 +125,20 @@ def test_kv_write_triton_launch_config():
 
 
 def test_kv_write_backend():
-    """XLA's scatter stays the default until the H100 measurement picks another; overrides are checked."""
-    for platform in ("cpu", "gpu", "cuda", "tpu"):
-        assert kv_write_backend(platform) == kv_write_backend(platform, "auto") == "xla"
-    assert kv_write_backend("cpu", "xla") == "xla"
-    assert kv_write_backend("gpu", "jax_triton") == "jax_triton"
-    assert kv_write_backend("cuda", "pallas_triton") == "pallas_triton"
+    """By the H100 measurement: XLA off GPUs; on GPUs Pallas for small writes, jax-triton for large ones
+    where it imports (else Pallas); overrides are checked."""
+    for platform in ("cpu", "tpu"):
+        assert kv_write_backend(platform, 8192) == kv_write_backend(platform, 64, "auto") == "xla"
+    for platform in ("gpu", "cuda"):
+        assert kv_write_backend(platform, 64, triton_ok=True) == "pallas_triton"
+        assert kv_write_backend(platform, 1024, triton_ok=True) == "pallas_triton"
+        assert kv_write_backend(platform, 2048, triton_ok=True) == "jax_triton"
+        assert kv_write_backend(platform, 8192, triton_ok=False) == "pallas_triton"
+    assert kv_write_backend("gpu", 8192) in ("jax_triton", "pallas_triton")  # probes jax_triton
+    assert kv_write_backend("cpu", 64, "xla") == "xla"
+    assert kv_write_backend("gpu", 64, "jax_triton") == "jax_triton"
+    assert kv_write_backend("cuda", 8192, "pallas_triton") == "pallas_triton"
     with pytest.raises(ValueError, match="unknown"):
-        kv_write_backend("gpu", "cuda_graph")
+        kv_write_backend("gpu", 64, "cuda_graph")
     with pytest.raises(ValueError, match="GPU"):
-        kv_write_backend("cpu", "jax_triton")
+        kv_write_backend("cpu", 64, "jax_triton")
