@@ -4,21 +4,25 @@
 # engine end to end with the Mosaic decode backend vs XLA. Writes under $OUT.
 set -u
 export PYTHONUNBUFFERED=1
+MODE=${1:-all}
+if [ "$MODE" != compare ]; then
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tk .whl/tokamax/*.whl 2>/dev/null
 # The Mosaic kernel first, alone and briefly: a hang or a crash there must not cost the rest of the call.
 timeout 100 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_paged_decode_mgpu.py -m "not slow" \
   > $OUT/mgpu_tests.log 2>&1
 rc=$?; echo "== mosaic kernel tests rc=$rc"; grep -E "passed|failed|FAILED|Error" $OUT/mgpu_tests.log | tail -8
 NOMOSAIC=""; [ $rc = 0 ] || NOMOSAIC=--no-mosaic
-timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_paged_decode.py \
+timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_paged_decode.py \
   tests/test_kernels_ragged_prefill.py tests/test_kernels_kv_write.py -m "not slow" > $OUT/kernel_tests.log 2>&1
 echo "== kernel tests rc=$?"; grep -E "passed|failed|FAILED|Error" $OUT/kernel_tests.log | tail -12
-PYTHONPATH=/tmp/site:/tmp/tk timeout 330 python3 scripts/bench_kernels.py --out $OUT/kernels --sweep $NOMOSAIC \
+PYTHONPATH=/tmp/site:/tmp/tk timeout 280 python3 scripts/bench_kernels.py --out $OUT/kernels --sweep $NOMOSAIC \
   > $OUT/bench_kernels.log 2>&1
 echo "== bench_kernels rc=$?"; grep -vE "^(kv_write|sweep|mosaic sweep)" $OUT/bench_kernels.log | grep -vi warn | tail -50
 grep -E "^(kv_write|sweep|mosaic sweep)" $OUT/bench_kernels.log | cut -c1-400
-[ -z "$NOMOSAIC" ] && for m in llama3-8b smollm2-135m; do
-  timeout 150 python3 scripts/compare_backends.py --model benchmarks/configs/$m.json --load-format dummy \
+fi
+[ "$MODE" = kernels ] && exit 0
+for m in llama3-8b smollm2-135m; do
+  timeout 120 python3 scripts/compare_backends.py --model benchmarks/configs/$m.json --load-format dummy \
     --skip-tokenizer-init --dtype bfloat16 --max-model-len 2048 --backends pallas_mosaic xla \
     --output-json $OUT/compare_mosaic_$m.json > $OUT/compare_$m.log 2>&1
   echo "== compare $m rc=$?"; grep -E "^prompt|identical\"|Error" $OUT/compare_$m.log | cut -c1-300 | tail -8
