@@ -17,8 +17,10 @@ import jax
 BACKENDS = ("xla", "pallas_triton", "pallas_mosaic")
 
 # Whether the Mosaic GPU decode kernel (paged_decode_mgpu.py) beats the Triton one on Hopper in
-# scripts/bench_kernels.py; decided by the H100 run recorded in docs/PERF.md.
-MOSAIC_FASTEST = False
+# scripts/bench_kernels.py. H100, 2026-11-26 (docs/PERF.md): it does wherever the KV read is large (B=64 ctx 2048:
+# 203 us = 2.65 TB/s vs Triton 251 us, bundled 301 us; B=256 ctx 8192: 2.95 TB/s, the copy rate) and at batch 1
+# (ctx 2048: 38 vs 47 us); Triton is ahead only at B=8 ctx 2048 (49 vs 54 us) and B=1 ctx 512 (41 vs 43 us).
+MOSAIC_FASTEST = True
 
 
 def attention_backend(platform: str, compute_capability: tuple[int, int] | None = None,

@@ -137,7 +137,7 @@ def sweep_decode(args, interpret: bool):
         kv_bytes = 2 * batch * ctx * args.kv_heads * args.head_dim * jnp.dtype(DTYPE).itemsize
         auto = DecodeTuning().resolve(batch, args.kv_heads, tables.shape[1], BLOCK, args.head_dim, 2)
         best = None
-        for ppcb in (8, 16):
+        for ppcb in (8, 16) if "triton" in args.sweep_kernels else ():
             for splits in (1, 2, 4):
                 for warps in (4, 8):
                     t = DecodeTuning(pages_per_compute_block=ppcb, num_splits=splits, num_warps=warps)
@@ -154,9 +154,9 @@ def sweep_decode(args, interpret: bool):
                         row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
                     rows.append(row)
         m_auto = MosaicDecodeTuning().resolve(batch, args.kv_heads, tables.shape[1], BLOCK, args.head_dim, 2)
-        for keys in () if args.no_mosaic else (64, 128):
+        for keys in (64, 128) if "mosaic" in args.sweep_kernels and not args.no_mosaic else ():
             for stages in (2, 3, 4):
-                for splits in (1, 2, 4):
+                for splits in (1, 2, 4, 8):
                     t = MosaicDecodeTuning(keys_per_step=keys, num_stages=stages, num_splits=splits)
                     row = dict(kind="decode_sweep_mosaic", batch=batch, ctx=ctx, keys=keys, stages=stages,
                                splits=splits, auto=(keys, stages, splits) == (m_auto.keys_per_step,
@@ -200,8 +200,11 @@ def _tokamax_impls(q, ctx_lens, q_lens, args, scale) -> dict:
     its output is compared with ours on the same q (K/V drawn here, so the error column is not comparable)."""
     try:
         import tokamax
+        from absl import flags
     except ImportError:
         return {}
+    if not flags.FLAGS.is_parsed():  # tokamax reads absl flags, which would parse this script's argv
+        flags.FLAGS.mark_as_parsed()
     if any(ctx_lens) or len(set(q_lens)) != 1 or jax.devices()[0].platform != "gpu":
         return {}
     B, L = len(q_lens), q_lens[0]
@@ -363,6 +366,10 @@ def main():
     p.add_argument("--ctxs", type=int, nargs="*", default=[512, 2048, 8192])
     p.add_argument("--xla-pages-per-iter", type=int, default=4)
     p.add_argument("--sweep", action="store_true", help="also sweep decode tunings at a few cells")
+    p.add_argument("--only", nargs="*", choices=["decode", "prefill", "kv_write", "sweep"],
+                   help="run only these sections (default: decode, prefill and kv_write)")
+    p.add_argument("--sweep-cells", dest="cells", nargs="*", default=None, help="B:ctx cells for --sweep (default: 5 cells)")
+    p.add_argument("--sweep-kernels", nargs="*", default=["triton", "mosaic"], choices=["triton", "mosaic"])
     p.add_argument("--no-mosaic", action="store_true", help="leave out the Mosaic GPU decode kernel")
     p.add_argument("--kv-write", action="store_true",
                    help="only the KV-cache write benchmark (the default run includes it: ~20 s on an H100)")
@@ -382,25 +389,29 @@ def main():
             "mixed_chunked": ([4096, 1024, 1024] + [2047] * 64, [2048, 512, 512] + [1] * 64),
         }
         bw_bytes, mm_n = 1 << 30, 8192
-        args.sweep_cells = [(64, 2048), (256, 2048), (8, 8192)]
+        args.sweep_cells = [(64, 2048), (256, 2048), (8, 8192), (8, 2048), (1, 2048)]
+    if args.cells:
+        args.sweep_cells = [tuple(int(x) for x in c.split(":")) for c in args.cells]
     os.makedirs(args.out, exist_ok=True)
     dev = jax.devices()[0]
     args.copy_bw = copy_bandwidth(bw_bytes, args.repeats)
     args.matmul_flops = matmul_flops(mm_n, args.repeats)
     print(f"device {dev.device_kind}: copy {args.copy_bw / 1e9:.1f} GB/s, bf16 matmul "
           f"{args.matmul_flops / 1e12:.1f} TFLOP/s (interpret={interpret})", flush=True)
-    if args.kv_write:
-        rows = bench_kv_write(args, interpret)
-    else:
-        rows = bench_decode(args, interpret) + bench_prefill(args, interpret) + bench_kv_write(args, interpret)
+    sections = set(args.only or (["kv_write"] if args.kv_write else ["decode", "prefill", "kv_write"]))
     if args.sweep:
-        rows += sweep_decode(args, interpret)
+        sections.add("sweep")
+    rows = []
+    for name, fn in (("decode", bench_decode), ("prefill", bench_prefill), ("kv_write", bench_kv_write),
+                     ("sweep", sweep_decode)):
+        if name in sections:
+            rows += fn(args, interpret)
     result = dict(device=dev.device_kind, jax=jax.__version__, interpret=interpret, copy_bw=args.copy_bw,
                   matmul_flops=args.matmul_flops, rows=rows)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}/results.json")
-    if not args.kv_write:
+    if "decode" in sections and "prefill" in sections:
         plot(rows, args, os.path.join(args.out, "kernels.png"))
 
 

@@ -84,8 +84,10 @@ def test_kv_write_matches_reference_nan_pages(impl, dtype, D):
         np.testing.assert_array_equal(g[:, 1:], w[:, 1:])  # written rows, and NaN wherever nothing was written
         np.testing.assert_array_equal(g.reshape(Hkv, N * S, D)[:, slots_np[:-pad]], new[:-pad].transpose(1, 0, 2))
         assert np.isnan(g[:, 0, 1:]).all()  # null block: only slot 0 was written ...
-        for h in range(Hkv):  # ... by one of the padding tokens (they race; any may win)
-            assert any(np.array_equal(g[h, 0, 0], new[t, h]) for t in np.flatnonzero(slots_np == 0))
+        # ... by the padding tokens, which race: each element comes from one of them (on a GPU the racing
+        # programs' stores interleave, so the row may mix them; seen on the H100 with the Pallas write)
+        pads = new[np.flatnonzero(slots_np == 0)]  # (n_pad, Hkv, D)
+        assert (g[None, :, 0, 0] == pads).any(axis=0).all()
 
 
 @pytest.mark.gpu
