@@ -171,8 +171,10 @@ class ModelRunner:
         if self.device_inputs:
             self._warmup_step_helpers()
         dt = time.perf_counter() - t0
+        slow = sorted(((v, k) for k, v in self.compiled.items()), reverse=True)[:4]
         log.info("compiled %d step shapes in %.1f s: tokens %s (+ decode-only up to %d; input unpacking and "
-                 "the sampler for every rows bucket)", len(shapes), dt, self.token_buckets, self.max_num_seqs)
+                 "the sampler for every rows bucket); slowest: %s", len(shapes), dt, self.token_buckets,
+                 self.max_num_seqs, ", ".join(f"T={k[1]}{' decode' if k[2] else ''} {v:.1f} s" for v, k in slow))
         return dt
 
     def _warmup_step_helpers(self) -> None:

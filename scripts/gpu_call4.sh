@@ -21,9 +21,10 @@ echo "== bench_kernels rc=$?"; grep -vE "^(kv_write|sweep|mosaic sweep)" $OUT/be
 grep -E "^(kv_write|sweep|mosaic sweep)" $OUT/bench_kernels.log | cut -c1-400
 fi
 [ "$MODE" = kernels ] && exit 0
-for m in llama3-8b smollm2-135m; do
+for m in ${MODELS:-llama3-8b smollm2-135m}; do
   timeout 120 python3 scripts/compare_backends.py --model benchmarks/configs/$m.json --load-format dummy \
-    --skip-tokenizer-init --dtype bfloat16 --max-model-len 2048 --backends pallas_mosaic xla \
+    --skip-tokenizer-init --dtype bfloat16 --max-model-len 2048 --enforce-eager --num-gpu-blocks-override 4000 \
+    --backends pallas_mosaic xla \
     --output-json $OUT/compare_mosaic_$m.json > $OUT/compare_$m.log 2>&1
   echo "== compare $m rc=$?"; grep -E "^prompt|identical\"|Error" $OUT/compare_$m.log | cut -c1-300 | tail -8
 done

@@ -6,20 +6,18 @@ M="--model benchmarks/configs/llama3-8b.json --load-format dummy --skip-tokenize
 E="--enforce-eager --max-model-len 2048"
 run() { local name=$1; shift; timeout "$@" > "$OUT/$name.log" 2>&1; echo "== $name rc=$?"; grep -E "^batch|Throughput|idle share|ms/step|first token|Error" "$OUT/$name.log" | tail -4; }
 MODE=${1:-all}
-DT=${DT:-false}
+DT=${DT:-true}
 if [ "$MODE" = all ] || [ "$MODE" = engine ]; then
-# The dispatch thread on and off at batch 256; the faster one runs the rest (DT is exported for serve).
+# Engine defaults (dispatch thread on for GPUs, the device's fastest attention backend).
 run prof 150 python3 scripts/profile_decode.py $M $E --batch-size 256 --input-len 200 --steps 50 --trace-dir /tmp/tr --output-json $OUT/prof.json
-run prof_dt 150 python3 scripts/profile_decode.py $M $E --batch-size 256 --input-len 200 --steps 50 --trace-dir /tmp/tr_dt --output-json $OUT/prof_dt.json --dispatch-thread
-DT=$(python3 -c "import json; a=json.load(open('$OUT/prof.json'))['step_ms']; b=json.load(open('$OUT/prof_dt.json'))['step_ms']; print('true' if b < a else 'false')" 2>/dev/null || echo false)
-echo "dispatch thread: $DT"; echo "$DT" > $OUT/dispatch_thread.txt
+DT=true
 run lat 150 python3 scripts/bench_latency.py $M $E --dispatch-thread $DT --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 128 --output-json $OUT/lat.json
 run tp_share 280 python3 scripts/bench_throughput.py $M --dispatch-thread $DT --max-model-len 2048 --dataset sharegpt-like --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_sharegpt.json
 fi
 if [ "$MODE" = all ] || [ "$MODE" = random ]; then
 run tp_rand 200 python3 scripts/bench_throughput.py $M $E --dispatch-thread ${DT:-false} --dataset random --input-len 1024 --output-len 128 --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_random.json
 fi
-if [ "$MODE" = all ] || [ "$MODE" = startup ]; then run startup 400 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup.json -- $M --max-model-len 2048; fi
+if [ "$MODE" = all ] || [ "$MODE" = startup ]; then JAX_DEBUG_LOG_MODULES=jax._src.compiler run startup 400 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup.json -- $M --max-model-len 2048; fi
 [ "$MODE" = engine ] || [ "$MODE" = random ] || [ "$MODE" = startup ] && exit 0
 # Serving: a real server on loopback, 320 ShareGPT-like prompts sent at once; GPU utilization from /metrics.
 t0=$(date +%s.%N)
