@@ -245,6 +245,15 @@ class LLMEngine:
         self.scheduler.on_step_done(out)
         return _Step(out, batch, launched, plp)
 
+    def wait_device(self) -> None:
+        """Block until every launched step has run on the device (profiles, benchmarks). With the dispatch
+        thread a launch may still be queued, and it replaces (donates) the KV cache arrays when it runs, so
+        the queue is drained before the cache is waited on."""
+        import jax
+        if self._dispatcher is not None:
+            self._dispatcher.submit(lambda: None).result()  # FIFO: every earlier launch has returned
+        jax.block_until_ready(self.runner.kv_caches)
+
     def _launch(self, work):
         """Run work(previous step's SamplerOutput) now, or queue it on the dispatch thread (FIFO, so the
         previous step's launch has returned by the time this one runs). Returns a value or a Future."""

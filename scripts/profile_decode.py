@@ -96,12 +96,12 @@ def main() -> None:
         eng.step()
     for _ in range(5):  # steady state, every shape compiled
         eng.step()
-    jax.block_until_ready(eng.runner.kv_caches)
+    eng.wait_device()
     jax.profiler.start_trace(ns.trace_dir)
     t0 = time.perf_counter()
     for _ in range(ns.steps):
         eng.step()
-    jax.block_until_ready(eng.runner.kv_caches)
+    eng.wait_device()
     wall = time.perf_counter() - t0
     jax.profiler.stop_trace()
     if ns.host_profile:
@@ -111,7 +111,7 @@ def main() -> None:
         prof.enable()
         for _ in range(ns.steps):
             eng.step()
-        jax.block_until_ready(eng.runner.kv_caches)
+        eng.wait_device()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     print(f"{ns.steps} decode steps at batch {ns.batch_size}: {wall / ns.steps * 1e3:.2f} ms/step")

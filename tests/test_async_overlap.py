@@ -34,3 +34,18 @@ def test_async_overlap_same_outputs():
     assert [len(o) for o in overlap] == [1, 1, 3, 1, 1]
     assert overlap[4][0][2] == "length" and len(overlap[4][0][0]) == 1
     assert "." not in overlap[3][0][1]
+
+
+def test_wait_device_drains_the_dispatch_thread():
+    # A profile waits on the KV cache between steps; with launches queued on the dispatch thread the arrays it
+    # reads may be donated by a launch still to run, so wait_device drains the queue first.
+    llm = LLM(enforce_eager=True, max_model_len=256, num_gpu_blocks_override=64, max_num_batched_tokens=32,
+              max_num_seqs=4, dispatch_thread=True)
+    eng = llm.llm_engine
+    for i in range(3):
+        eng.add_request(str(i), [5, 6, 7, 8 + i], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+        eng.wait_device()
+        assert eng._dispatcher._work_queue.empty()
+        assert not any(x.is_deleted() for x in __import__("jax").tree.leaves(eng.runner.kv_caches))
