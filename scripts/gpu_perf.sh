@@ -21,7 +21,7 @@ if [ "$MODE" = all ] || [ "$MODE" = startup ]; then JAX_DEBUG_LOG_MODULES=jax._s
 [ "$MODE" = engine ] || [ "$MODE" = random ] || [ "$MODE" = startup ] && exit 0
 # Serving: a real server on loopback, 320 ShareGPT-like prompts sent at once; GPU utilization from /metrics.
 t0=$(date +%s.%N)
-python3 -m jaxserve.serve $M --max-model-len 2048 --port 8011 --dispatch-thread ${DT:-false} --served-model-name llama3-8b > $OUT/server.log 2>&1 &
+python3 -m jaxserve.serve $M ${SERVE_EXTRA:-} --max-model-len 2048 --port 8011 --dispatch-thread ${DT:-false} --served-model-name llama3-8b > $OUT/server.log 2>&1 &
 SP=$!
 for i in $(seq 1 200); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
 python3 - <<'PY' >> $OUT/server.log 2>&1
