@@ -16,11 +16,14 @@ import jax
 
 BACKENDS = ("xla", "pallas_triton", "pallas_mosaic")
 
-# Whether the Mosaic GPU decode kernel (paged_decode_mgpu.py) beats the Triton one on Hopper in
-# scripts/bench_kernels.py. H100, 2026-11-26 (docs/PERF.md): it does wherever the KV read is large (B=64 ctx 2048:
-# 203 us = 2.65 TB/s vs Triton 251 us, bundled 301 us; B=256 ctx 8192: 2.95 TB/s, the copy rate) and at batch 1
-# (ctx 2048: 38 vs 47 us); Triton is ahead only at B=8 ctx 2048 (49 vs 54 us) and B=1 ctx 512 (41 vs 43 us).
-MOSAIC_FASTEST = True
+# Whether the engine should run decode with the Mosaic GPU kernel (paged_decode_mgpu.py) rather than the Triton
+# one on Hopper. H100, 2026-11-26 (docs/PERF.md): as a kernel Mosaic wins wherever the KV read is large (B=64 ctx
+# 2048: 203 us = 2.65 TB/s vs Triton 251 us, bundled 301 us; B=256 ctx 8192: 2.95 TB/s, the copy rate) and at
+# batch 1 (ctx 2048: 38 vs 47 us). But in the engine at batch 256 (ShareGPT-like contexts, same machine) the
+# step took 18.4 ms with it vs 17.7 ms with Triton: the attention ran 0.7 ms/step faster on the device, while
+# the host spent 1.7 ms/step more launching the forward, and that step is host-bound. So the engine default
+# stays Triton; --attention-backend pallas_mosaic picks Mosaic (long contexts, where the step is device-bound).
+MOSAIC_FASTEST = False
 
 
 def attention_backend(platform: str, compute_capability: tuple[int, int] | None = None,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 6 on a 2-GPU machine (after scripts/gpu_setup.sh): dummy Llama-3-8B at TP=1, TP=2, PP=2 on the same
-# machine; then the serving benchmark again on GPU 0 alone. Writes under $OUT.
+# machine (single-process sharded steps run async since 1d497fa). Writes under $OUT.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 M="--model benchmarks/configs/llama3-8b.json --load-format dummy --skip-tokenizer-init --dtype bfloat16"
@@ -11,4 +11,3 @@ for cfg in "tp1:--tensor-parallel-size 1" "tp2:--tensor-parallel-size 2" "pp2:--
   run lat_$n 110 python3 scripts/bench_latency.py $M $E $f --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 64 --output-json $OUT/lat_$n.json
   run tp_$n 110 python3 scripts/bench_throughput.py $M $E $f --max-num-seqs 256 --dataset sharegpt-like --num-prompts 300 --disable-tqdm --output-json $OUT/tp_$n.json
 done
-CUDA_VISIBLE_DEVICES=0 DT=true timeout 230 bash scripts/gpu_perf.sh serve
