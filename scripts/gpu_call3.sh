@@ -9,5 +9,5 @@ run() { local name=$1; shift; timeout "$@" > "$OUT/$name.log" 2>&1; echo "== $na
 for cfg in "tp1:--tensor-parallel-size 1" "tp2:--tensor-parallel-size 2" "pp2:--pipeline-parallel-size 2"; do
   n=${cfg%%:*}; f=${cfg#*:}
   run lat_$n 110 python3 scripts/bench_latency.py $M $E $f --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 64 --output-json $OUT/lat_$n.json
-  run tp_$n 110 python3 scripts/bench_throughput.py $M $E $f --max-num-seqs 256 --dataset sharegpt-like --num-prompts 300 --disable-tqdm --output-json $OUT/tp_$n.json
+  run tp_$n 150 python3 scripts/bench_throughput.py $M --max-model-len 2048 $f --max-num-seqs 256 --dataset sharegpt-like --num-prompts 300 --disable-tqdm --output-json $OUT/tp_$n.json
 done

@@ -15,7 +15,7 @@ run lat 150 python3 scripts/bench_latency.py $M $E --dispatch-thread $DT --max-n
 run tp_share 280 python3 scripts/bench_throughput.py $M --dispatch-thread $DT --max-model-len 2048 --dataset sharegpt-like --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_sharegpt.json
 fi
 if [ "$MODE" = all ] || [ "$MODE" = random ]; then
-run tp_rand 200 python3 scripts/bench_throughput.py $M $E --dispatch-thread ${DT:-false} --dataset random --input-len 1024 --output-len 128 --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_random.json
+run tp_rand 260 python3 scripts/bench_throughput.py $M --max-model-len 2048 --dispatch-thread ${DT:-false} --dataset random --input-len 1024 --output-len 128 --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_random.json
 fi
 if [ "$MODE" = all ] || [ "$MODE" = startup ]; then JAX_DEBUG_LOG_MODULES=jax._src.compiler run startup 400 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup.json -- $M --max-model-len 2048; fi
 [ "$MODE" = engine ] || [ "$MODE" = random ] || [ "$MODE" = startup ] && exit 0
