@@ -67,6 +67,10 @@ def allocate(arch: ArchConfig, num_blocks: int, block_size: int, dtype, sharding
     heads = num_kv_heads or arch.num_kv_heads
     shape = (heads, num_blocks, block_size, arch.head_dim)
     per_layer = list(sharding) if isinstance(sharding, (list, tuple)) else [sharding] * arch.num_layers
+    # Committed to a device even without a sharding: a step's outputs (the updated pages) are committed, and jit
+    # keys its cache on committedness, so uncommitted fresh pages made warm-up compile its first shape for inputs
+    # no real step has; that shape then compiled again at its first real use (seconds of stall on a GPU).
+    per_layer = [jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sh is None else sh for sh in per_layer]
     makes = {sh: jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sh) for sh in set(per_layer)}
     return tuple((makes[sh](), makes[sh]()) for sh in per_layer)
 
