@@ -46,15 +46,19 @@ _TARGET_BLOCKS = 132  # one block per H100 SM; the ring of TMA copies keeps each
 
 @dataclasses.dataclass(frozen=True)
 class MosaicDecodeTuning:
-    """keys_per_step: keys per wgmma step (multiple of 64 and of the block size); 0 = 64 (block sizes <= 64)
-    or the block size. num_stages: depth of the TMA ring. num_splits: split-K partitions; 0 = fill the SMs."""
+    """keys_per_step: keys per wgmma step (multiple of 64 and of the block size); 0 = 128 (64 when batch x kv
+    heads < 32), or the block size if larger. num_stages: depth of the TMA ring (trimmed to fit shared memory).
+    num_splits: split-K partitions; 0 = fill the SMs.
+
+    The auto choices come from the H100 sweep (docs/PERF.md, session 3): 128 keys per step was the best tuning
+    at B=8, 64 and 256 (ctx 2048) and at B=8 ctx 8192, by 1-6%; at B=1 64 keys and more splits did better."""
     keys_per_step: int = 0
     num_stages: int = 4
     num_splits: int = 0
 
     def resolve(self, batch: int, num_kv_heads: int, pages_per_seq: int, block_size: int,
                 head_dim: int, itemsize: int) -> "MosaicDecodeTuning":
-        keys = self.keys_per_step or max(64, block_size)
+        keys = self.keys_per_step or max(64 if batch * num_kv_heads < 32 else 128, block_size)
         if keys % 64 or keys % block_size:
             raise ValueError(f"keys_per_step {keys} must be a multiple of 64 and of block_size {block_size}")
         ppcb = keys // block_size

@@ -61,9 +61,11 @@ def test_paged_decode_mgpu_errors():
 
 
 def test_tuning_fits_shared_memory_and_fills_sms():
-    t = MosaicDecodeTuning().resolve(1, 8, 128, 16, 128, 2)  # batch 1, ctx 2048
+    t = MosaicDecodeTuning().resolve(1, 8, 128, 16, 128, 2)  # batch 1, ctx 2048: small keys, many splits
     assert t.keys_per_step == 64 and t.num_splits == 16
-    assert MosaicDecodeTuning().resolve(256, 8, 128, 16, 128, 2).num_splits == 1
+    t = MosaicDecodeTuning().resolve(256, 8, 128, 16, 128, 2)
+    assert t.keys_per_step == 128 and t.num_splits == 1 and t.num_stages == 2  # 4 asked, 2 fit
+    assert MosaicDecodeTuning().resolve(8, 8, 128, 16, 128, 2).num_splits == 2
     big = MosaicDecodeTuning(keys_per_step=256, num_stages=8).resolve(1, 8, 128, 128, 128, 2)
     assert big.num_stages * 2 * 256 * 128 * 2 + 64 * 128 * 6 <= 220 * 1024 and big.num_stages >= 1
 
