@@ -210,3 +210,22 @@ def test_run_batch_text_and_chat_on_default_model(tmp_path):
     zh = by_id["zh"]["choices"][0]
     assert zh["text"].startswith("AI 的未来发展")  # echo
     assert zh["logprobs"]["tokens"] and zh["logprobs"]["token_logprobs"][0] is None  # first prompt token
+
+
+# ----------------------------------------------------------------------------------------- bench_kernels
+@pytest.mark.slow
+def test_bench_kernels_smoke(tmp_path):
+    """The kernel benchmark only runs for real on a GPU; its --smoke mode (tiny sizes, interpreted kernels)
+    keeps it from breaking unseen: every implementation row agrees with the first (the Triton kernel) and the
+    JSON and plot are written."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_kernels.py"), "--smoke", "--out", str(tmp_path), "--only", "decode",
+         "prefill", "kv_write"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    rows = [x for x in r["rows"] if x["kind"] in ("decode", "prefill")]
+    assert {x["impl"] for x in rows if x["kind"] == "decode"} == {"ours", "ours_mosaic", "jax_bundled", "xla"}
+    assert not [x for x in rows if "error" in x]
+    assert all(x["max_err_vs_first"] < 2e-2 for x in rows)  # bf16 against our Triton kernel's output
+    assert any(x["kind"] == "kv_write" and x["impl"] == "pallas" for x in r["rows"])
+    assert (tmp_path / "kernels.png").stat().st_size > 0
