@@ -126,3 +126,60 @@ def build_batch(out: SchedulerOutput, *, block_size: int, pages_per_seq: int, to
         batch.fill_dst[:len(fill_dst)] = fill_dst
         batch.fill_src[:len(fill_src)] = fill_src
     return batch
+
+
+def split_in_two(batch: InputBatch, max_seqs: int) -> tuple[InputBatch, InputBatch, np.ndarray] | None:
+    """Cut a step's token axis in half for two pipeline micro-batches (stage s runs half 1 while stage s + 1 runs
+    half 0). Half 0 is tokens [0, T/2), half 1 tokens [T/2, T), each a valid batch of the T/2 bucket.
+
+    A sequence cut by the middle keeps its first tokens in half 0, whose context length then ends at the cut,
+    and the rest in half 1. Its KV for the first tokens is written by half 0 before half 1 attends to it: each
+    stage runs half 0 before half 1. Returns (half 0, half 1, rows): `rows` picks the step's sampled rows, in
+    order, out of the two halves' logits stacked ([2 * B/2, V]). None when the step is not split: prompt
+    logprobs, a grown row axis (n > 1 forks), or no real token in half 1.
+    """
+    T = len(batch.token_ids)
+    h, n = T // 2, batch.num_tokens
+    B, P = batch.block_tables.shape
+    if batch.prompt_logprob_spans or n <= h or h < 8 or B > min(T, max_seqs):
+        return None
+    Bh = h if batch.decode_only else min(h, max_seqs)  # the T/2 bucket's row count (as build_batch picks)
+    qsl, li = batch.query_start_loc, batch.logits_indices
+    nseq = int(np.searchsorted(qsl[:B], n, side="left"))  # qsl[b] < n for the real sequences
+    k = int(np.searchsorted(qsl[:nseq], h, side="right")) - 1  # the sequence holding token h
+    cut = qsl[k] < h
+    n0, n1 = (k + 1 if cut else k), nseq - k  # sequences (rows of the tables) in each half
+    R = len(batch.rows)
+    r0 = int(np.searchsorted(li[:R], h, side="left"))  # sampled rows whose token is in half 0
+    if max(n0, n1, r0, R - r0) > Bh:
+        return None
+
+    def half(tok: slice, seqs: slice, nq: int, base: int, rows: slice, first: int) -> InputBatch:
+        tables = np.zeros((Bh, P), np.int32)
+        lens = np.zeros(Bh, np.int32)
+        q = np.full(Bh + 1, nq, np.int32)
+        idx = np.zeros(Bh, np.int32)
+        m = seqs.stop - seqs.start
+        tables[:m] = batch.block_tables[seqs]
+        lens[:m] = batch.seq_lens[seqs]
+        q[:m] = np.maximum(qsl[seqs] - base, 0)
+        idx[:rows.stop - rows.start] = li[rows] - base
+        out = InputBatch(batch.token_ids[tok].copy(), batch.positions[tok], batch.slot_mapping[tok],
+                         np.maximum(batch.token_seq_ids[tok] - first, 0).astype(np.int32), tables, lens, q, idx,
+                         batch.decode_only, [], nq, [])
+        if batch.fill_dst is not None:
+            live = (batch.fill_dst >= base) & (batch.fill_dst < base + h)
+            out.fill_dst = np.full(Bh, h, np.int32)
+            out.fill_src = np.zeros(Bh, np.int32)
+            out.fill_dst[:live.sum()] = batch.fill_dst[live] - base
+            out.fill_src[:live.sum()] = batch.fill_src[live]
+        return out
+
+    h0 = half(slice(0, h), slice(0, n0), h, 0, slice(0, r0), 0)
+    if cut:  # sequence k's context in half 0 ends at the cut
+        h0.seq_lens[k] -= qsl[k + 1] - h
+    h1 = half(slice(h, T), slice(k, nseq), n - h, h, slice(r0, R), k)
+    rows = np.zeros(len(li), np.int32)
+    rows[:r0] = np.arange(r0)
+    rows[r0:R] = Bh + np.arange(R - r0)
+    return h0, h1, rows

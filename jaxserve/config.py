@@ -88,6 +88,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    pp_microbatch_tokens: int = 1024
     coordinator_address: str | None = None
     num_processes: int = 1
     process_id: int = 0
@@ -121,6 +122,9 @@ class EngineArgs:
                                   "GPUs (>= 40 GiB usable), 2048 on smaller ones, 512 on CPU.",
         "tensor_parallel_size": "Devices to shard each layer over (tensor parallelism).",
         "pipeline_parallel_size": "Pipeline stages (layers split evenly; each stage on its own tp devices).",
+        "pp_microbatch_tokens": "With pipeline stages, steps of at least this many tokens run as two micro-batches "
+                                "so that consecutive stages work at once (0 = never). Small steps are bound by "
+                                "weight reads, which micro-batches would double, so they run whole.",
         "coordinator_address": "host:port of process 0 for multi-host jax.distributed (with --num-processes > 1).",
         "num_processes": "Processes (hosts) in a multi-host run; process 0 schedules and serves, the others follow.",
         "process_id": "This process's index in a multi-host run (0 = the leader).",

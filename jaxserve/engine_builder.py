@@ -141,10 +141,14 @@ def _parallel_plan(args: EngineArgs, arch):
                                f"--tensor-parallel-size must be {jax.device_count()} (got {tp})")
     if args.swap_space and (pp > 1 or args.num_processes > 1):
         raise StartupError("--swap-space is not supported with pipeline parallelism or several processes")
+    if args.pp_microbatch_tokens < 0:
+        raise StartupError(f"--pp-microbatch-tokens must be >= 0 (got {args.pp_microbatch_tokens})")
     try:
-        return ParallelPlan(arch, tp, pp, jax.devices())
+        plan = ParallelPlan(arch, tp, pp, jax.devices())
     except ValueError as e:
         raise StartupError(str(e)) from None
+    plan.microbatch_min_tokens = args.pp_microbatch_tokens
+    return plan
 
 
 def build_engine(cls, args: EngineArgs):

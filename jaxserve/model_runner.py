@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxserve import kv_cache, sampler
 from jaxserve.attention import AttentionMetadata, dummy_metadata
-from jaxserve.batch import InputBatch, build_batch, make_buckets
+from jaxserve.batch import InputBatch, build_batch, make_buckets, split_in_two
 from jaxserve.sampling_params import MAX_LOGPROBS
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,12 @@ def _unpack(packed, prev_sampled, *, T: int, B: int, P: int, S: int):
     token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li, dst, src = parts
     token_ids = token_ids.at[dst].set(prev_sampled[src].astype(jnp.int32), mode="drop")
     return token_ids, positions, slots, seq_ids, tables.reshape(B, P), seq_lens, qsl, li
+
+
+@jax.jit
+def _pick_rows(a, b, rows):
+    """The step's sampled rows, in order, out of two micro-batches' logits stacked."""
+    return jnp.concatenate([a, b])[rows]
 
 
 @functools.partial(jax.jit, static_argnames=("treedef", "layout", "ids_len"))
@@ -109,6 +115,7 @@ class ModelRunner:
         self._forward = jax.jit(fwd, donate_argnums=(1,))
         self._copy_blocks = kv_cache.copy_blocks
         self.parallel = parallel
+        self.microbatched_steps = 0  # steps run as two pipeline micro-batches (parallel.forward_microbatched)
         # Step inputs built on the device (packed, placeholders filled there), so the engine need not wait for
         # a step before scheduling the next. A sharded step takes them too in one process; a multi-host
         # leader sends host inputs to its followers (LeaderRunner), so it runs in lock-step.
@@ -232,15 +239,26 @@ class ModelRunner:
                                      seq_lens=batch.seq_lens, query_start_loc=batch.query_start_loc,
                                      decode_only=batch.decode_only)
             return ("host", batch.token_ids, meta, li, n_sampled, batch.fill_dst is not None)
+        plan = self.parallel
+        if plan is not None and plan.pp > 1 and 0 < plan.microbatch_min_tokens <= batch.num_tokens:
+            halves = split_in_two(batch, self.max_num_seqs)
+            if halves is not None:  # two micro-batches, so that consecutive pipeline stages work at once
+                h0, h1, rows = halves
+                return ("micro", [self._pack(h0, h0.logits_indices), self._pack(h1, h1.logits_indices)], rows,
+                        batch.decode_only, n_sampled, batch.fill_dst is not None)
+        packed, dims = self._pack(batch, li)
+        return ("packed", packed, dims, batch.decode_only, n_sampled, batch.fill_dst is not None)
+
+    @staticmethod
+    def _pack(batch: InputBatch, li) -> tuple:
+        """One host->device transfer for all of a step's int32 inputs (seven small copies cost ms on a GPU)."""
         B = len(batch.seq_lens)
         fill_dst = batch.fill_dst if batch.fill_dst is not None else np.full(B, len(batch.token_ids), np.int32)
         fill_src = batch.fill_src if batch.fill_src is not None else np.zeros(B, np.int32)
-        # One host->device transfer for all of the step's int32 inputs (seven small copies cost ms on a GPU).
         packed = np.concatenate([batch.token_ids, batch.positions, batch.slot_mapping, batch.token_seq_ids,
                                  batch.block_tables.reshape(-1), batch.seq_lens, batch.query_start_loc, li,
                                  fill_dst, fill_src])
-        dims = dict(T=len(batch.token_ids), B=B, P=batch.block_tables.shape[1], S=len(li))
-        return ("packed", packed, dims, batch.decode_only, n_sampled, batch.fill_dst is not None)
+        return packed, dict(T=len(batch.token_ids), B=B, P=batch.block_tables.shape[1], S=len(li))
 
     def launch_forward(self, inputs: tuple, prev_sampled=None):
         """Dispatch the forward pass -> (logits f32[S, V] of the sampled rows, all computed logits or None).
@@ -253,16 +271,24 @@ class ModelRunner:
             token_ids, meta, li, n_sampled, _ = rest
             logits = self.run_forward(token_ids, meta, li)
         else:
-            packed, dims, decode_only, n_sampled, _ = rest
+            packs, rows, decode_only, n_sampled, _ = rest if kind == "micro" else ([rest[:2]], None, *rest[2:])
             prev = self._no_prev
             if prev_sampled is not None:  # pipeline stages: the ids come from the last stage's device
                 prev = prev_sampled if self.parallel is None else jax.device_put(prev_sampled, jax.devices()[0])
-            token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li_d = _unpack(
-                jax.device_put(packed), prev, **dims)
-            meta = AttentionMetadata(slot_mapping=slots, positions=positions, token_seq_ids=seq_ids,
-                                     block_tables=tables, seq_lens=seq_lens, query_start_loc=qsl,
-                                     decode_only=decode_only)
-            logits = self.run_forward(token_ids, meta, li_d)
+            micro = []
+            for packed, dims in packs:
+                token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li_d = _unpack(
+                    jax.device_put(packed), prev, **dims)
+                micro.append((token_ids, AttentionMetadata(slot_mapping=slots, positions=positions,
+                                                           token_seq_ids=seq_ids, block_tables=tables,
+                                                           seq_lens=seq_lens, query_start_loc=qsl,
+                                                           decode_only=decode_only), li_d))
+            if rows is None:
+                logits = self.run_forward(*micro[0])
+            else:
+                outs, self.kv_caches = self.parallel.forward_microbatched(self.params, self.kv_caches, micro)
+                self.microbatched_steps += 1
+                logits = _pick_rows(outs[0], outs[1], jax.device_put(rows, self.logits_device))
         if n_sampled is not None:
             return logits[:n_sampled], logits
         return logits, None

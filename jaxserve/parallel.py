@@ -135,6 +135,8 @@ class ParallelPlan:
         self.stage_meshes = [Mesh(self.mesh.devices[s], (TP,)) for s in range(pp)]
         self.replicated = [NamedSharding(m, P()) for m in self.stage_meshes]
         self.stage_fns: list = []  # the jitted per-stage steps, after make_forward (tests lower them)
+        self.microbatch_min_tokens = 0  # steps this long run as two micro-batches (pp > 1); set by the builder
+        self.forward_microbatched = None  # after make_forward
 
     # ----------------------------------------------------------------------------------- placement
     def stage_of_layer(self, i: int) -> int:
@@ -218,13 +220,23 @@ class ParallelPlan:
             # its own copy.
             if jax.process_count() > 1:
                 token_ids, meta, li = jax.tree.map(np.asarray, (token_ids, meta, li))
-            x, new_kv = token_ids, []
-            for s, (a, b) in enumerate(self.stages):
-                x, m, l = jax.device_put((x, meta, li), self.replicated[s])  # (T,) ids or (T, D) hidden
-                x, kv_s = self.stage_fns[s](params[s], kv[a:b], x, m, l)
-                new_kv.extend(kv_s)
-            return x.addressable_data(0), tuple(new_kv)  # replicated: one local copy serves sampling
+            logits, kv = forward_microbatched(params, kv, [(token_ids, meta, li)])
+            return logits[0], kv
 
+        def forward_microbatched(params, kv, micro):
+            """micro: [(token_ids, meta, li)] in order -> ([logits per micro-batch], kv). Stage s takes micro-batch
+            m after m - 1 (the KV of its tokens is written before a later micro-batch reads it), and launches are
+            asynchronous, so stage s + 1 works on micro-batch m while stage s works on m + 1."""
+            xs, new_kv = [ids for ids, _, _ in micro], []
+            for s, (a, b) in enumerate(self.stages):
+                kv_s = kv[a:b]
+                for m, (_, meta, li) in enumerate(micro):
+                    x, mt, lt = jax.device_put((xs[m], meta, li), self.replicated[s])  # (T,) ids or (T, D) hidden
+                    xs[m], kv_s = self.stage_fns[s](params[s], kv_s, x, mt, lt)
+                new_kv.extend(kv_s)
+            return [x.addressable_data(0) for x in xs], tuple(new_kv)  # replicated: one local copy serves sampling
+
+        self.forward_microbatched = forward_microbatched
         return forward
 
     def copy_blocks(self, kv, src, dst):

@@ -72,6 +72,13 @@ for tp, pp in [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (2, 2)]:
             hlo = fn.lower(r.params[s], r.kv_caches[a:b], x, meta, li).compile().as_text()
             out["collectives"][f"{key}/{s}"] = count_collectives(hlo)
         out.setdefault("kv_bytes_per_block", {})[key] = r.parallel.kv_bytes_per_block(16, np.float32)
+# Pipeline micro-batches: steps of >= 16 tokens run as two halves (a prompt cut mid-way, placeholders in both).
+for tp, pp in [(1, 2), (2, 2)]:
+    llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, pp_microbatch_tokens=16, **flags)
+    out["tokens"][f"{tp}x{pp}/micro"] = tokens(llm, prompts + [list(range(3, 60)), [9] * 20])
+    out.setdefault("micro_steps", {})[f"{tp}x{pp}"] = llm.llm_engine.runner.microbatched_steps
+llm = LLM(folder, **flags)
+out["tokens"]["1x1/micro_prompts"] = tokens(llm, prompts + [list(range(3, 60)), [9] * 20])
 # One process: sharded steps take device inputs and run ahead of the host (async), also from the dispatch thread.
 for tp, pp in [(2, 1), (2, 2)]:
     llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, dispatch_thread=True, **flags)
@@ -172,6 +179,8 @@ def test_invalid_tp_size_is_a_startup_error(tiny8):
     from jaxserve.llm import LLM
     with pytest.raises(StartupError, match="valid sizes: 1, 2, 4, 8"):
         LLM(str(tiny8), tensor_parallel_size=3, **TINY_FLAGS)
+    with pytest.raises(StartupError, match="pp-microbatch-tokens must be >= 0"):
+        LLM(str(tiny8), pipeline_parallel_size=2, pp_microbatch_tokens=-1, **TINY_FLAGS)
 
 
 # ----------------------------------------------------------------------------------- 8-device runs
@@ -179,6 +188,45 @@ def test_invalid_tp_size_is_a_startup_error(tiny8):
 def test_greedy_tokens_equal_single_device(tiny_run, key):
     assert tiny_run["tokens"][key] == tiny_run["tokens"]["1x1"]
     assert tiny_run["logits_maxdiff"][key] < 1e-5  # fp32: only the summation order differs
+
+
+@pytest.mark.parametrize("key", ["1x2", "2x2"])
+def test_pipeline_micro_batches_give_the_same_tokens(tiny_run, key):
+    assert tiny_run["micro_steps"][key] >= 2  # the prefill steps ran as two halves
+    assert tiny_run["tokens"][f"{key}/micro"] == tiny_run["tokens"]["1x1/micro_prompts"]
+
+
+def test_split_in_two_by_hand():
+    import numpy as np
+
+    from jaxserve.batch import InputBatch, split_in_two
+    # T=16: sequence 0 has tokens 0-5 (positions 10-15, context 16), sequence 1 tokens 6-12 (positions 0-6),
+    # sequence 2 token 13 (a decode at position 4, placeholder from row 1 of the previous step); 14 real tokens.
+    T, P = 16, 4
+    qsl = np.array([0, 6, 13, 14, 14, 14, 14, 14, 14], np.int32)  # B = 8 rows (min(T, max_num_seqs))
+    seq_ids = np.array([0] * 6 + [1] * 7 + [2] + [0, 0], np.int32)
+    pos = np.array(list(range(10, 16)) + list(range(7)) + [4, 0, 0], np.int32)
+    tables = np.zeros((8, P), np.int32)
+    tables[:3] = [[1, 2, 0, 0], [3, 0, 0, 0], [4, 0, 0, 0]]
+    lens = np.zeros(8, np.int32)
+    lens[:3] = [16, 7, 5]
+    li = np.zeros(8, np.int32)
+    li[:3] = [5, 12, 13]
+    b = InputBatch(np.arange(T, dtype=np.int32), pos, pos + 100, seq_ids, tables, lens, qsl, li, False,
+                   [None] * 3, 14, [], fill_dst=np.array([13] + [16] * 7, np.int32),
+                   fill_src=np.array([1] + [0] * 7, np.int32))
+    h0, h1, rows = split_in_two(b, max_seqs=8)
+    # half 0: tokens 0-7 = sequence 0 whole and sequence 1's first two tokens (its context ends at position 1)
+    assert list(h0.query_start_loc[:3]) == [0, 6, 8] and list(h0.seq_lens[:3]) == [16, 2, 0]
+    assert list(h0.logits_indices[:2]) == [5, 0] and h0.num_tokens == 8 and h0.block_tables.shape == (8, P)
+    assert list(h0.fill_dst) == [8] * 8  # no placeholder in half 0
+    # half 1: tokens 8-15 = sequence 1's last five (positions 2-6) and sequence 2's decode token
+    assert list(h1.token_seq_ids) == [0] * 5 + [1] + [0, 0] and list(h1.positions[:6]) == [2, 3, 4, 5, 6, 4]
+    assert list(h1.query_start_loc[:3]) == [0, 5, 6] and list(h1.seq_lens[:2]) == [7, 5]
+    assert list(h1.block_tables[1]) == [4, 0, 0, 0] and list(h1.logits_indices[:2]) == [4, 5]
+    assert h1.fill_dst[0] == 5 and h1.fill_src[0] == 1 and h1.num_tokens == 6
+    assert list(rows[:3]) == [0, 8, 9]  # row 0 from half 0, rows 1-2 from half 1 (after its 8 rows)
+    assert split_in_two(b, max_seqs=4) is None  # rows grown past the bucket (n > 1 forks): run whole
 
 
 @pytest.mark.parametrize("key", ["2x1", "2x2"])
