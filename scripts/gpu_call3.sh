@@ -11,3 +11,7 @@ for cfg in "tp1:--tensor-parallel-size 1" "tp2:--tensor-parallel-size 2" "pp2:--
   run lat_$n 110 python3 scripts/bench_latency.py $M $E $f --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 64 --output-json $OUT/lat_$n.json
   run tp_$n 150 python3 scripts/bench_throughput.py $M --max-model-len 2048 $f --max-num-seqs 256 --dataset sharegpt-like --num-prompts 300 --disable-tqdm --output-json $OUT/tp_$n.json
 done
+# Pipeline micro-batches on prefill-heavy steps (random 1024 in / 64 out), on and off.
+for mb in 1024 0; do
+  run pp2_rand_mb$mb 150 python3 scripts/bench_throughput.py $M --max-model-len 2048 --pipeline-parallel-size 2 --pp-microbatch-tokens $mb --dataset random --input-len 1024 --output-len 64 --num-prompts 200 --disable-tqdm --output-json $OUT/pp2_rand_mb$mb.json
+done
