@@ -2,6 +2,9 @@
 # Issue 4 on one GPU (after scripts/gpu_setup.sh): the kernel tests compiled, the kernel benchmark (Mosaic GPU
 # decode column and sweep, jax-triton KV write, tokamax prefill if its wheels are in .whl/tokamax), and the
 # engine end to end with the Mosaic decode backend vs XLA. Writes under $OUT.
+# tokamax's wheels (not carried by gpu_setup.sh) are fetched on the dev machine with:
+#   pip download --no-deps -d .whl/tokamax tokamax einshape jaxtyping qwix typeguard==2.13.3 immutabledict \
+#     tensorboardx wadler_lindig
 set -u
 export PYTHONUNBUFFERED=1
 MODE=${1:-all}
