@@ -24,3 +24,12 @@ def check_paged_args(q, k_pages, v_pages, block_tables, q_axis: str, batch: int 
     for name, x in (("block_size", S), ("head_dim", D)):
         if x & (x - 1):
             raise ValueError(f"{name} must be a power of 2 for the Triton lowering, got {x}")
+
+
+def check_ragged_args(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens) -> None:
+    """check_paged_args for flat-packed tokens, plus seq_lens i32[B] and cu_q_lens i32[B + 1]."""
+    B = seq_lens.shape[0]
+    check_paged_args(q, k_pages, v_pages, block_tables, "T", batch=B)
+    if seq_lens.dtype != jnp.int32 or cu_q_lens.shape != (B + 1,) or cu_q_lens.dtype != jnp.int32:
+        raise ValueError(f"want seq_lens i32[{B}] and cu_q_lens i32[{B + 1}], got {seq_lens.dtype}{seq_lens.shape}"
+                         f" and {cu_q_lens.dtype}{cu_q_lens.shape}")

@@ -83,6 +83,88 @@ def _tiled(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, minor)), plgpu.SwizzleTransform(128)))
 
 
+class PageRing:
+    """A `stages`-deep ring of shared-memory K/V slots filled by TMA, `ppcb` page copies per step of T keys.
+
+    Step c (of c0..c1) goes to slot (c - c0) % stages; a slot's barrier expects ppcb arrivals (one per copy).
+    page(i) -> the page id of the sequence's i-th page (a scalar read from the block table in GMEM)."""
+
+    def __init__(self, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, page, h, ppcb, stages, c0, c1):
+        self.k_ref, self.v_ref, self.k_smem, self.v_smem = k_ref, v_ref, k_smem, v_smem
+        self.k_bar, self.v_bar, self.page, self.h = k_bar, v_bar, page, h
+        self.ppcb, self.stages, self.c0, self.c1 = ppcb, stages, c0, c1
+        self.S = k_ref.shape[2]
+        self.T = k_smem.shape[1]
+
+    def issue(self, c, slot):
+        S = self.S
+        for j in range(self.ppcb):
+            page = self.page(c * self.ppcb + j)
+            plgpu.copy_gmem_to_smem(self.k_ref.at[self.h, page], self.k_smem.at[slot, pl.ds(j * S, S)],
+                                    self.k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(self.v_ref.at[self.h, page], self.v_smem.at[slot, pl.ds(j * S, S)],
+                                    self.v_bar.at[slot])
+
+    def prime(self):
+        for i in range(self.stages):
+            @pl.when(self.c0 + i < self.c1)
+            def _():
+                self.issue(self.c0 + i, i)
+
+
+def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, interpret: bool):
+    """Online softmax of the 64 query rows in q_smem over the ring's steps c0..c1 -> (acc f32[64, D], m f32[64]
+    in log2 units, l f32[64]). mask(s, key) masks the (64, T) logits given the keys' positions; V rows at or
+    past kv_len are zeroed in shared memory on the step that holds them (they may be NaN)."""
+    T, D, stages, c0 = ring.T, q_smem.shape[1], ring.stages, ring.c0
+    dtype = ring.k_smem.dtype
+
+    def step(c, carry):
+        acc, m_i, l_i = carry
+        slot = lax.rem(c - c0, stages)
+        plgpu.barrier_wait(ring.k_bar.at[slot])
+        if interpret:  # the CPU interpreter has no wgmma: the same product in jnp
+            s = lax.dot_general(q_smem[...], ring.k_smem.at[slot][...], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        else:
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, ring.k_smem.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+            s = pl.run_scoped(qk, plgpu.ACC((_ROWS, T), jnp.float32))
+        key = plgpu.broadcasted_iota(jnp.int32, (_ROWS, T), 1, layout=plgpu.Layout.WGMMA) + c * T
+        s = mask(s * qk_scale, key)  # (64, T) in log2 units
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        plgpu.barrier_wait(ring.v_bar.at[slot])
+
+        @pl.when((c + 1) * T > kv_len)  # last step: zero V rows past the keys (may hold NaN)
+        def _():
+            row = plgpu.broadcasted_iota(jnp.int32, (T, D), 0, layout=plgpu.Layout.WGMMA) + c * T
+            v = ring.v_smem.at[slot]
+            v[...] = jnp.where(row < kv_len, v[...], jnp.zeros((T, D), dtype))
+            plgpu.commit_smem()
+
+        if interpret:
+            acc = acc + jnp.dot(p.astype(dtype), ring.v_smem.at[slot][...], preferred_element_type=jnp.float32)
+        else:
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p.astype(dtype), ring.v_smem.at[slot])
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+
+        @pl.when(c + stages < ring.c1)  # the slot is free again: refill it
+        def _():
+            ring.issue(c + stages, slot)
+        return acc, m_new, l_i
+
+    init = (plgpu.layout_cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA),
+            plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
+    return lax.fori_loop(c0, ring.c1, step, init)
+
+
 def _decode_call(q4, k_pages, v_pages, block_tables, seq_lens, *, scale: float, tune: MosaicDecodeTuning,
                  interpret: bool):
     """q4 [B, Hkv, Gp, D] -> (o f32[splits, B, Hkv, Gp, D], lse f32[splits, B, Hkv, Gp])."""
@@ -119,64 +201,14 @@ def _decode_call(q4, k_pages, v_pages, block_tables, seq_lens, *, scale: float, 
         plgpu.commit_smem()  # the zeros land before the TMA writes rows 0..Gp-1
         plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, Gp)], q_bar.at[0])
 
-        def issue(c, slot):
-            for j in range(ppcb):
-                page = bt_ref[b, c * ppcb + j]
-                plgpu.copy_gmem_to_smem(k_ref.at[h, page], k_smem.at[slot, pl.ds(j * S, S)], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[h, page], v_smem.at[slot, pl.ds(j * S, S)], v_bar.at[slot])
-
-        for i in range(stages):
-            @pl.when(c0 + i < c1)
-            def _():
-                issue(c0 + i, i)
-
+        ring = PageRing(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, lambda i: bt_ref[b, i], h, ppcb, stages, c0, c1)
+        ring.prime()
         plgpu.barrier_wait(q_bar.at[0])
 
-        def step(c, carry):
-            acc, m_i, l_i = carry
-            slot = lax.rem(c - c0, stages)
-            plgpu.barrier_wait(k_bar.at[slot])
+        def mask(s, key):  # (64, T) logits, key positions
+            return jnp.where(key < seq_len, s, -jnp.inf)
 
-            if interpret:  # the CPU interpreter has no wgmma: the same product in jnp
-                s = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
-            else:
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-                    return acc_ref[...]
-                s = pl.run_scoped(qk, plgpu.ACC((_ROWS, T), jnp.float32))
-            s = s * qk_scale  # (64, T) in log2 units
-            key = plgpu.broadcasted_iota(jnp.int32, (_ROWS, T), 1, layout=plgpu.Layout.WGMMA) + c * T
-            s = jnp.where(key < seq_len, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, s.max(axis=1))
-            alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            plgpu.barrier_wait(v_bar.at[slot])
-
-            @pl.when((c + 1) * T > seq_len)  # last step: zero V rows past the context (may hold NaN)
-            def _():
-                row = plgpu.broadcasted_iota(jnp.int32, (T, D), 0, layout=plgpu.Layout.WGMMA) + c * T
-                v_smem.at[slot][...] = jnp.where(row < seq_len, v_smem.at[slot][...], jnp.zeros((T, D), dtype))
-                plgpu.commit_smem()
-
-            if interpret:
-                acc = acc + jnp.dot(p.astype(dtype), v_smem.at[slot][...], preferred_element_type=jnp.float32)
-            else:
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-
-            @pl.when(c + stages < c1)  # the slot is free again: refill it
-            def _():
-                issue(c + stages, slot)
-            return acc, m_new, l_i
-
-        init = (plgpu.layout_cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA),
-                plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
-        acc, m_i, l_i = lax.fori_loop(c0, c1, step, init)
+        acc, m_i, l_i = attend_pages(ring, q_smem, kv_len=seq_len, mask=mask, qk_scale=qk_scale, interpret=interpret)
         nonempty = l_i > 0
         l_safe = jnp.where(nonempty, l_i, jnp.ones_like(l_i))
         o_smem[...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxserve.pallas_kernels import tuning as tuning_lib
-from jaxserve.pallas_kernels.checks import check_paged_args
+from jaxserve.pallas_kernels.checks import check_ragged_args
 from jaxserve.pallas_kernels.reference import _MIN_FINITE, default_scale
 
 
@@ -156,12 +156,9 @@ def ragged_prefill(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens, *, sc
       [num_tokens, num_q_heads, head_dim] in q.dtype.
     """
     B = seq_lens.shape[0]
-    check_paged_args(q, k_pages, v_pages, block_tables, "T", batch=B)
+    check_ragged_args(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens)
     T, Hq, D = q.shape
     Hkv, _, S, _ = k_pages.shape
-    if seq_lens.dtype != jnp.int32 or cu_q_lens.shape != (B + 1,) or cu_q_lens.dtype != jnp.int32:
-        raise ValueError(f"want seq_lens i32[{B}] and cu_q_lens i32[{B + 1}], got {seq_lens.dtype}{seq_lens.shape}"
-                         f" and {cu_q_lens.dtype}{cu_q_lens.shape}")
     G = Hq // Hkv
     Gp = tuning_lib.next_pow2(G)
     scale = default_scale(D) if scale is None else scale

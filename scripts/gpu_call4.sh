@@ -11,7 +11,8 @@ MODE=${1:-all}
 if [ "$MODE" != compare ]; then
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tk .whl/tokamax/*.whl 2>/dev/null
 # The Mosaic kernel first, alone and briefly: a hang or a crash there must not cost the rest of the call.
-timeout 100 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_paged_decode_mgpu.py -m "not slow" \
+timeout 100 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_paged_decode_mgpu.py \
+  tests/test_kernels_ragged_prefill_mgpu.py -m "not slow" \
   > $OUT/mgpu_tests.log 2>&1
 rc=$?; echo "== mosaic kernel tests rc=$rc"; grep -E "passed|failed|FAILED|Error" $OUT/mgpu_tests.log | tail -8
 NOMOSAIC=""; [ $rc = 0 ] || NOMOSAIC=--no-mosaic

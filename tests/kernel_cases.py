@@ -123,3 +123,25 @@ def check_decode(kernel, reference, q, c, dtype, **kwargs):
 # Every GQA ratio x block size for the decode sweeps; head dim and split count alternate to keep CI time down.
 DECODE_SWEEP = [(g, s, *((64, 1) if (g + s.bit_length()) % 2 else (128, 3)))
                 for g, s in itertools.product([1, 3, 4, 7, 8], [16, 32, 64, 128])]
+
+
+def mixed_prefill_case(rng, group, head_dim, block_size, dtype=np.float32):
+    """Prefill from empty; a prefix hit ending on a block boundary; a chunked continuation at an odd offset; a
+    decode row; an empty (padding) row; a prompt ending exactly on a block boundary; 5 padding tokens."""
+    S = block_size
+    return make_case(rng, num_kv_heads=2, group=group, head_dim=head_dim, block_size=S,
+                     ctx_lens=[0, S, S + 3, 2 * S - 1, 0, 0], q_lens=[S + 5, 7, S, 1, 0, 2 * S], dtype=dtype,
+                     pad_tokens=5)
+
+
+def check_prefill(kernel, reference, c, dtype, **kwargs):
+    """kernel(q, pages, tables, lens, cu_q_lens, **kwargs) against the jnp reference: dtype kept, no NaN from the
+    NaN-filled unused pages, within tol(dtype), exact zeros for the padding tokens."""
+    got = kernel(c.q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, c.cu_q_lens, interpret=INTERPRET, **kwargs)
+    want = reference(c.q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, c.cu_q_lens, c.token_seq_ids,
+                     c.positions, scale=kwargs.get("scale"))
+    assert got.dtype == c.q.dtype
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, want, **tol(dtype))
+    np.testing.assert_array_equal(got[int(c.cu_q_lens[-1]):], 0.0)  # padding tokens

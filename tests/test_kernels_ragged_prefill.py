@@ -8,30 +8,17 @@ import numpy as np
 import pytest
 
 from gpu_lowering import lower_for_h100
-from kernel_cases import INTERPRET, make_case, tol
+from kernel_cases import INTERPRET, check_prefill, mixed_prefill_case
 from jaxserve.pallas_kernels import PrefillTuning, ragged_attention_reference, ragged_prefill
 from jaxserve.pallas_kernels.ragged_prefill import work_items
 
 
 def _mixed_case(rng, group, head_dim, block_size, dtype=np.float32):
-    S = block_size
-    # prefill from empty; prefix hit ending on a block boundary; chunked continuation at an odd offset;
-    # a decode row; an empty (padding) row; a prompt ending exactly on a block boundary
-    return make_case(rng, num_kv_heads=2, group=group, head_dim=head_dim, block_size=S,
-                     ctx_lens=[0, S, S + 3, 2 * S - 1, 0, 0], q_lens=[S + 5, 7, S, 1, 0, 2 * S], dtype=dtype,
-                     pad_tokens=5)
+    return mixed_prefill_case(rng, group, head_dim, block_size, dtype)
 
 
 def _check(c, tuning, dtype=np.float32, scale=None):
-    got = ragged_prefill(c.q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, c.cu_q_lens, scale=scale,
-                         tuning=tuning, interpret=INTERPRET)
-    want = ragged_attention_reference(c.q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, c.cu_q_lens,
-                                      c.token_seq_ids, c.positions, scale=scale)
-    assert got.dtype == c.q.dtype
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert not np.isnan(got).any()
-    np.testing.assert_allclose(got, want, **tol(dtype))
-    np.testing.assert_array_equal(got[int(c.cu_q_lens[-1]):], 0.0)  # padding tokens
+    check_prefill(ragged_prefill, ragged_attention_reference, c, dtype, scale=scale, tuning=tuning)
 
 
 @pytest.mark.parametrize("group,head_dim,block_size,tuning", [

@@ -1,0 +1,174 @@
+"""Ragged paged prefill attention in Pallas, Mosaic GPU lowering (Hopper: TMA + wgmma).
+
+Design note.
+- Same contract and work items as ragged_prefill.py (the Triton twin): the flat token axis is cut per sequence
+  into tiles of bq tokens (`work_items`), the grid is (work items, kv heads), and a tile's rows are its bq tokens
+  x the Gp = next_pow2(G) query heads of one kv head, token-major, so K/V pages are read once per tile for the
+  whole group. wgmma's M is 64 rows, so bq = 64 / Gp.
+- Keys come through the same TMA ring of page copies as the decode kernel (paged_decode_mgpu.PageRing,
+  attend_pages): steps of T keys from position 0 to the tile's last query position; the causal mask is
+  key <= the row's query position. Rows past the tile's tokens compute garbage that nothing reads.
+- Tile-major rows. TMA moves whole 64-row tiles, and into or out of the wgmma-tiled shared memory only at row
+  offsets that are multiples of the 8-row tile; and a tile whose sequence ends mid-tile must not overwrite the
+  next sequence's rows. So the wrapper gathers q into a tile-major buffer (tile w: rows w*64 ..), each tile
+  reads and writes its own 64 rows, and a gather puts the output rows back in token order.
+- bf16/f16 only (wgmma has no f32 operands), head dim a multiple of 64, G <= 64.
+- Not measured yet on a GPU: the engine does not use it (docs/PERF.md); scripts/bench_kernels.py times it as
+  "ours_mosaic" beside the Triton kernel, which stays the prefill kernel until this one is measured faster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxserve.pallas_kernels.checks import check_ragged_args
+from jaxserve.pallas_kernels.paged_decode_mgpu import (_LOG2E, _ROWS, PageRing, _tiled, attend_pages,
+                                                       check_mosaic_args)
+from jaxserve.pallas_kernels.ragged_prefill import work_items
+from jaxserve.pallas_kernels.reference import default_scale
+from jaxserve.pallas_kernels.tuning import next_pow2
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicPrefillTuning:
+    """keys_per_step: keys per wgmma step (a multiple of 64 and of the block size; 0 = 128 or the block size).
+    num_stages: depth of the TMA ring (trimmed to fit shared memory)."""
+    keys_per_step: int = 0
+    num_stages: int = 3
+
+    def resolve(self, block_size: int, head_dim: int, itemsize: int) -> "MosaicPrefillTuning":
+        keys = self.keys_per_step or max(128, block_size)
+        if keys % 64 or keys % block_size:
+            raise ValueError(f"keys_per_step {keys} must be a multiple of 64 and of block_size {block_size}")
+        fixed = 2 * _ROWS * head_dim * itemsize  # q tile + output tile
+        stages = self.num_stages
+        while stages > 1 and fixed + stages * 2 * keys * head_dim * itemsize > 220 * 1024:
+            stages -= 1
+        return dataclasses.replace(self, keys_per_step=keys, num_stages=stages)
+
+
+def _prefill_call(q_tiles, k_pages, v_pages, block_tables, items, *, scale: float, gp: int,
+                  tune: MosaicPrefillTuning, interpret: bool):
+    """q_tiles [Hkv, W * 64, D] -> o [Hkv, W * 64, D], both tile-major (tile w: rows w*64 ...)."""
+    Hkv, _, D = q_tiles.shape
+    S = k_pages.shape[2]
+    dtype = k_pages.dtype
+    T, stages = tune.keys_per_step, tune.num_stages
+    ppcb = T // S
+    P = block_tables.shape[1]
+    block_tables = jnp.pad(block_tables, ((0, 0), (0, -P % ppcb)))  # the last step may run past P; pads = page 0
+    W = items[0].shape[0]
+    qk_scale = scale * _LOG2E
+
+    def kernel(seq_ref, q0_ref, nq_ref, pos0_ref,  # i32[W] each: the work items (q0 is used by the wrapper)
+               bt_ref,  # i32[B, P']          block tables
+               q_ref,  # [Hkv, W * 64, D]     query rows, tile-major
+               k_ref,  # [Hkv, N, S, D]       key pages
+               v_ref,  # [Hkv, N, S, D]       value pages
+               o_ref,  # [Hkv, W * 64, D]     output rows, tile-major
+               q_smem,  # [64, D]
+               k_smem,  # [stages, T, D]
+               v_smem,  # [stages, T, D]
+               o_smem,  # [64, D]
+               q_bar, k_bar, v_bar):
+        w, h = lax.axis_index("w"), lax.axis_index("h")
+        seq, nq, pos0 = seq_ref[w], nq_ref[w], pos0_ref[w]
+
+        @pl.when(nq > 0)  # surplus work items have no rows
+        def _():
+            kv_len = pos0 + nq  # keys 0 .. the tile's last query position
+            ring = PageRing(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, lambda i: bt_ref[seq, i], h, ppcb, stages,
+                            0, (kv_len + T - 1) // T)
+            plgpu.copy_gmem_to_smem(q_ref.at[h, pl.ds(w * _ROWS, _ROWS)], q_smem, q_bar.at[0])
+            ring.prime()
+            plgpu.barrier_wait(q_bar.at[0])
+            row_pos = plgpu.broadcasted_iota(jnp.int32, (_ROWS, T), 0, layout=plgpu.Layout.WGMMA) // gp + pos0
+
+            def mask(s, key):  # causal: a row sees keys up to its own position
+                return jnp.where(key <= row_pos, s, -jnp.inf)
+
+            acc, _, l_i = attend_pages(ring, q_smem, kv_len=kv_len, mask=mask, qk_scale=qk_scale,
+                                       interpret=interpret)
+            l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
+            o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[h, pl.ds(w * _ROWS, _ROWS)])
+            plgpu.wait_smem_to_gmem(0)
+
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((Hkv, W * _ROWS, D), dtype),
+        scratch_types=[
+            _tiled((_ROWS, D), dtype),
+            _tiled((stages, T, D), dtype),
+            _tiled((stages, T, D), dtype),
+            _tiled((_ROWS, D), dtype),
+            plgpu.Barrier(num_barriers=1),
+            plgpu.Barrier(num_arrivals=ppcb, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=ppcb, num_barriers=stages),
+        ],
+        grid=(W, Hkv),
+        grid_names=("w", "h"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+        kernel_name=f"ragged_prefill_mgpu_gp{gp}_T{T}_st{stages}",
+    )(*items, block_tables, q_tiles, k_pages, v_pages)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "tuning", "interpret"))
+def ragged_prefill_mgpu(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens, *, scale: float | None = None,
+                        tuning: MosaicPrefillTuning = MosaicPrefillTuning(), interpret: bool = False):
+    """Causal paged attention for flat-packed new tokens (Mosaic GPU); same contract as
+    ragged_prefill.ragged_prefill.
+
+    Args:
+      q: bf16/f16 [num_tokens, num_q_heads, head_dim]; sequence b's tokens are q[cu_q_lens[b]:cu_q_lens[b+1]],
+        at positions seq_lens[b] - q_len_b + i. Tokens at or past cu_q_lens[-1] are padding (zero output).
+      k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim], q's dtype, new tokens' K/V written.
+      block_tables: i32[batch, pages_per_seq].
+      seq_lens: i32[batch] context length including the new tokens (0 for padding rows).
+      cu_q_lens: i32[batch + 1] query_start_loc, non-decreasing, cu_q_lens[0] = 0.
+      scale: softmax scale, default 1/sqrt(head_dim).
+      tuning: MosaicPrefillTuning; 0 fields are picked from the shapes.
+      interpret: run Mosaic GPU's CPU interpreter (CPU tests).
+    Returns:
+      [num_tokens, num_q_heads, head_dim] in q.dtype.
+    """
+    B = seq_lens.shape[0]
+    check_ragged_args(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens)
+    check_mosaic_args(q, k_pages)
+    T, Hq, D = q.shape
+    Hkv, _, S, _ = k_pages.shape
+    G = Hq // Hkv
+    Gp = next_pow2(G)
+    bq = _ROWS // Gp
+    scale = default_scale(D) if scale is None else scale
+    tune = tuning.resolve(S, D, k_pages.dtype.itemsize)
+    W = pl.cdiv(T, bq) + B
+    items = work_items(cu_q_lens, seq_lens, block_q=bq, num_items=W)
+    _, q0, nq, _ = items
+    q4 = jnp.pad(q.reshape(T, Hkv, G, D), ((0, 1), (0, 0), (0, Gp - G), (0, 0)))  # (T + 1, Hkv, Gp, D); T: zeros
+    j = jnp.arange(bq, dtype=jnp.int32)
+    tok = jnp.where(j[None, :] < nq[:, None], q0[:, None] + j[None, :], T).reshape(W * bq)  # tile-major tokens
+    q_tiles = q4[tok].transpose(1, 0, 2, 3).reshape(Hkv, W * _ROWS, D)
+    o = _prefill_call(q_tiles, k_pages, v_pages, block_tables, items, scale=scale, gp=Gp, tune=tune,
+                      interpret=interpret)  # (Hkv, W * 64, D) tile-major
+    # Back to token order: token t sits in tile w(t) at row offset (t - q0[w(t)]) * Gp.
+    t = jnp.arange(T, dtype=jnp.int32)
+    seq_of = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, B - 1)
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    tiles = (q_lens + bq - 1) // bq
+    first_tile = jnp.cumsum(tiles) - tiles
+    j = t - cu_q_lens[seq_of]
+    src = (first_tile[seq_of] + j // bq) * bq + j % bq  # row group (of Gp rows) in the tile-major output
+    src = jnp.where(t < cu_q_lens[-1], src, 0)
+    o = o.reshape(Hkv, W * bq, Gp, D)[:, src]  # (Hkv, T, Gp, D)
+    o = jnp.where((t < cu_q_lens[-1])[None, :, None, None], o, jnp.zeros((), o.dtype))
+    return o[:, :, :G].transpose(1, 0, 2, 3).reshape(T, Hq, D).astype(q.dtype)
