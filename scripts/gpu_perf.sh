@@ -17,6 +17,17 @@ fi
 if [ "$MODE" = all ] || [ "$MODE" = random ]; then
 run tp_rand 260 python3 scripts/bench_throughput.py $M --max-model-len 2048 --dispatch-thread ${DT:-false} --dataset random --input-len 1024 --output-len 128 --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_random.json
 fi
+if [ "$MODE" = launch ]; then
+# Where the forward's launch time goes (session 3: ~12 ms of host time per batch-256 step): the same profile with
+# XLA command buffers (CUDA graphs) widened, off, and with the pure-XLA attention (no Pallas custom calls).
+P="python3 scripts/profile_decode.py $M $E --batch-size 256 --input-len 200 --steps 50"
+run launch_default 120 $P --trace-dir /tmp/l0 --output-json $OUT/launch_default.json
+XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1" run launch_cmdbuf_all 120 $P --trace-dir /tmp/l1 --output-json $OUT/launch_cmdbuf_all.json
+XLA_FLAGS="--xla_gpu_enable_command_buffer=" run launch_cmdbuf_off 120 $P --trace-dir /tmp/l2 --output-json $OUT/launch_cmdbuf_off.json
+run launch_xla_attn 120 $P --attention-backend xla --trace-dir /tmp/l3 --output-json $OUT/launch_xla_attn.json
+grep -h "dispatch_forward\|idle share" $OUT/launch_*.log
+exit 0
+fi
 if [ "$MODE" = all ] || [ "$MODE" = startup ]; then JAX_DEBUG_LOG_MODULES=jax._src.compiler run startup 400 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup.json -- $M --max-model-len 2048; fi
 [ "$MODE" = engine ] || [ "$MODE" = random ] || [ "$MODE" = startup ] && exit 0
 # Serving: a real server on loopback, 320 ShareGPT-like prompts sent at once; GPU utilization from /metrics.
