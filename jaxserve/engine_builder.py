@@ -219,7 +219,9 @@ def build_engine(cls, args: EngineArgs):
     runner.allocate_kv(num_blocks, host_blocks)
     log.info("KV cache: %d blocks of %d tokens (%.2f GiB per device, %s); %d host swap blocks", num_blocks,
              cc.block_size, num_blocks * per_block / 2**30, why, host_blocks)
-    compile_s = 0.0 if config.enforce_eager else runner.warmup()
+    if args.compile_threads < 1:
+        raise StartupError(f"--compile-threads must be >= 1 (got {args.compile_threads})")
+    compile_s = 0.0 if config.enforce_eager else runner.warmup(args.compile_threads)
     if args.num_processes > 1 and jax.process_index() != 0:
         from jaxserve.multihost import follow
         log.info("process %d follows process 0's steps", jax.process_index())

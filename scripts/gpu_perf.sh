@@ -29,6 +29,8 @@ grep -h "dispatch_forward\|idle share" $OUT/launch_*.log
 exit 0
 fi
 if [ "$MODE" = all ] || [ "$MODE" = startup ]; then JAX_DEBUG_LOG_MODULES=jax._src.compiler run startup 400 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup.json -- $M --max-model-len 2048; fi
+# The same with the warm-up shapes compiled from 8 threads (--compile-threads; not yet measured on a GPU).
+if [ "$MODE" = startup_threads ]; then run startup_threads 300 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup_threads.json -- $M --max-model-len 2048 --compile-threads 8; exit 0; fi
 [ "$MODE" = engine ] || [ "$MODE" = random ] || [ "$MODE" = startup ] && exit 0
 # Serving: a real server on loopback, 320 ShareGPT-like prompts sent at once; GPU utilization from /metrics.
 t0=$(date +%s.%N)

@@ -44,7 +44,7 @@ def test_abort_frees_forked_children_after_the_parent_finished():
 
 
 
-def _serve_burst_counting_compiles():
+def _serve_burst_counting_compiles(**engine_args):
     import jax
 
     compiles = []
@@ -55,7 +55,7 @@ def _serve_burst_counting_compiles():
 
     eng = LLMEngine.from_engine_args(EngineArgs(model=TINY, skip_tokenizer_init=True, max_model_len=256,
                                                 num_gpu_blocks_override=200, max_num_batched_tokens=64,
-                                                max_num_seqs=16))
+                                                max_num_seqs=16, **engine_args))
     from jaxserve import model_runner as mr
     before = mr._unpack._cache_size(), mr._sample_packed._cache_size()
     jax.monitoring.register_event_duration_secs_listener(listener)
@@ -84,4 +84,13 @@ def test_warmup_leaves_nothing_to_compile_while_serving():
     # The last compile left was the first warmed shape: fresh KV pages were uncommitted, the pages a step
     # returns are committed, and jit keys its cache on committedness (kv_cache.allocate now commits them).
     compiles, _, _ = _serve_burst_counting_compiles()
+    assert compiles == []
+
+
+def test_threaded_warmup_compiles_the_same_programs(caplog):
+    # --compile-threads: the shapes are compiled ahead of time from threads; the warm-up calls and serving then
+    # compile nothing more (jit finds the executables the ahead-of-time compiles made).
+    with caplog.at_level("INFO", logger="jaxserve"):
+        compiles, _, _ = _serve_burst_counting_compiles(compile_threads=2)
+    assert "compiled 4 step shapes ahead of time from 2 threads" in caplog.text
     assert compiles == []
