@@ -112,10 +112,13 @@ class PageRing:
                 self.issue(self.c0 + i, i)
 
 
-def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, interpret: bool):
+def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, interpret: bool, release=None):
     """Online softmax of the 64 query rows in q_smem over the ring's steps c0..c1 -> (acc f32[64, D], m f32[64]
     in log2 units, l f32[64]). mask(s, key) masks the (64, T) logits given the keys' positions; V rows at or
-    past kv_len are zeroed in shared memory on the step that holds them (they may be NaN)."""
+    past kv_len are zeroed in shared memory on the step that holds them (they may be NaN).
+
+    release(c, slot) runs once step c is done with its slot; by default it refills the slot with step
+    c + stages (one warpgroup owns the ring). Warpgroups sharing a ring pass their own."""
     T, D, stages, c0 = ring.T, q_smem.shape[1], ring.stages, ring.c0
     dtype = ring.k_smem.dtype
 
@@ -154,9 +157,12 @@ def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, inter
                 plgpu.wgmma(acc_ref, p.astype(dtype), ring.v_smem.at[slot])
             acc = pl.run_state(pv)(plgpu.ACC.init(acc))
 
-        @pl.when(c + stages < ring.c1)  # the slot is free again: refill it
-        def _():
-            ring.issue(c + stages, slot)
+        if release is None:
+            @pl.when(c + stages < ring.c1)  # the slot is free again: refill it
+            def _():
+                ring.issue(c + stages, slot)
+        else:
+            release(c, slot)
         return acc, m_new, l_i
 
     init = (plgpu.layout_cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA),
