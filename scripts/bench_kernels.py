@@ -33,7 +33,7 @@ from jaxserve.pallas_kernels import (kv_write, kv_write_pallas, paged_decode, pa
                                      ragged_attention_reference, ragged_prefill)
 from jaxserve.pallas_kernels import kv_write_triton as kvt
 from jaxserve.pallas_kernels.paged_decode_mgpu import MosaicDecodeTuning, paged_decode_mgpu
-from jaxserve.pallas_kernels.ragged_prefill_mgpu import ragged_prefill_mgpu
+from jaxserve.pallas_kernels.ragged_prefill_mgpu import MosaicPrefillTuning, ragged_prefill_mgpu
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16  # Llama-3-8B attention
 DTYPE = jnp.bfloat16
@@ -230,6 +230,9 @@ def bench_prefill(args, interpret: bool):
             "ours": lambda q, k, v: ragged_prefill(q, k, v, tables, lens, cu, scale=scale, interpret=interpret),
             **({} if args.no_mosaic else {"ours_mosaic": lambda q, k, v: ragged_prefill_mgpu(
                 q, k, v, tables, lens, cu, scale=scale, interpret=interpret)}),
+            # two warpgroups: GPU only (the CPU interpreter deadlocks on it; see ragged_prefill_mgpu.py)
+            **({} if args.no_mosaic or interpret else {"ours_mosaic_2wg": lambda q, k, v: ragged_prefill_mgpu(
+                q, k, v, tables, lens, cu, scale=scale, tuning=MosaicPrefillTuning(warpgroups=2))}),
             "xla": lambda q, k, v: ragged_attention_reference(q, k, v, tables, lens, cu, seq_ids, pos, scale=scale,
                                                               pages_per_iter=args.xla_pages_per_iter),
         }
