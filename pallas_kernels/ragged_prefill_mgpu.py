@@ -7,8 +7,9 @@ Design note.
   whole group. wgmma's M is 64 rows per warpgroup. With `warpgroups=2` (FA3's layout; experimental) a tile
   has 128 rows, bq = 128 / Gp, and both warpgroups consume every K/V step that warpgroup 0 loads: a `consumed`
   barrier per ring slot (two arrivals) tells warpgroup 0 when it may refill the slot. That variant lowers for
-  an H100, but Mosaic GPU's CPU interpreter deadlocks on it (a wait on a cross-warpgroup barrier never
-  returns; not diagnosed), so it is tested only compiled on a GPU, and the default is one warpgroup.
+  an H100, but Mosaic GPU's CPU interpreter hangs on it at times (seen: warpgroup 1 waiting on a K/V slot
+  barrier that no copy had arrived at; it passed in another run; not diagnosed), so it is tested only compiled
+  on a GPU, and the default is one warpgroup.
 - Keys come through the same TMA ring of page copies as the decode kernel (paged_decode_mgpu.PageRing,
   attend_pages): steps of T keys from position 0 to the tile's last query position; the causal mask is
   key <= the row's query position. Rows past the tile's tokens compute garbage that nothing reads.

@@ -26,8 +26,8 @@ def _check(c, tuning, scale=None):
     check_prefill(ragged_prefill_mgpu, ragged_attention_reference, c, jnp.bfloat16, scale=scale, tuning=tuning)
 
 
-# Two warpgroups deadlock in Mosaic GPU's CPU interpreter (see the kernel's design note): compiled on a GPU only.
-TWO_WG = pytest.mark.skipif(INTERPRET, reason="the CPU interpreter deadlocks on the cross-warpgroup barrier")
+# Two warpgroups hang at times in Mosaic GPU's CPU interpreter (see the kernel's design note): compiled on a GPU
+# only, in their own test so that a GPU run can time them out apart from the rest (scripts/gpu_call4.sh).
 
 
 @pytest.mark.parametrize("group,head_dim,block_size,tuning", [
@@ -35,11 +35,20 @@ TWO_WG = pytest.mark.skipif(INTERPRET, reason="the CPU interpreter deadlocks on 
     (3, 128, 32, MosaicPrefillTuning(keys_per_step=64, num_stages=2)),  # Gp 4: 16 tokens per tile
     (4, 64, 64, MosaicPrefillTuning(num_stages=1)),
     (8, 128, 128, MosaicPrefillTuning()),  # 8 tokens per tile, one page per step
-    pytest.param(1, 64, 16, MosaicPrefillTuning(warpgroups=2), marks=TWO_WG),  # 128 tokens per tile
-    pytest.param(4, 64, 16, MosaicPrefillTuning(keys_per_step=64, num_stages=2, warpgroups=2), marks=TWO_WG),
-    pytest.param(8, 128, 128, MosaicPrefillTuning(warpgroups=2), marks=TWO_WG),
 ])
 def test_ragged_prefill_mgpu(group, head_dim, block_size, tuning):
+    c = mixed_prefill_case(np.random.default_rng(group * 3 + block_size), group, head_dim, block_size,
+                           jnp.bfloat16)
+    _check(c, tuning, scale=0.15)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the CPU interpreter hangs at times on the cross-warpgroup barrier")
+@pytest.mark.parametrize("group,head_dim,block_size,tuning", [
+    (1, 64, 16, MosaicPrefillTuning(warpgroups=2)),  # 128 tokens per tile
+    (4, 64, 16, MosaicPrefillTuning(keys_per_step=64, num_stages=2, warpgroups=2)),  # slots refilled
+    (8, 128, 128, MosaicPrefillTuning(warpgroups=2)),
+])
+def test_ragged_prefill_mgpu_two_warpgroups(group, head_dim, block_size, tuning):
     c = mixed_prefill_case(np.random.default_rng(group * 3 + block_size), group, head_dim, block_size,
                            jnp.bfloat16)
     _check(c, tuning, scale=0.15)
