@@ -8,8 +8,11 @@ Design note.
   has 128 rows, bq = 128 / Gp, and both warpgroups consume every K/V step that warpgroup 0 loads: a `consumed`
   barrier per ring slot (two arrivals) tells warpgroup 0 when it may refill the slot. That variant lowers for
   an H100, but Mosaic GPU's CPU interpreter hangs on it at times (seen: warpgroup 1 waiting on a K/V slot
-  barrier that no copy had arrived at; it passed in another run; not diagnosed), so it is tested only compiled
-  on a GPU, and the default is one warpgroup.
+  barrier that no copy had arrived at, with no thread ever having waited on it: a fresh barrier; it passed in
+  another run). Our reading, not verified: when warpgroup 0 needs nothing from warpgroup 1 (a tile with no
+  slot refills) it can finish and free the shared scratch before warpgroup 1 allocates it, and warpgroup 1 then
+  gets new barriers that nobody arrives at. Shared memory on a GPU is static per block, so this would not
+  happen there. It is tested only compiled on a GPU, and the default is one warpgroup.
 - Keys come through the same TMA ring of page copies as the decode kernel (paged_decode_mgpu.PageRing,
   attend_pages): steps of T keys from position 0 to the tile's last query position; the causal mask is
   key <= the row's query position. Rows past the tile's tokens compute garbage that nothing reads.
