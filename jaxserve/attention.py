@@ -81,17 +81,13 @@ class PallasBackend:
     interpret: bool = False  # the Pallas interpreter: the same kernels end to end on CPU (tests)
 
     def write_kv(self, k_cache, v_cache, k, v, meta):
-        from jaxserve.pallas_kernels.kv_write import kv_write, kv_write_pallas
+        from jaxserve.pallas_kernels.kv_write import kv_write_pallas
         from jaxserve.pallas_kernels.select import kv_write_backend
-        if self.interpret:  # CPU tests: the Pallas write, interpreted
-            return kv_write_pallas(k_cache, v_cache, k, v, meta.slot_mapping, interpret=True)
-        choice = kv_write_backend("gpu", k.shape[0])  # by measurement: Pallas small, jax-triton large
-        if choice == "jax_triton":
+        # By measurement on GPUs: Pallas for small steps, jax-triton for large ones where it imports.
+        if not self.interpret and kv_write_backend("gpu", k.shape[0]) == "jax_triton":
             from jaxserve.pallas_kernels.kv_write_triton import kv_write_triton
             return kv_write_triton(k_cache, v_cache, k, v, meta.slot_mapping)
-        if choice == "pallas_triton":
-            return kv_write_pallas(k_cache, v_cache, k, v, meta.slot_mapping)
-        return kv_write(k_cache, v_cache, k, v, meta.slot_mapping)
+        return kv_write_pallas(k_cache, v_cache, k, v, meta.slot_mapping, interpret=self.interpret)
 
     def attend(self, q, k_cache, v_cache, meta, scale):
         from jaxserve.pallas_kernels import paged_decode, ragged_prefill

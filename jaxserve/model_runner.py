@@ -257,10 +257,10 @@ class ModelRunner:
             halves = split_in_two(batch, self.max_num_seqs)
             if halves is not None:  # two micro-batches, so that consecutive pipeline stages work at once
                 h0, h1, rows = halves
-                return ("micro", [self._pack(h0, h0.logits_indices), self._pack(h1, h1.logits_indices)], rows,
+                return ("packed", [self._pack(h0, h0.logits_indices), self._pack(h1, h1.logits_indices)], rows,
                         batch.decode_only, n_sampled, batch.fill_dst is not None)
-        packed, dims = self._pack(batch, li)
-        return ("packed", packed, dims, batch.decode_only, n_sampled, batch.fill_dst is not None)
+        # one micro-batch: the whole step; rows None (its logits are the step's)
+        return ("packed", [self._pack(batch, li)], None, batch.decode_only, n_sampled, batch.fill_dst is not None)
 
     @staticmethod
     def _pack(batch: InputBatch, li) -> tuple:
@@ -284,7 +284,7 @@ class ModelRunner:
             token_ids, meta, li, n_sampled, _ = rest
             logits = self.run_forward(token_ids, meta, li)
         else:
-            packs, rows, decode_only, n_sampled, _ = rest if kind == "micro" else ([rest[:2]], None, *rest[2:])
+            packs, rows, decode_only, n_sampled, _ = rest
             prev = self._no_prev
             if prev_sampled is not None:  # pipeline stages: the ids come from the last stage's device
                 prev = prev_sampled if self.parallel is None else jax.device_put(prev_sampled, jax.devices()[0])

@@ -2,11 +2,11 @@
 
 Design note. The write is T * Hkv * D elements scattered to whole rows of the cache: pure data movement with
 no reuse. XLA's scatter on the flattened slot axis ([Hkv, N * S, D], a free reshape of the cache) writes each
-row with contiguous D-element stores and, with the cache donated, updates it in place; it is expected to be at
-the copy-bandwidth limit, so it is the default. The Pallas version (one program per token and kv head, the
-cache aliased input -> output) exists to measure that claim on the GPU and as a fusion point for later
-(e.g. quantising K/V on the way in). Padding tokens' slots lie in the null block 0; their writes race with
-each other harmlessly.
+row with contiguous D-element stores and, with the cache donated, updates it in place; it serves the XLA backend
+(CPU). On the H100 it reached only 15% of the copy rate at 8192 tokens (docs/PERF.md, session 3), so GPUs use the
+Pallas version (one program per token and kv head, the cache aliased input -> output; fastest below 2048 tokens)
+or the jax-triton one (kv_write_triton.py; fastest from 2048), as select.kv_write_backend picks. Padding tokens'
+slots lie in the null block 0; their writes race with each other harmlessly (on a GPU a row there may mix them).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _check(k_pages, v_pages, k_new, v_new, slot_mapping):
 
 
 def kv_write(k_pages, v_pages, k_new, v_new, slot_mapping):
-    """XLA scatter (default). Donate k_pages/v_pages in the caller's jit for an in-place update.
+    """XLA scatter (the XLA backend's write). Donate k_pages/v_pages in the caller's jit for an in-place update.
 
     Args:
       k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim].

@@ -1,9 +1,8 @@
 """Writing new tokens' K/V into the paged cache with a hand-written Triton kernel, called through jax-triton.
 
 Design note. The same write as kv_write.py (T * Hkv rows of D elements scattered to their cache slots, no
-reuse), here to measure jax-triton against XLA's scatter and the Pallas version on the same job
-(scripts/bench_kernels.py --kv-write); the engine keeps XLA until that measurement says otherwise
-(select.kv_write_backend).
+reuse), measured against XLA's scatter and the Pallas version on the same job (scripts/bench_kernels.py
+--kv-write). It won from 2048 tokens on the H100, so the engine uses it there (select.kv_write_backend).
 
 Grid (cdiv(T, BLOCK_T), Hkv): a program moves a [BLOCK_T, D] tile of K and one of V for one kv head. Its
 loads are BLOCK_T rows of D contiguous elements, Hkv * D apart in k_new/v_new; its stores are D contiguous
