@@ -22,10 +22,11 @@ if [ "$MODE" = launch ]; then
 # XLA command buffers (CUDA graphs) widened, off, and with the pure-XLA attention (no Pallas custom calls).
 P="python3 scripts/profile_decode.py $M $E --batch-size 256 --input-len 200 --steps 50"
 run launch_default 120 $P --trace-dir /tmp/l0 --output-json $OUT/launch_default.json
-XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1" run launch_cmdbuf_all 120 $P --trace-dir /tmp/l1 --output-json $OUT/launch_cmdbuf_all.json
+[ -n "${WITH_CACHE_KEYS:-}" ] && bash scripts/cache_key_diff.sh
 XLA_FLAGS="--xla_gpu_enable_command_buffer=" run launch_cmdbuf_off 120 $P --trace-dir /tmp/l2 --output-json $OUT/launch_cmdbuf_off.json
 run launch_xla_attn 120 $P --attention-backend xla --trace-dir /tmp/l3 --output-json $OUT/launch_xla_attn.json
-grep -h "dispatch_forward\|idle share" $OUT/launch_*.log
+XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1" run launch_cmdbuf_all 120 $P --trace-dir /tmp/l1 --output-json $OUT/launch_cmdbuf_all.json
+for f in $OUT/launch_*.log; do echo "== $f"; grep -E "ms/step|idle share|dispatch_forward" $f; sed -n "/host self time: on the launching/,/host self time: all/p" $f | head -16; done
 exit 0
 fi
 if [ "$MODE" = all ] || [ "$MODE" = startup ]; then JAX_DEBUG_LOG_MODULES=jax._src.compiler run startup 400 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup.json -- $M --max-model-len 2048; fi

@@ -15,6 +15,7 @@ import collections
 import glob
 import gzip
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,9 +40,10 @@ def analyze(trace_dir: str, wall_s: float | None = None, top: int = 15) -> dict:
             host[e["name"]] += e.get("dur", 0)
     for name, us in host.most_common():
         print(f"host phase {name:30s} {us / 1e3:9.2f} ms")
+    host_top = host_self_times(events, pname, dev_pids, top)
     if not ops:
         print(f"no device ops in {files[-1]} (processes: {sorted(set(pname.values()))[:10]}): CPU run?")
-        return dict(host_phases_ms={k: v / 1e3 for k, v in host.items()})
+        return {"host_phases_ms": {k: v / 1e3 for k, v in host.items()}}
     by_name = collections.Counter()
     for e in ops:
         by_name[e["name"]] += e["dur"]
@@ -62,8 +64,57 @@ def analyze(trace_dir: str, wall_s: float | None = None, top: int = 15) -> dict:
         print(f"{name[:70]:70s} {us / 1e3:9.2f} {us / total:6.1%}")
     idle = 1 - busy / wall_us
     print(f"device busy {busy / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall: idle share {idle:.1%}")
-    return dict(busy_ms=busy / 1e3, wall_ms=wall_us / 1e3, idle_share=idle, host_phases_ms={k: v / 1e3 for k, v in host.items()},
-                top=[(n, us / 1e3) for n, us in by_name.most_common(top)])
+    return {"busy_ms": busy / 1e3, "wall_ms": wall_us / 1e3, "idle_share": idle, "host_phases_ms": {k: v / 1e3 for k, v in host.items()},
+                "top": [(n, us / 1e3) for n, us in by_name.most_common(top)], "host_top": host_top}
+
+
+def _self_times(evs: list, self_us: collections.Counter, count: collections.Counter) -> None:
+    """Adds each event's self time (its duration less its children's) under its name, `#...#` stripped."""
+    stack: list = []  # [end, name, child time, duration]
+
+    def pop() -> None:
+        _end, name, child, dur = stack.pop()
+        self_us[name] += dur - child
+        if stack:
+            stack[-1][2] += dur
+    for e in sorted(evs, key=lambda e: (e["ts"], -e["dur"])):
+        while stack and stack[-1][0] <= e["ts"]:
+            pop()
+        name = re.sub(r"#.*", "", str(e["name"])).strip() or str(e["name"])
+        count[name] += 1
+        stack.append([e["ts"] + e["dur"], name, 0.0, e["dur"]])
+    while stack:
+        pop()
+
+
+def host_self_times(events: list, pname: dict, dev_pids: set, top: int) -> dict:
+    """Where the host's time goes: (1) on the thread that launches the forward, the events nested in
+    `jaxserve.dispatch_forward` (XLA's TraceMe scopes, CUPTI's driver-API calls such as cuLaunchKernel or
+    cuGraphLaunch, Python frames); (2) over all host threads, the non-Python events (a runtime that launches
+    from a worker thread of its own shows there). Both by self time."""
+    spans = [e for e in events if e.get("ph") == "X" and e.get("pid") not in dev_pids and e.get("dur", 0) > 0]
+    by_thread = collections.defaultdict(list)
+    for e in spans:
+        by_thread[(e["pid"], e["tid"])].append(e)
+    out = {}
+    for title, select in (("on the launching thread, inside dispatch_forward", "fwd"),
+                          ("all host threads, non-Python events", "all")):
+        self_us, count = collections.Counter(), collections.Counter()
+        for evs in by_thread.values():
+            if select == "fwd":
+                windows = [(e["ts"], e["ts"] + e["dur"]) for e in evs if e["name"] == "jaxserve.dispatch_forward"]
+                if not windows:
+                    continue
+                evs = [e for e in evs if any(s <= e["ts"] < t for s, t in windows)]
+            else:
+                evs = [e for e in evs if not str(e["name"]).startswith("$")]
+            _self_times(evs, self_us, count)
+        rows = [(n, us / 1e3, count[n]) for n, us in self_us.most_common(top)]
+        out[select] = rows
+        print(f"{'host self time: ' + title:70s} {'ms':>9s} {'calls':>7s}")
+        for n, ms, k in rows:
+            print(f"  {n[:68]:68s} {ms:9.2f} {k:7d}")
+    return out
 
 
 def main() -> None:
@@ -97,6 +148,12 @@ def main() -> None:
     for _ in range(5):  # steady state, every shape compiled
         eng.step()
     eng.wait_device()
+    t0 = time.perf_counter()  # the same steps without the profiler (CUPTI slows every launch)
+    for _ in range(ns.steps):
+        eng.step()
+    eng.wait_device()
+    plain = (time.perf_counter() - t0) / ns.steps
+    print(f"{ns.steps} decode steps at batch {ns.batch_size} without the profiler: {plain * 1e3:.2f} ms/step")
     jax.profiler.start_trace(ns.trace_dir)
     t0 = time.perf_counter()
     for _ in range(ns.steps):
@@ -116,7 +173,7 @@ def main() -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     print(f"{ns.steps} decode steps at batch {ns.batch_size}: {wall / ns.steps * 1e3:.2f} ms/step")
     res = analyze(ns.trace_dir, wall)
-    res.update(step_ms=wall / ns.steps * 1e3, batch=ns.batch_size, backend=eng.runner.model.backend.name)
+    res.update(step_ms=wall / ns.steps * 1e3, step_ms_unprofiled=plain * 1e3, batch=ns.batch_size, backend=eng.runner.model.backend.name)
     if ns.output_json:
         Path(ns.output_json).write_text(json.dumps(res, indent=1))
 
