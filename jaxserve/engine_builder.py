@@ -159,7 +159,7 @@ def build_engine(cls, args: EngineArgs):
     init_platform(args.device, args.gpu_memory_utilization, args.compile_cache_dir)
     from jaxserve.attention import get_backend
     from jaxserve.block_manager import BlockManager
-    from jaxserve.kv_cache import bytes_per_block, kv_memory_budget
+    from jaxserve.kv_cache import bytes_per_block, kv_memory_budget, round_blocks
     from jaxserve.model_runner import ModelRunner
     from jaxserve.models.arch import load_arch
     from jaxserve.models.llama import abstract_params
@@ -200,10 +200,10 @@ def build_engine(cls, args: EngineArgs):
     if cc.num_gpu_blocks_override:
         num_blocks, why = cc.num_gpu_blocks_override, "--num-gpu-blocks-override"
     else:
-        runner.profile_run()
+        activation = runner.profile_run()
         devices = plan.local_devices() if plan else jax.devices()[:1]
-        budget, why = kv_memory_budget(devices, cc.gpu_memory_utilization, cc.kv_cache_memory)
-        num_blocks = budget // per_block
+        budget, why = kv_memory_budget(devices, cc.gpu_memory_utilization, cc.kv_cache_memory, activation)
+        num_blocks = round_blocks(budget // per_block)
         if args.num_processes > 1:  # every process must allocate the same pages: the smallest count wins
             from jaxserve.multihost import agree_min
             num_blocks = agree_min(num_blocks)

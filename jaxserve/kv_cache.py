@@ -40,26 +40,41 @@ def _host_available() -> int:
         return 8 << 30
 
 
-def kv_memory_budget(devices, gpu_memory_utilization: float, kv_cache_memory: int | None) -> tuple[int, str]:
-    """Bytes the KV cache may take on each device, and how that number was reached."""
+def kv_memory_budget(devices, gpu_memory_utilization: float, kv_cache_memory: int | None,
+                     activation_bytes: int | None = None) -> tuple[int, str]:
+    """Bytes the KV cache may take on each device, and how that number was reached.
+
+    activation_bytes: what the largest forward needs besides its inputs, by XLA's memory analysis
+    (`ModelRunner.profile_run`). Given, the budget is the limit less the bytes in use now and that figure;
+    else less the allocator's peak, which also holds compile-time scratch (XLA's autotuning) and so differs
+    between a cold start and a warm one."""
     if kv_cache_memory:
         return int(kv_cache_memory), "--kv-cache-memory"
     # Several devices (tensor/pipeline parallel): the one with the least free memory bounds them all.
-    def free(st: dict) -> int:
-        return st.get("bytes_limit", 0) - max(st.get("peak_bytes_in_use", 0), st.get("bytes_in_use", 0))
+    def used(st: dict) -> int:
+        if activation_bytes is not None:
+            return st.get("bytes_in_use", 0) + activation_bytes
+        return max(st.get("peak_bytes_in_use", 0), st.get("bytes_in_use", 0))
 
-    stats = min((d.memory_stats() or {} for d in devices), key=free)
+    stats = min((d.memory_stats() or {} for d in devices), key=lambda st: st.get("bytes_limit", 0) - used(st))
     if not stats or "bytes_limit" not in stats:
         return min(CPU_DEFAULT_MAX, _host_available() // 4), "CPU rule: min(4 GiB, 25% of available memory)"
     # JAX's allocator was given util * device memory (platform.init_platform); the limit is that share.
     limit = stats["bytes_limit"]
-    peak = max(stats.get("peak_bytes_in_use", 0), stats.get("bytes_in_use", 0))
+    peak = used(stats)
     # Headroom for what the profiling forward does not allocate: the sampler's [S, V] temporaries, XLA's
     # autotuning scratch for shapes compiled later, block copies and swap staging.
     reserve = max(1 << 30, int(0.03 * limit))
+    what = "in use + largest forward's memory analysis" if activation_bytes is not None else "peak after profiling"
     return max(0, int(limit - peak - reserve)), (f"{gpu_memory_utilization:.0%} of device memory minus "
-                                                 f"{peak / 2**30:.2f} GiB peak after profiling and "
+                                                 f"{peak / 2**30:.2f} GiB ({what}) and "
                                                  f"{reserve / 2**30:.1f} GiB headroom")
+
+
+def round_blocks(num_blocks: int, quantum: int = 32) -> int:
+    """Blocks rounded down to a multiple of `quantum` from 1024 blocks up (under 3.2% less), so that a few
+    bytes more or less in use at start-up give the same cache shape, and the same compiled programs."""
+    return num_blocks - num_blocks % quantum if num_blocks >= 1024 else num_blocks
 
 
 def allocate(arch: ArchConfig, num_blocks: int, block_size: int, dtype, sharding=None, num_kv_heads=None):

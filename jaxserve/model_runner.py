@@ -142,16 +142,31 @@ class ModelRunner:
             self.swap = kv_cache.HostSwapSpace(self.arch, num_host_blocks, self.block_size, self.kv_dtype,
                                                self.num_kv_heads)
 
-    def profile_run(self) -> None:
-        """One forward at the largest token bucket on a tiny cache, so peak activation memory is known."""
+    def profile_run(self) -> int | None:
+        """One forward at the largest token bucket on a tiny cache, so peak activation memory is known.
+
+        Returns the bytes that forward needs besides its inputs (temporaries + outputs), from XLA's memory
+        analysis of the compiled program, or None where that is not available (sharded steps, runtimes without
+        it). Unlike the allocator's peak after the run, this figure does not depend on whether the program was
+        compiled now (XLA's autotuning allocates scratch through the same allocator) or loaded from the
+        persistent cache, so a warm restart sizes the same KV cache, and finds its compiled programs."""
         saved = self.kv_caches
         self.kv_caches = kv_cache.allocate(self.arch, 2, self.block_size, self.kv_dtype, self.kv_sharding,
                                            self.num_kv_heads)
         T = self.token_buckets[-1]
         meta, ids, li = self._dummy_inputs(T, decode_only=False)
+        activation = None
+        if self.parallel is None:
+            try:
+                ma = self._forward.lower(self.params, self.kv_caches, ids, meta, li).compile().memory_analysis()
+                activation = int(ma.temp_size_in_bytes + ma.output_size_in_bytes)
+            except (AttributeError, NotImplementedError, TypeError):  # no analysis on this runtime
+                activation = None
         logits, self.kv_caches = self._forward(self.params, self.kv_caches, ids, meta, li)
         jax.block_until_ready(logits)
+        del logits
         self.kv_caches = saved
+        return activation
 
     # ---------------------------------------------------------------------------------------- compile
     def _dummy_inputs(self, T: int, decode_only: bool):

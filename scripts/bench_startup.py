@@ -36,6 +36,7 @@ from pathlib import Path
 
 COMPILED = re.compile(r"compiled (\d+) step shapes in ([\d.]+) s")
 READY = re.compile(r"engine ready in ([\d.]+) s \(weights ([\d.]+) s, compile ([\d.]+) s\)")
+KV_LINE = re.compile(r"KV cache: (\d+) blocks")
 
 
 def free_port() -> int:
@@ -52,8 +53,11 @@ def cache_size(d: Path) -> tuple[int, int]:
 
 def parse_log(text: str) -> dict:
     """The engine's startup figures; None where the line is missing (--enforce-eager prints no compile line)."""
-    out = dict(compile_line=None, shapes=None, warmup_s=None, engine_ready_s=None, weights_s=None, compile_s=None)
+    out = dict(compile_line=None, shapes=None, warmup_s=None, engine_ready_s=None, weights_s=None, compile_s=None,
+               kv_blocks=None)
     for line in text.splitlines():
+        if m := KV_LINE.search(line):  # the cache shape: a warm start must size the same one to reuse programs
+            out.update(kv_blocks=int(m[1]))
         if m := COMPILED.search(line):
             out.update(compile_line=line[m.start():].strip(), shapes=int(m[1]), warmup_s=float(m[2]))
         if m := READY.search(line):
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         if r["error"]:
             print(f"  log tail ({r['log']}):\n" + "".join(Path(r["log"]).read_text().splitlines(True)[-15:]))
 
-    cols = ["run", "cache", "health_s", "first_token_s", "engine_ready_s", "weights_s", "compile_s",
+    cols = ["run", "cache", "health_s", "first_token_s", "engine_ready_s", "weights_s", "compile_s", "kv_blocks",
             "cache_files_after"]
     rows = [cols] + [[fmt(r[c]) for c in cols] for r in runs]
     widths = [max(len(row[j]) for row in rows) for j in range(len(cols))]

@@ -29,6 +29,19 @@ XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CU
 for f in $OUT/launch_*.log; do echo "== $f"; grep -E "ms/step|idle share|dispatch_forward" $f; sed -n "/host self time: on the launching/,/host self time: all/p" $f | head -16; done
 exit 0
 fi
+if [ "$MODE" = s4 ]; then
+# Session 4: the warm start with the KV sizing fix, the idle share without the profiler (replayed forward), batch 1,
+# and offline throughput at 256 and 512 running sequences; all after the first on the startup run's warm cache.
+C="--compile-cache-dir /root/.cache/jaxserve/bench_startup"
+JAX_DEBUG_LOG_MODULES=jax._src.compiler run startup 300 python3 scripts/bench_startup.py --runs 2 --log-dir $OUT/startup_logs --output-json $OUT/startup.json -- $M --max-model-len 2048
+grep -E "^ *run|^ *[12] |warm start" $OUT/startup.log | tail -6
+run prof 130 python3 scripts/profile_decode.py $M $C --max-model-len 2048 --batch-size 256 --input-len 200 --steps 50 --trace-dir /tmp/tr --output-json $OUT/prof.json
+grep -E "replayed|without the profiler" $OUT/prof.log
+run lat 90 python3 scripts/bench_latency.py $M $C --max-model-len 2048 --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 128 --output-json $OUT/lat.json
+run tp256 120 python3 scripts/bench_throughput.py $M $C --max-model-len 2048 --dataset sharegpt-like --num-prompts 1000 --disable-tqdm --output-json $OUT/tp256.json
+run tp512 150 python3 scripts/bench_throughput.py $M $C --max-model-len 2048 --max-num-seqs 512 --dataset sharegpt-like --num-prompts 1000 --disable-tqdm --output-json $OUT/tp512.json
+exit 0
+fi
 if [ "$MODE" = all ] || [ "$MODE" = startup ]; then JAX_DEBUG_LOG_MODULES=jax._src.compiler run startup 400 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup.json -- $M --max-model-len 2048; fi
 # The same with the warm-up shapes compiled from 8 threads (--compile-threads; not yet measured on a GPU).
 if [ "$MODE" = startup_threads ]; then run startup_threads 300 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup_threads.json -- $M --max-model-len 2048 --compile-threads 8; exit 0; fi

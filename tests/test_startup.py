@@ -73,3 +73,47 @@ def test_device_gpu_on_cpu_fails_loudly():
     assert r.returncode != 0
     assert "PlatformError" in r.stderr
     assert "a GPU was asked for" in r.stderr and "CUDA plugin is missing or failed to load" in r.stderr
+
+
+class _FakeDevice:
+    def __init__(self, **stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_kv_budget_from_memory_analysis_ignores_the_compile_time_peak():
+    """A warm start loads its programs from the persistent cache, so no autotuning scratch raises the allocator's
+    peak: sizing by that peak gave a different KV shape, and every forward compiled again. With the forward's
+    memory analysis the budget is the same whatever the peak was."""
+    from jaxserve.kv_cache import kv_memory_budget
+    GiB = 1 << 30
+    cold = _FakeDevice(bytes_limit=72 * GiB, bytes_in_use=16 * GiB, peak_bytes_in_use=30 * GiB)
+    warm = _FakeDevice(bytes_limit=72 * GiB, bytes_in_use=16 * GiB, peak_bytes_in_use=19 * GiB)
+    act = 2 * GiB
+    reserve = int(0.03 * 72 * GiB)  # over the 1 GiB floor
+    b_cold, why = kv_memory_budget([cold], 0.9, None, act)
+    b_warm, _ = kv_memory_budget([warm], 0.9, None, act)
+    assert b_cold == b_warm == 72 * GiB - 16 * GiB - act - reserve
+    assert "memory analysis" in why
+    # Without the analysis (sharded steps), the peak rule: the cold start's scratch shrinks its cache.
+    assert kv_memory_budget([cold], 0.9, None)[0] == 72 * GiB - 30 * GiB - reserve
+    # Several devices: the fullest bounds them all.
+    assert kv_memory_budget([warm, cold], 0.9, None)[0] == 72 * GiB - 30 * GiB - reserve
+
+
+def test_round_blocks():
+    from jaxserve.kv_cache import round_blocks
+    assert [round_blocks(n) for n in (5, 1023, 1024, 1055, 1056, 30001)] == [5, 1023, 1024, 1024, 1056, 29984]
+
+
+def test_profile_run_reports_the_largest_forwards_memory():
+    """The figure is XLA's analysis of the largest bucket's program: temporaries + outputs, at least its logits."""
+    llm = make(max_model_len=64, num_gpu_blocks_override=8)
+    runner = llm.llm_engine.runner
+    act = runner.profile_run()
+    T = runner.token_buckets[-1]
+    S = min(T, runner.max_num_seqs)
+    assert act is not None and act >= S * runner.arch.vocab_size * 4
+    assert runner.kv_caches[0][0].shape[1] == 8  # the real cache is back in place
