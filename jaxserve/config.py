@@ -84,7 +84,7 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None
     kv_cache_memory: int | None = None
     kv_cache_dtype: str = "auto"
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -118,7 +118,7 @@ class EngineArgs:
         "num_gpu_blocks_override": "Exact number of KV blocks (tests and experts).",
         "kv_cache_memory": "Bytes for the KV cache; the rule on CPU, where no memory statistics exist.",
         "kv_cache_dtype": "KV cache dtype: auto (the model dtype).",
-        "max_num_seqs": "Most requests running at once.",
+        "max_num_seqs": "Most requests running at once. Default 512 on 80 GB GPUs (>= 40 GiB usable), 256 elsewhere.",
         "max_num_batched_tokens": "Token budget per step (also the chunked-prefill chunk). Default 8192 on 80 GB "
                                   "GPUs (>= 40 GiB usable), 2048 on smaller ones, 512 on CPU.",
         "tensor_parallel_size": "Devices to shard each layer over (tensor parallelism).",

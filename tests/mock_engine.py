@@ -256,7 +256,7 @@ def make(args: Any = None, **kw: Any) -> MockEngine:
     if args is not None:
         kw.setdefault("served_model_name", args.served_model_name or "mock-model")
         kw.setdefault("max_model_len", args.max_model_len or 256)
-        kw.setdefault("max_num_seqs", args.max_num_seqs)
+        kw.setdefault("max_num_seqs", args.max_num_seqs or 256)
         kw.setdefault("num_blocks", args.num_gpu_blocks_override or 1024)
         kw.setdefault("block_size", args.block_size)
         kw.setdefault("skip_tokenizer", args.skip_tokenizer_init)

@@ -117,3 +117,30 @@ def test_profile_run_reports_the_largest_forwards_memory():
     S = min(T, runner.max_num_seqs)
     assert act is not None and act >= S * runner.arch.vocab_size * 4
     assert runner.kv_caches[0][0].shape[1] == 8  # the real cache is back in place
+
+
+@pytest.mark.parametrize("usable_gib,seqs,budget", [(72, 512, 8192), (20, 256, 2048)])
+def test_gpu_defaults_for_running_requests_and_step_budget(monkeypatch, usable_gib, seqs, budget):
+    """Unset --max-num-seqs / --max-num-batched-tokens on a GPU: 512 running requests and 8192 tokens per step
+    where jax may use >= 40 GiB, else 256 and 2048. A flag given wins; the budget never falls below the rows."""
+    import jax
+
+    from jaxserve import engine_builder
+    from jaxserve.config import EngineArgs
+
+    class Gpu:
+        platform = "gpu"
+    monkeypatch.setattr(jax, "devices", lambda *a: [Gpu()])
+    monkeypatch.setattr(engine_builder, "_usable_device_bytes", lambda: usable_gib << 30)
+    arch = load_arch(TINY)
+    cfg = engine_builder.make_config(EngineArgs(model=TINY, max_model_len=64), tiny_dir("llama"), arch)
+    assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens) == (seqs, budget)
+    cfg = engine_builder.make_config(EngineArgs(model=TINY, max_model_len=64, max_num_seqs=3000,
+                                                max_num_batched_tokens=1024), tiny_dir("llama"), arch)
+    assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens) == (3000, 3000)
+
+
+def test_cpu_defaults_unchanged():
+    llm = make(max_model_len=64, num_gpu_blocks_override=8, max_num_seqs=None, max_num_batched_tokens=None)
+    sc = llm.llm_engine.scheduler.config
+    assert (sc.max_num_seqs, sc.max_num_batched_tokens) == (256, 512)
