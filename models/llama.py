@@ -26,6 +26,9 @@ last one returns logits.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,6 +135,25 @@ class DecoderLayer(nn.Module):
         return x, kv
 
 
+# JAXSERVE_TRACE_LAYER_ONCE=0 calls the Flax submodules instead (an A/B switch for measurements).
+TRACE_LAYER_ONCE = os.environ.get("JAXSERVE_TRACE_LAYER_ONCE", "1") != "0"
+
+
+@functools.cache
+def _layer_fn(cfg: ArchConfig, dtype, backend: AttentionBackend, tp_axis: str | None):
+    """A decoder layer as a jitted function of (its weights, x, its KV pages, meta).
+
+    The forward calls it once per layer. jax traces it once per step shape and reuses that trace (and its
+    lowering) for every layer, where calling the Flax submodules traced all of them: at a warm start, with
+    every program found in the persistent compilation cache, tracing the unrolled layers was most of the
+    ~1 s each step shape took. XLA inlines the calls, so the compiled program is the unrolled one."""
+    layer = DecoderLayer(cfg, dtype, backend, tp_axis)
+
+    def run(params, x, kv, meta):
+        return layer.apply({"params": params}, x, kv, meta)
+    return jax.jit(run)
+
+
 class LlamaForCausalLM(nn.Module):
     """forward(token_ids i32[T], kv_caches, meta, logits_indices i32[S]) -> (logits f32[S, V], kv_caches).
 
@@ -160,8 +182,12 @@ class LlamaForCausalLM(nn.Module):
         x = embed[inputs] if first else inputs  # (T, D)
         new_caches = []
         for j, i in enumerate(range(self.layer_start, end)):
-            layer = DecoderLayer(c, self.dtype, self.backend, self.tp_axis, name=f"layers_{i}")
-            x, kv = layer(x, kv_caches[j], meta)
+            if self.is_initializing() or not TRACE_LAYER_ONCE:  # declares the weights (init, abstract_params)
+                x, kv = DecoderLayer(c, self.dtype, self.backend, self.tp_axis, name=f"layers_{i}")(
+                    x, kv_caches[j], meta)
+            else:  # one traced layer, called once per layer's weights (see _layer_fn)
+                x, kv = _layer_fn(c, self.dtype, self.backend, self.tp_axis)(
+                    self.variables["params"][f"layers_{i}"], x, kv_caches[j], meta)
             new_caches.append(kv)
         if not last:
             return x, tuple(new_caches)

@@ -203,3 +203,26 @@ def test_model_not_a_folder_says_no_hub(tmp_path):
     from jaxserve.llm import LLM
     with pytest.raises(StartupError, match="never reaches a model hub"):
         LLM(model=str(tmp_path / "empty"))
+
+
+def test_layers_traced_once_give_the_unrolled_logits(tiny_loaded, monkeypatch):
+    """The forward traces one decoder layer per step shape and calls that trace once per layer (warm starts trace
+    ~10x less). The traced program holds one layer function called num_layers times, and its logits are exactly
+    those of calling the Flax submodules one by one."""
+    from jaxserve.models import llama
+    name = TINY_MODELS[0]
+    arch, model, params = tiny_loaded[name]
+    ids = tiny_reference(name)[0]["prompts"][0]["prompt_ids"]
+    once = tiny_logits(arch, model, params, ids)
+    from jaxserve import kv_cache
+    from jaxserve.attention import dummy_metadata
+    kv = kv_cache.allocate(arch, 4, BLOCK, np.float32)
+    tok = np.zeros(8, np.int32)
+    jaxpr = jax.make_jaxpr(lambda p, kv: model.apply({"params": p}, tok, kv, dummy_metadata(8, 2, 3), tok[:2]))(
+        params, kv)
+    layer_calls = [e for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit") and e.params.get("name") == "run"]
+    assert len(layer_calls) == arch.num_layers
+    assert len({id(e.params["jaxpr"]) for e in layer_calls}) == 1  # one trace, reused
+    monkeypatch.setattr(llama, "TRACE_LAYER_ONCE", False)
+    unrolled = tiny_logits(arch, model, params, ids)
+    np.testing.assert_array_equal(once, unrolled)
