@@ -48,15 +48,9 @@ def analyze(trace_dir: str, wall_s: float | None = None, top: int = 15) -> dict:
     for e in ops:
         by_name[e["name"]] += e["dur"]
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in ops)
-    busy, cur_s, cur_e = 0.0, spans[0][0], spans[0][1]
-    for s, e in spans[1:]:
-        if s > cur_e:
-            busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
+    busy = sum(t - s for s, t in _union(spans))
     span_us = spans[-1][1] - spans[0][0]
+    per_dev = _per_device(ops, pname)
     wall_us = wall_s * 1e6 if wall_s else span_us
     total = sum(by_name.values())
     print(f"{'op':70s} {'ms':>9s} {'share':>6s}")
@@ -64,8 +58,51 @@ def analyze(trace_dir: str, wall_s: float | None = None, top: int = 15) -> dict:
         print(f"{name[:70]:70s} {us / 1e3:9.2f} {us / total:6.1%}")
     idle = 1 - busy / wall_us
     print(f"device busy {busy / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall: idle share {idle:.1%}")
-    return {"busy_ms": busy / 1e3, "wall_ms": wall_us / 1e3, "idle_share": idle, "host_phases_ms": {k: v / 1e3 for k, v in host.items()},
+    return {"busy_ms": busy / 1e3, "wall_ms": wall_us / 1e3, "idle_share": idle, "per_device": per_dev, "host_phases_ms": {k: v / 1e3 for k, v in host.items()},
                 "top": [(n, us / 1e3) for n, us in by_name.most_common(top)], "host_top": host_top}
+
+
+def _union(spans: list) -> list:
+    """Sorted (start, end) spans merged into disjoint intervals."""
+    out: list = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return out
+
+
+def _per_device(ops: list, pname: dict) -> dict:
+    """Busy time of each device (its streams' ops merged), and with several devices the time when all of them
+    are busy at once: pipeline stages that overlap show it."""
+    by_dev = collections.defaultdict(list)
+    for e in ops:
+        name = pname.get(e["pid"], str(e["pid"]))
+        dev = name.split("/device:")[-1].split()[0] if "/device:" in name else name
+        by_dev[dev].append((e["ts"], e["ts"] + e["dur"]))
+    unions = {d: _union(sp) for d, sp in by_dev.items()}
+    res = {"busy_ms": {d: sum(t - s for s, t in u) / 1e3 for d, u in unions.items()}}
+    if len(unions) > 1:
+        common = None
+        for u in unions.values():
+            if common is None:
+                common = u
+                continue
+            both, i, j = [], 0, 0
+            while i < len(common) and j < len(u):
+                s, t = max(common[i][0], u[j][0]), min(common[i][1], u[j][1])
+                if s < t:
+                    both.append([s, t])
+                if common[i][1] < u[j][1]:
+                    i += 1
+                else:
+                    j += 1
+            common = both
+        res["all_busy_ms"] = sum(t - s for s, t in common) / 1e3
+        print("per device busy: " + ", ".join(f"{d} {ms:.1f} ms" for d, ms in res["busy_ms"].items())
+              + f"; all devices busy at once {res['all_busy_ms']:.1f} ms")
+    return res
 
 
 def _self_times(evs: list, self_us: collections.Counter, count: collections.Counter) -> None:
@@ -138,6 +175,37 @@ def replay_forward(eng, args, n: int) -> dict:
     return res
 
 
+def profile_prefill(eng, ns, rng) -> None:
+    import jax
+
+    from jaxserve.sampling_params import SamplingParams
+
+    def round_(tag: str) -> tuple[float, int]:
+        for i in range(ns.batch_size):
+            ids = rng.integers(10, eng.arch.vocab_size - 10, ns.input_len).tolist()
+            eng.add_request(f"{tag}{i}", ids, SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=1))
+        n, t0 = 0, time.perf_counter()
+        while eng.has_unfinished_requests():
+            eng.step()
+            n += 1
+        eng.wait_device()
+        return time.perf_counter() - t0, n
+    round_("warm")
+    mb0 = eng.runner.microbatched_steps
+    plain, n = round_("plain")
+    print(f"prefill of {ns.batch_size} x {ns.input_len} tokens without the profiler: {plain * 1e3:.1f} ms in {n} "
+          f"steps ({ns.batch_size * ns.input_len / plain:,.0f} tok/s; {eng.runner.microbatched_steps - mb0} steps "
+          f"as two pipeline micro-batches)")
+    jax.profiler.start_trace(ns.trace_dir)
+    wall, n = round_("traced")
+    jax.profiler.stop_trace()
+    res = analyze(ns.trace_dir, wall)
+    res.update(phase="prefill", prefill_ms=plain * 1e3, steps=n, tokens=ns.batch_size * ns.input_len,
+               microbatched_steps=eng.runner.microbatched_steps - mb0)
+    if ns.output_json:
+        Path(ns.output_json).write_text(json.dumps(res, indent=1))
+
+
 def main() -> None:
     from jaxserve.config import EngineArgs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,6 +218,9 @@ def main() -> None:
     p.add_argument("--output-json", default=None)
     p.add_argument("--replay", type=int, default=20,
                    help="time the last decode step's forward this many times back to back (0: off)")
+    p.add_argument("--phase", choices=["decode", "prefill"], default="decode",
+                   help="prefill: trace the steps that prefill --batch-size prompts of --input-len tokens (pipeline "
+                        "micro-batches show there), after one untraced round that compiles them")
     p.add_argument("--host-profile", action="store_true", help="also cProfile the host side of the steps")
     ns = p.parse_args()
     if ns.analyze:
@@ -162,6 +233,8 @@ def main() -> None:
     from jaxserve.sampling_params import SamplingParams
     eng = LLMEngine.from_engine_args(EngineArgs.from_cli_args(ns))
     rng = np.random.default_rng(0)
+    if ns.phase == "prefill":
+        return profile_prefill(eng, ns, rng)
     for i in range(ns.batch_size):
         ids = rng.integers(10, eng.arch.vocab_size - 10, ns.input_len).tolist()
         eng.add_request(str(i), ids, SamplingParams(temperature=1.0, ignore_eos=True,
