@@ -42,6 +42,10 @@ def init_platform(device: str = "auto", gpu_memory_utilization: float = 0.9,
             log.warning("persistent compilation cache disabled: %s", e)
     devices = jax.devices()
     platform = devices[0].platform
+    if not _initialized and platform != "cpu":
+        # Every program, not only those over 0.5 s: a GPU start compiles ~25 small ones (input unpacking per
+        # token bucket, the sampler per rows bucket), each under 0.5 s but seconds together on every restart.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     wanted_gpu = device == "gpu" or any(p in os.environ.get("JAX_PLATFORMS", "") for p in ("cuda", "gpu", "rocm"))
     if wanted_gpu and platform == "cpu":
         raise PlatformError("a GPU was asked for (--device gpu or JAX_PLATFORMS) but JAX is running on CPU: the "
