@@ -3,7 +3,10 @@
 Runs the engine directly (no HTTP): for each batch size, B requests of `--input-len` random token ids
 are prefilled, then `--output-len` decode steps are timed one by one. Prints the median decode step
 time, tokens/s, and achieved HBM bandwidth = (weight bytes read per step + KV bytes read) / step
-time, beside the copy bandwidth you pass (`--peak-tbps`, default 3.0 = the H100's measured copy).
+time, beside the copy bandwidth of the devices that read the weights in parallel (`--peak-tbps` per device,
+default: the measured copy rate of the device kind, scripts/common.py PEAKS, else 3.0 = the H100's), times the
+tensor-parallel size: each of N tensor-parallel devices reads 1/N of every weight, while pipeline stages read
+theirs one after another.
 
   python scripts/bench_latency.py --model benchmarks/configs/llama3-8b --load-format dummy \
       --skip-tokenizer-init --dtype bfloat16 --batch-sizes 1 64 --input-len 128 --output-len 128
@@ -29,7 +32,8 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--peak-tbps", type=float, default=3.0, help="copy bandwidth to compare with (TB/s)")
+    p.add_argument("--peak-tbps", type=float, default=None,
+                   help="one device's copy bandwidth to compare with (TB/s; default: by device kind, else 3.0)")
     p.add_argument("--output-json", default=None)
     ns = p.parse_args()
     args = EngineArgs.from_cli_args(ns)
@@ -45,6 +49,13 @@ def main() -> None:
     weight_bytes = (arch.num_params() - arch.vocab_size * arch.hidden_size *
                     (0 if arch.tie_word_embeddings else 1)) * itemsize
     kv_per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * itemsize
+    import jax
+
+    from common import detect_peaks
+    per_dev = ns.peak_tbps or detect_peaks(jax.devices()[0].device_kind)[1] or 3.0
+    tp = args.tensor_parallel_size
+    peak = per_dev * tp
+    peak_txt = f"{peak:g} TB/s" + (f" = {tp} x {per_dev:g}" if tp > 1 else "")
     rng = np.random.default_rng(0)
     results = []
     for bs in ns.batch_sizes:
@@ -71,12 +82,12 @@ def main() -> None:
             bw = (weight_bytes + bs * ctx * kv_per_token) / med
             row = dict(batch=bs, input_len=ns.input_len, output_len=ns.output_len, prefill_s=t_first,
                        decode_step_ms=med * 1e3, p90_step_ms=sorted(steps)[int(0.9 * len(steps))] * 1e3,
-                       tokens_per_s=bs / med, hbm_tbps=bw / 1e12, hbm_share=bw / (ns.peak_tbps * 1e12),
-                       floor_ms=weight_bytes / (ns.peak_tbps * 1e12) * 1e3)
+                       tokens_per_s=bs / med, hbm_tbps=bw / 1e12, hbm_share=bw / (peak * 1e12),
+                       floor_ms=weight_bytes / (peak * 1e12) * 1e3, peak_tbps=peak)
             results.append(row)
             print(f"batch {bs:4d}: decode {med * 1e3:8.2f} ms/step (p90 {row['p90_step_ms']:.2f}), "
                   f"{row['tokens_per_s']:9.1f} tok/s, {row['hbm_tbps']:.2f} TB/s "
-                  f"({row['hbm_share']:.0%} of {ns.peak_tbps} TB/s), floor {row['floor_ms']:.2f} ms; "
+                  f"({row['hbm_share']:.0%} of {peak_txt}), floor {row['floor_ms']:.2f} ms; "
                   f"prefill {t_first:.3f} s", flush=True)
     out = dict(model=args.model, backend=eng.runner.model.backend.name, dtype=eng.model_config.dtype,
                startup_s=startup, startup=getattr(eng, "startup_times", {}), weight_bytes=weight_bytes,
