@@ -42,6 +42,16 @@ run tp256 120 python3 scripts/bench_throughput.py $M $C --max-model-len 2048 --d
 run tp512 150 python3 scripts/bench_throughput.py $M $C --max-model-len 2048 --max-num-seqs 512 --dataset sharegpt-like --num-prompts 1000 --disable-tqdm --output-json $OUT/tp512.json
 exit 0
 fi
+if [ "$MODE" = ab_decode ]; then
+# Triton vs Mosaic decode in the engine, without the profiler (session 3 chose Triton from profiled step times,
+# which inflate launches): the batch-256 step and its replayed forward, then batch 1 / 64 decode, per backend.
+for be in pallas_triton pallas_mosaic; do
+  run prof_$be 130 python3 scripts/profile_decode.py $M $E --attention-backend $be --batch-size 256 --input-len 200 --steps 50 --trace-dir /tmp/tr_$be --output-json $OUT/prof_$be.json
+  grep -E "replayed|without the profiler" $OUT/prof_$be.log
+  run lat_$be 100 python3 scripts/bench_latency.py $M $E --attention-backend $be --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 64 --output-json $OUT/lat_$be.json
+done
+exit 0
+fi
 if [ "$MODE" = all ] || [ "$MODE" = startup ]; then JAX_DEBUG_LOG_MODULES=jax._src.compiler run startup 400 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup.json -- $M --max-model-len 2048; fi
 # The same with the warm-up shapes compiled from 8 threads (--compile-threads; not yet measured on a GPU).
 if [ "$MODE" = startup_threads ]; then run startup_threads 300 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup_threads.json -- $M --max-model-len 2048 --compile-threads 8; exit 0; fi

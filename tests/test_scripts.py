@@ -230,3 +230,18 @@ def test_bench_kernels_smoke(tmp_path):
     assert all(x["max_err_vs_first"] < 2e-2 for x in rows)  # bf16 against our Triton kernel's output
     assert any(x["kind"] == "kv_write" and x["impl"] == "pallas" for x in r["rows"])
     assert (tmp_path / "kernels.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------- plot_batch_scaling
+def test_plot_batch_scaling_reads_both_json_kinds(tmp_path):
+    """bench_latency rows and a profile_decode step (its un-profiled time wins) make one series; a PNG is written."""
+    sys.path.insert(0, str(SCRIPTS))
+    import plot_batch_scaling
+    lat = tmp_path / "lat.json"
+    lat.write_text(json.dumps({"results": [{"batch": 64, "decode_step_ms": 8.0}, {"batch": 1, "decode_step_ms": 5.0}]}))
+    prof = tmp_path / "prof.json"
+    prof.write_text(json.dumps({"batch": 256, "step_ms": 19.0, "step_ms_unprofiled": 12.8}))
+    out = tmp_path / "s.png"
+    series = plot_batch_scaling.main(["--out", str(out), "--series", "gpu", str(lat), str(prof)])
+    assert series == {"gpu": [(1, 5.0), (64, 8.0), (256, 12.8)]}
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
