@@ -257,6 +257,44 @@ def bench_prefill(args, interpret: bool):
     return rows
 
 
+def sweep_prefill(args, interpret: bool):
+    """The Mosaic prefill kernel over its tunings (keys per step, TMA ring depth, warpgroups per tile) on the
+    prefill cases; two warpgroups only with --mosaic-2wg and never in the interpreter (it hangs there at times)."""
+    rows = []
+    if args.no_mosaic:
+        return rows
+    scale = 1 / math.sqrt(args.head_dim)
+    wgs = (1, 2) if args.mosaic_2wg and not interpret else (1,)
+    for name, (ctx_lens, q_lens) in args.prefill_cases.items():
+        q, k, v, (tables, lens, cu, _, _), flops = _prefill_batch(
+            jax.random.PRNGKey(len(name)), ctx_lens, q_lens, args.q_heads, args.kv_heads, args.head_dim)
+        want = ragged_prefill(q, k, v, tables, lens, cu, scale=scale, interpret=interpret).astype(jnp.float32)
+        case_rows = []
+        for wg in wgs:
+            for keys in (64, 128):
+                for stages in (2, 3, 4):
+                    tune = MosaicPrefillTuning(keys_per_step=keys, num_stages=stages, warpgroups=wg)
+                    row = dict(kind="prefill_sweep_mosaic", case=name, warpgroups=wg, keys=keys, stages=stages)
+                    try:
+                        row["stages_used"] = tune.resolve(16, args.head_dim, 2).num_stages
+                        jf = jax.jit(lambda q, k, v, tune=tune: ragged_prefill_mgpu(
+                            q, k, v, tables, lens, cu, scale=scale, tuning=tune, interpret=interpret))
+                        row["max_err_vs_triton"] = float(jnp.max(jnp.abs(jf(q, k, v).astype(jnp.float32) - want)))
+                        sec = time_fn(jf, q, k, v, repeats=args.repeats)
+                        row.update(us=sec * 1e6, frac_matmul=flops / sec / args.matmul_flops)
+                    except Exception as e:
+                        row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                    case_rows.append(row)
+        ok = [r for r in case_rows if "us" in r and r["max_err_vs_triton"] < 2e-2]  # a wrong tuning cannot win
+        if ok:
+            best = min(ok, key=lambda r: r["us"])
+            print(f"mosaic prefill sweep {name}: best {best} | all " +
+                  " ".join(f"wg{r['warpgroups']}/k{r['keys']}/s{r['stages_used']}:"
+                           + (f"{r['frac_matmul']:.1%}" if "us" in r else "ERR") for r in case_rows), flush=True)
+        rows += case_rows
+    return rows
+
+
 def _time_donating(fn, cache: list, *args, repeats: int) -> float:
     """time_fn of `cache[:] = fn(*cache, *args)`: the donated cache threads through the calls, updated in place."""
     def step():
@@ -372,7 +410,9 @@ def main():
     p.add_argument("--ctxs", type=int, nargs="*", default=[512, 2048, 8192])
     p.add_argument("--xla-pages-per-iter", type=int, default=4)
     p.add_argument("--sweep", action="store_true", help="also sweep decode tunings at a few cells")
-    p.add_argument("--only", nargs="*", choices=["decode", "prefill", "kv_write", "sweep"],
+    p.add_argument("--prefill-sweep", action="store_true",
+                   help="also sweep the Mosaic prefill tunings (keys per step, stages; warpgroups with --mosaic-2wg)")
+    p.add_argument("--only", nargs="*", choices=["decode", "prefill", "kv_write", "sweep", "prefill_sweep"],
                    help="run only these sections (default: decode, prefill and kv_write)")
     p.add_argument("--sweep-cells", dest="cells", nargs="*", default=None, help="B:ctx cells for --sweep (default: 5 cells)")
     p.add_argument("--sweep-kernels", nargs="*", default=["triton", "mosaic"], choices=["triton", "mosaic"])
@@ -408,9 +448,11 @@ def main():
     sections = set(args.only or (["kv_write"] if args.kv_write else ["decode", "prefill", "kv_write"]))
     if args.sweep:
         sections.add("sweep")
+    if args.prefill_sweep:
+        sections.add("prefill_sweep")
     rows = []
     for name, fn in (("decode", bench_decode), ("prefill", bench_prefill), ("kv_write", bench_kv_write),
-                     ("sweep", sweep_decode)):
+                     ("sweep", sweep_decode), ("prefill_sweep", sweep_prefill)):
         if name in sections:
             rows += fn(args, interpret)
     result = dict(device=dev.device_kind, jax=jax.__version__, interpret=interpret, copy_bw=args.copy_bw,

@@ -8,6 +8,16 @@
 set -u
 export PYTHONUNBUFFERED=1
 MODE=${1:-all}
+if [ "$MODE" = prefill ]; then
+# Prefill only: the two-warpgroup kernel's compiled tests, then the prefill table and the Mosaic tuning sweep.
+timeout 60 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels_ragged_prefill_mgpu.py -k two_warpgroups \
+  > $OUT/mgpu_2wg_tests.log 2>&1
+rc2=$?; echo "== two-warpgroup prefill tests rc=$rc2"; tail -2 $OUT/mgpu_2wg_tests.log
+F=""; [ $rc2 = 0 ] && F=--mosaic-2wg
+timeout 400 python3 scripts/bench_kernels.py --out $OUT/kernels --only prefill prefill_sweep $F > $OUT/bench_prefill.log 2>&1
+echo "== bench_kernels prefill rc=$?"; grep -E "^prefill|sweep" $OUT/bench_prefill.log | cut -c1-600
+exit 0
+fi
 if [ "$MODE" != compare ]; then
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tk .whl/tokamax/*.whl 2>/dev/null
 # The Mosaic kernel first, alone and briefly: a hang or a crash there must not cost the rest of the call.

@@ -232,6 +232,19 @@ def test_bench_kernels_smoke(tmp_path):
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_bench_kernels_prefill_sweep_smoke(tmp_path):
+    """The Mosaic prefill sweep (interpreted, one warpgroup): every tuning runs and agrees with the Triton kernel."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_kernels.py"), "--smoke", "--out", str(tmp_path), "--only",
+         "prefill_sweep"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == 2 * 2 * 3  # two cases x keys {64, 128} x stages {2, 3, 4}
+    assert not [r for r in rows if "error" in r]
+    assert all(r["max_err_vs_triton"] < 2e-2 for r in rows)
+
+
 # ---------------------------------------------------------------------------------------- plot_batch_scaling
 def test_plot_batch_scaling_reads_both_json_kinds(tmp_path):
     """bench_latency rows and a profile_decode step (its un-profiled time wins) make one series; a PNG is written."""
