@@ -213,11 +213,13 @@ def build_engine(cls, args: EngineArgs):
         activation = runner.profile_run()
         devices = plan.local_devices() if plan else jax.devices()[:1]
         budget, why = kv_memory_budget(devices, cc.gpu_memory_utilization, cc.kv_cache_memory, activation)
-        num_blocks = round_blocks(budget // per_block)
+        num_blocks = budget // per_block
         if args.num_processes > 1:  # every process must allocate the same pages: the smallest count wins
             from jaxserve.multihost import agree_min
             num_blocks = agree_min(num_blocks)
     need = -(-mc.max_model_len // cc.block_size) + 1  # one full-length sequence plus the null block
+    if not cc.num_gpu_blocks_override:  # rounded for a stable cache shape, never below what one sequence needs
+        num_blocks = max(round_blocks(num_blocks), min(num_blocks, need))
     if num_blocks < need:
         raise StartupError(
             f"max_model_len {mc.max_model_len} needs {need - 1} KV blocks of {cc.block_size} tokens "

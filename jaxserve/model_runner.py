@@ -159,7 +159,8 @@ class ModelRunner:
         if self.parallel is None:
             try:
                 ma = self._forward.lower(self.params, self.kv_caches, ids, meta, li).compile().memory_analysis()
-                activation = int(ma.temp_size_in_bytes + ma.output_size_in_bytes)
+                # outputs aliased to donated inputs (the tiny cache's pages) take no new memory
+                activation = int(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
             except (AttributeError, NotImplementedError, TypeError):  # no analysis on this runtime
                 activation = None
         logits, self.kv_caches = self._forward(self.params, self.kv_caches, ids, meta, li)

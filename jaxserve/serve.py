@@ -69,11 +69,17 @@ def _set_gil_switch_interval() -> None:
     """The server runs the event loop, the engine thread and its dispatch thread in one interpreter. A thread
     that wants the GIL back waits up to `sys.getswitchinterval()` (5 ms by default) while another one runs
     Python, and the engine thread asks for it several times a step. JAXSERVE_GIL_SWITCH_MS sets it (an
-    experiment knob; see docs/PERF.md for what was measured)."""
+    experiment knob: 0.5 ms measured worse on an H100 server, docs/PERF.md). Read before the engine is
+    built, so a bad value costs no start-up; it is then ignored with a warning."""
     ms = os.environ.get("JAXSERVE_GIL_SWITCH_MS")
-    if ms:
+    if not ms:
+        return
+    try:
         sys.setswitchinterval(float(ms) / 1e3)
-        logger.info("GIL switch interval %.2f ms", sys.getswitchinterval() * 1e3)
+    except ValueError as e:  # not a number, or not > 0
+        logger.warning("JAXSERVE_GIL_SWITCH_MS=%r ignored: %s", ms, e)
+        return
+    logger.info("GIL switch interval %.2f ms", sys.getswitchinterval() * 1e3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     engine_args, server_args = EngineArgs.from_cli_args(ns), server_args_from(ns)
     level = server_args.uvicorn_log_level.upper()
     logging.basicConfig(level=getattr(logging, level, 5), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = build_engine(engine_args, server_args)
     _set_gil_switch_interval()
+    engine = build_engine(engine_args, server_args)
     app = build_app(engine, server_args)
     config = uvicorn.Config(app, host=server_args.host, port=server_args.port, lifespan="on",
                             log_level=server_args.uvicorn_log_level,

@@ -43,7 +43,7 @@ def analyze(trace_dir: str, wall_s: float | None = None, top: int = 15) -> dict:
     host_top = host_self_times(events, pname, dev_pids, top)
     if not ops:
         print(f"no device ops in {files[-1]} (processes: {sorted(set(pname.values()))[:10]}): CPU run?")
-        return {"host_phases_ms": {k: v / 1e3 for k, v in host.items()}}
+        return {"host_phases_ms": {k: v / 1e3 for k, v in host.items()}, "host_top": host_top}
     by_name = collections.Counter()
     for e in ops:
         by_name[e["name"]] += e["dur"]
@@ -252,7 +252,11 @@ def main() -> None:
         eng.step()
     eng.wait_device()
     eng.runner.run_forward = run_forward
-    replay = replay_forward(eng, last["args"], ns.replay) if ns.replay else None
+    replay = None
+    if ns.replay and "args" in last:
+        replay = replay_forward(eng, last["args"], ns.replay)
+    elif ns.replay:  # pipeline micro-batches go through forward_microbatched, not run_forward
+        print("no whole-step forward to replay (micro-batched steps): replay skipped")
     t0 = time.perf_counter()  # the same steps without the profiler (CUPTI slows every launch)
     for _ in range(ns.steps):
         eng.step()

@@ -258,3 +258,25 @@ def test_plot_batch_scaling_reads_both_json_kinds(tmp_path):
     series = plot_batch_scaling.main(["--out", str(out), "--series", "gpu", str(lat), str(prof)])
     assert series == {"gpu": [(1, 5.0), (64, 8.0), (256, 12.8)]}
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------- profile_decode
+def test_profile_decode_trace_arithmetic():
+    """On a hand-made trace: busy time per device, the time both devices are busy at once, and host self times."""
+    sys.path.insert(0, str(SCRIPTS))
+    import collections
+
+    import profile_decode as pd
+    assert pd._union([(5, 7), (0, 2), (1, 3), (7, 9)]) == [[0, 3], [5, 9]]
+    pname = {1: "/device:GPU:0 (stream)", 2: "/device:GPU:1 (stream)"}
+    ops = [dict(pid=1, ts=0, dur=10), dict(pid=1, ts=5, dur=10), dict(pid=1, ts=30, dur=5),   # GPU 0: [0,15] [30,35]
+           dict(pid=2, ts=10, dur=10), dict(pid=2, ts=32, dur=10)]                             # GPU 1: [10,20] [32,42]
+    res = pd._per_device(ops, pname)
+    assert res["busy_ms"] == {"GPU:0": 0.020, "GPU:1": 0.020}
+    assert res["all_busy_ms"] == pytest.approx(0.008)  # [10,15] and [32,35]
+    # a parent of 10 us with children of 3 and 4 us: self 3; a child named with #args# is grouped by its name
+    evs = [dict(name="launch", ts=0, dur=10), dict(name="cuLaunchKernel#a=1#", ts=1, dur=3),
+           dict(name="cuLaunchKernel#a=2#", ts=5, dur=4)]
+    self_us, count = collections.Counter(), collections.Counter()
+    pd._self_times(evs, self_us, count)
+    assert self_us == {"launch": 3, "cuLaunchKernel": 7} and count["cuLaunchKernel"] == 2

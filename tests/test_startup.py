@@ -144,3 +144,16 @@ def test_cpu_defaults_unchanged():
     llm = make(max_model_len=64, num_gpu_blocks_override=8, max_num_seqs=None, max_num_batched_tokens=None)
     sc = llm.llm_engine.scheduler.config
     assert (sc.max_num_seqs, sc.max_num_batched_tokens) == (256, 512)
+
+
+@pytest.mark.parametrize("value,expect_ms", [("0.5", 0.5), ("0", None), ("fast", None)])
+def test_gil_switch_knob(monkeypatch, value, expect_ms):
+    """JAXSERVE_GIL_SWITCH_MS sets the interpreter's switch interval; a bad value is ignored, not fatal."""
+    from jaxserve import serve
+    before = sys.getswitchinterval()
+    monkeypatch.setenv("JAXSERVE_GIL_SWITCH_MS", value)
+    try:
+        serve._set_gil_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(before if expect_ms is None else expect_ms / 1e3)
+    finally:
+        sys.setswitchinterval(before)
