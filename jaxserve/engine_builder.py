@@ -65,8 +65,10 @@ def _generation_defaults(path: Path) -> dict:
 
 
 def _usable_device_bytes() -> int:
+    """Bytes jax may use on this process's first device (jax.devices()[0] may be another host's, whose
+    statistics this process cannot read)."""
     try:
-        return jax.devices()[0].memory_stats().get("bytes_limit", 0)
+        return jax.local_devices()[0].memory_stats().get("bytes_limit", 0)
     except Exception:  # noqa: BLE001 - a platform without memory statistics
         return 0
 
@@ -119,6 +121,9 @@ def make_config(args: EngineArgs, path: Path, arch) -> EngineConfig:
                         swap_space=args.swap_space, enable_prefix_caching=args.enable_prefix_caching,
                         num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_memory=args.kv_cache_memory)
     seqs = _default_max_num_seqs(on_cpu) if args.max_num_seqs is None else args.max_num_seqs
+    if args.num_processes > 1:  # defaults follow each host's memory; every process must compile the same buckets
+        from jaxserve.multihost import agree_min
+        seqs, budget = agree_min(seqs), agree_min(budget)
     sched = SchedulerConfig(max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=max(budget, seqs))
     return EngineConfig(model=model, cache=cache, scheduler=sched,
                         parallel=ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size,

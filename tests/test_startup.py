@@ -131,6 +131,7 @@ def test_gpu_defaults_for_running_requests_and_step_budget(monkeypatch, usable_g
     class Gpu:
         platform = "gpu"
     monkeypatch.setattr(jax, "devices", lambda *a: [Gpu()])
+    monkeypatch.setattr(jax, "local_devices", lambda *a: [Gpu()])
     monkeypatch.setattr(engine_builder, "_usable_device_bytes", lambda: usable_gib << 30)
     arch = load_arch(TINY)
     cfg = engine_builder.make_config(EngineArgs(model=TINY, max_model_len=64), tiny_dir("llama"), arch)
