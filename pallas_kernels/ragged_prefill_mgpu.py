@@ -12,7 +12,10 @@ Design note.
   another run). Our reading, not verified: when warpgroup 0 needs nothing from warpgroup 1 (a tile with no
   slot refills) it can finish and free the shared scratch before warpgroup 1 allocates it, and warpgroup 1 then
   gets new barriers that nobody arrives at. Shared memory on a GPU is static per block, so this would not
-  happen there. It is tested only compiled on a GPU, and the default is one warpgroup.
+  happen there. Session 4 tested that reading and it did not hold up. A barrier at the end of the tile
+  (neither warpgroup leaves before the other arrives) did not stop the hang: the first two-warpgroup test case
+  still hung past 240 s on CPU, as it did without it (400 s). So the cause is still not known, and the
+  barrier was not kept. It is tested only compiled on a GPU, and the default is one warpgroup.
 - Keys come through the same TMA ring of page copies as the decode kernel (paged_decode_mgpu.PageRing,
   attend_pages): steps of T keys from position 0 to the tile's last query position; the causal mask is
   key <= the row's query position. Rows past the tile's tokens compute garbage that nothing reads.
