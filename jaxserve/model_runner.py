@@ -143,7 +143,7 @@ class ModelRunner:
                                                self.num_kv_heads)
 
     def profile_run(self) -> int | None:
-        """One forward at the largest token bucket on a tiny cache, so peak activation memory is known.
+        """The largest token bucket's forward on a tiny cache, so its activation memory is known.
 
         Returns the bytes that forward needs besides its inputs (temporaries + outputs), from XLA's memory
         analysis of the compiled program, or None where that is not available (sharded steps, runtimes without
@@ -163,9 +163,10 @@ class ModelRunner:
                 activation = int(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
             except (AttributeError, NotImplementedError, TypeError):  # no analysis on this runtime
                 activation = None
-        logits, self.kv_caches = self._forward(self.params, self.kv_caches, ids, meta, li)
-        jax.block_until_ready(logits)
-        del logits
+        if activation is None:  # the allocator's peak after a real run is the measure then
+            logits, self.kv_caches = self._forward(self.params, self.kv_caches, ids, meta, li)
+            jax.block_until_ready(logits)
+            del logits
         self.kv_caches = saved
         return activation
 
