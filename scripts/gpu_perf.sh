@@ -52,6 +52,22 @@ for be in pallas_triton pallas_mosaic; do
 done
 exit 0
 fi
+if [ "$MODE" = s5 ]; then
+# Session 5: Triton vs Mosaic decode in the engine without the profiler, at batch 256 and batch 1 (profile_decode:
+# step time, replayed forward, top device ops), then bench_latency batch 1 / 64 per backend; all in one call.
+for be in pallas_triton pallas_mosaic; do
+  run prof256_$be 120 python3 scripts/profile_decode.py $M $E --attention-backend $be --batch-size 256 --input-len 200 --steps 50 --trace-dir /tmp/t256_$be --output-json $OUT/prof256_$be.json
+  grep -E "replayed|without the profiler" $OUT/prof256_$be.log
+done
+for be in pallas_triton pallas_mosaic; do
+  run prof1_$be 90 python3 scripts/profile_decode.py $M $E --attention-backend $be --batch-size 1 --input-len 128 --steps 50 --trace-dir /tmp/t1_$be --output-json $OUT/prof1_$be.json
+  grep -E "replayed|without the profiler" $OUT/prof1_$be.log
+done
+for be in pallas_triton pallas_mosaic; do
+  run lat_$be 80 python3 scripts/bench_latency.py $M $E --attention-backend $be --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 64 --output-json $OUT/lat_$be.json
+done
+exit 0
+fi
 if [ "$MODE" = all ] || [ "$MODE" = startup ]; then JAX_DEBUG_LOG_MODULES=jax._src.compiler run startup 400 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup.json -- $M --max-model-len 2048; fi
 # The same with the warm-up shapes compiled from 8 threads (--compile-threads; not yet measured on a GPU).
 if [ "$MODE" = startup_threads ]; then run startup_threads 300 python3 scripts/bench_startup.py --runs 2 --output-json $OUT/startup_threads.json -- $M --max-model-len 2048 --compile-threads 8; exit 0; fi
