@@ -73,12 +73,14 @@ class XlaBackend:
 class PallasBackend:
     """Pallas GPU kernels: paged decode for decode-only steps, ragged prefill over pages otherwise.
 
-    "pallas_mosaic" runs decode steps with the Mosaic GPU kernel (Hopper, bf16/f16) and everything else with
-    the Triton-lowered kernels; "pallas_triton" uses the Triton kernels throughout."""
+    "pallas_mosaic" runs decode steps with the Mosaic GPU kernel (Hopper, bf16/f16), and prefill steps with the
+    Mosaic prefill kernel when prefill_warpgroups > 0 (1 or 2 compute warpgroups per tile), else with the Triton
+    one; "pallas_triton" uses the Triton kernels throughout."""
 
     name: str = "pallas_triton"
     has_decode_kernel: bool = True
     interpret: bool = False  # the Pallas interpreter: the same kernels end to end on CPU (tests)
+    prefill_warpgroups: int = 0  # pallas_mosaic only: 0 = Triton prefill
 
     def write_kv(self, k_cache, v_cache, k, v, meta):
         from jaxserve.pallas_kernels.kv_write import kv_write_pallas
@@ -99,17 +101,31 @@ class PallasBackend:
         if meta.decode_only:
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale,
                                 interpret=self.interpret)
+        if self.name == "pallas_mosaic" and self.prefill_warpgroups:
+            from jaxserve.pallas_kernels import paged_decode_mgpu as mgpu
+            from jaxserve.pallas_kernels import ragged_prefill_mgpu as pmgpu
+            if mgpu.supports(q, k_cache):
+                return pmgpu.ragged_prefill_mgpu(
+                    q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale=scale,
+                    tuning=pmgpu.MosaicPrefillTuning(warpgroups=self.prefill_warpgroups), interpret=self.interpret)
         return ragged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                               scale=scale, interpret=self.interpret)
 
 
-def get_backend(name: str = "auto") -> AttentionBackend:
-    """`auto`: the platform's best (pallas_kernels.select); `xla`, `pallas_triton`, `pallas_mosaic` force one."""
-    from jaxserve.pallas_kernels.select import device_attention_backend
-    choice = device_attention_backend(override=None if name == "auto" else name)
+def get_backend(name: str = "auto", prefill_warpgroups: int | None = None) -> AttentionBackend:
+    """`auto`: the platform's best (pallas_kernels.select); `xla`, `pallas_triton`, `pallas_mosaic` force one.
+    prefill_warpgroups (pallas_mosaic): 0 = Triton prefill, 1 or 2 = the Mosaic prefill kernel with that many
+    compute warpgroups per tile; None = the measured default (select.MOSAIC_PREFILL_WARPGROUPS)."""
+    from jaxserve.pallas_kernels import select
+    choice = select.device_attention_backend(override=None if name == "auto" else name)
+    if prefill_warpgroups not in (None, 0, 1, 2):
+        raise ValueError(f"mosaic prefill warpgroups must be 0, 1 or 2, got {prefill_warpgroups}")
     if choice == "xla":
         return XlaBackend()
-    return PallasBackend(name=choice)
+    if choice != "pallas_mosaic":
+        return PallasBackend(name=choice)
+    wg = select.MOSAIC_PREFILL_WARPGROUPS if prefill_warpgroups is None else prefill_warpgroups
+    return PallasBackend(name=choice, prefill_warpgroups=wg)
 
 
 def dummy_metadata(num_tokens: int, num_seqs: int, pages_per_seq: int, decode_only: bool = False) -> AttentionMetadata:

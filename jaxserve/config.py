@@ -99,6 +99,7 @@ class EngineArgs:
     async_scheduling: bool = True
     dispatch_thread: bool | None = None
     attention_backend: str = "auto"
+    mosaic_prefill_warpgroups: int | None = None
 
     HELP = {
         "model": "Local HF model folder (config.json + safetensors). Default: the embedded SmolLM2-135M-Instruct.",
@@ -139,6 +140,9 @@ class EngineArgs:
                            "the engine's Python work (with async scheduling). Default: on for GPUs (measured faster on the "
                            "H100, docs/PERF.md), off on CPU.",
         "attention_backend": "auto (the device's fastest: Pallas kernels on GPU, XLA on CPU), xla, pallas_triton, pallas_mosaic (Hopper).",
+        "mosaic_prefill_warpgroups": "With pallas_mosaic: 0 runs prefill with the Triton kernel, 1 or 2 with the "
+                                     "Mosaic prefill kernel and that many warpgroups per tile. Default: the "
+                                     "measured best (docs/PERF.md).",
     }
 
     @classmethod

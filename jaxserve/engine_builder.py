@@ -191,7 +191,7 @@ def build_engine(cls, args: EngineArgs):
     tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.tokenizer)
     if tokenizer is not None and mc.chat_template:
         tokenizer.hf.chat_template = mc.chat_template
-    backend = get_backend(args.attention_backend)
+    backend = get_backend(args.attention_backend, args.mosaic_prefill_warpgroups)
     # Under tensor parallelism the model is built with the runtime sizes (kv heads expanded, padding).
     model = build_model(plan.arch if plan else arch, mc.dtype, backend)
     shapes, specs = abstract_params(model)

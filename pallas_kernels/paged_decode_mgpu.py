@@ -112,17 +112,22 @@ class PageRing:
                 self.issue(self.c0 + i, i)
 
 
-def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, interpret: bool, release=None):
+def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, interpret: bool, release=None,
+                 unmasked_until=None):
     """Online softmax of the 64 query rows in q_smem over the ring's steps c0..c1 -> (acc f32[64, D], m f32[64]
     in log2 units, l f32[64]). mask(s, key) masks the (64, T) logits given the keys' positions; V rows at or
     past kv_len are zeroed in shared memory on the step that holds them (they may be NaN).
 
     release(c, slot) runs once step c is done with its slot; by default it refills the slot with step
-    c + stages (one warpgroup owns the ring). Warpgroups sharing a ring pass their own."""
+    c + stages (one warpgroup owns the ring). Warpgroups sharing a ring pass their own.
+
+    unmasked_until: steps c < unmasked_until hold only keys that every row sees (and none at or past kv_len);
+    they run in a first loop without the mask's iota/select and the V zeroing (FA3 splits its loop the same
+    way). None: every step is masked."""
     T, D, stages, c0 = ring.T, q_smem.shape[1], ring.stages, ring.c0
     dtype = ring.k_smem.dtype
 
-    def step(c, carry):
+    def step(c, carry, masked=True):
         acc, m_i, l_i = carry
         slot = lax.rem(c - c0, stages)
         plgpu.barrier_wait(ring.k_bar.at[slot])
@@ -134,8 +139,10 @@ def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, inter
                 plgpu.wgmma(acc_ref, q_smem, ring.k_smem.at[slot].transpose((1, 0)))
                 return acc_ref[...]
             s = pl.run_scoped(qk, plgpu.ACC((_ROWS, T), jnp.float32))
-        key = plgpu.broadcasted_iota(jnp.int32, (_ROWS, T), 1, layout=plgpu.Layout.WGMMA) + c * T
-        s = mask(s * qk_scale, key)  # (64, T) in log2 units
+        s = s * qk_scale  # (64, T) in log2 units
+        if masked:
+            key = plgpu.broadcasted_iota(jnp.int32, (_ROWS, T), 1, layout=plgpu.Layout.WGMMA) + c * T
+            s = mask(s, key)
         m_new = jnp.maximum(m_i, s.max(axis=1))
         alpha = jnp.exp2(m_i - m_new)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -143,12 +150,13 @@ def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, inter
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         plgpu.barrier_wait(ring.v_bar.at[slot])
 
-        @pl.when((c + 1) * T > kv_len)  # last step: zero V rows past the keys (may hold NaN)
-        def _():
-            row = plgpu.broadcasted_iota(jnp.int32, (T, D), 0, layout=plgpu.Layout.WGMMA) + c * T
-            v = ring.v_smem.at[slot]
-            v[...] = jnp.where(row < kv_len, v[...], jnp.zeros((T, D), dtype))
-            plgpu.commit_smem()
+        if masked:
+            @pl.when((c + 1) * T > kv_len)  # last step: zero V rows past the keys (may hold NaN)
+            def _():
+                row = plgpu.broadcasted_iota(jnp.int32, (T, D), 0, layout=plgpu.Layout.WGMMA) + c * T
+                v = ring.v_smem.at[slot]
+                v[...] = jnp.where(row < kv_len, v[...], jnp.zeros((T, D), dtype))
+                plgpu.commit_smem()
 
         if interpret:
             acc = acc + jnp.dot(p.astype(dtype), ring.v_smem.at[slot][...], preferred_element_type=jnp.float32)
@@ -168,7 +176,11 @@ def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, inter
     init = (plgpu.layout_cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA),
             plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
             plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
-    return lax.fori_loop(c0, ring.c1, step, init)
+    if unmasked_until is None:
+        return lax.fori_loop(c0, ring.c1, step, init)
+    split = jnp.clip(unmasked_until, c0, ring.c1)
+    carry = lax.fori_loop(c0, split, functools.partial(step, masked=False), init)
+    return lax.fori_loop(split, ring.c1, step, carry)
 
 
 def _decode_call(q4, k_pages, v_pages, block_tables, seq_lens, *, scale: float, tune: MosaicDecodeTuning,
@@ -214,7 +226,8 @@ def _decode_call(q4, k_pages, v_pages, block_tables, seq_lens, *, scale: float, 
         def mask(s, key):  # (64, T) logits, key positions
             return jnp.where(key < seq_len, s, -jnp.inf)
 
-        acc, m_i, l_i = attend_pages(ring, q_smem, kv_len=seq_len, mask=mask, qk_scale=qk_scale, interpret=interpret)
+        acc, m_i, l_i = attend_pages(ring, q_smem, kv_len=seq_len, mask=mask, qk_scale=qk_scale, interpret=interpret,
+                                     unmasked_until=seq_len // T)  # whole steps below seq_len need no mask
         nonempty = l_i > 0
         l_safe = jnp.where(nonempty, l_i, jnp.ones_like(l_i))
         o_smem[...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])

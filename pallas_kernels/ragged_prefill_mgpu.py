@@ -128,8 +128,9 @@ def _prefill_call(q_tiles, k_pages, v_pages, block_tables, items, *, scale: floa
                         plgpu.barrier_wait(consumed.at[slot])
                         ring.issue(c + stages, slot)
 
+            # Steps whose last key is at or before the tile's first position need no causal mask.
             acc, _, l_i = attend_pages(ring, q_rows, kv_len=kv_len, mask=mask, qk_scale=qk_scale,
-                                       interpret=interpret, release=release)
+                                       interpret=interpret, release=release, unmasked_until=(pos0 + 1) // T)
             l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
             o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
             plgpu.commit_smem()
@@ -177,9 +178,19 @@ def ragged_prefill_mgpu(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens, 
     Returns:
       [num_tokens, num_q_heads, head_dim] in q.dtype.
     """
-    B = seq_lens.shape[0]
     check_ragged_args(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens)
     check_mosaic_args(q, k_pages)
+    q_tiles, items, static = tile_queries(q, k_pages, seq_lens, cu_q_lens, tuning)
+    scale = default_scale(q.shape[2]) if scale is None else scale
+    o = _prefill_call(q_tiles, k_pages, v_pages, block_tables, items, scale=scale, gp=static[0], tune=static[1],
+                      interpret=interpret)  # (Hkv, W * R, D) tile-major
+    return untile_outputs(o, cu_q_lens, q.shape, static)
+
+
+def tile_queries(q, k_pages, seq_lens, cu_q_lens, tuning: MosaicPrefillTuning = MosaicPrefillTuning()):
+    """The wrapper's gather of q into tile-major rows -> (q_tiles [Hkv, W * R, D], work items, (Gp, tuning)).
+    Split out so that scripts/bench_kernels.py can time the kernel apart from the gathers around it."""
+    B = seq_lens.shape[0]
     T, Hq, D = q.shape
     Hkv, _, S, _ = k_pages.shape
     G = Hq // Hkv
@@ -187,7 +198,6 @@ def ragged_prefill_mgpu(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens, 
     tune = tuning.resolve(S, D, k_pages.dtype.itemsize)
     R = _ROWS * tune.warpgroups  # query rows per tile
     bq = R // Gp
-    scale = default_scale(D) if scale is None else scale
     W = pl.cdiv(T, bq) + B
     items = work_items(cu_q_lens, seq_lens, block_q=bq, num_items=W)
     _, q0, nq, _ = items
@@ -195,9 +205,18 @@ def ragged_prefill_mgpu(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens, 
     j = jnp.arange(bq, dtype=jnp.int32)
     tok = jnp.where(j[None, :] < nq[:, None], q0[:, None] + j[None, :], T).reshape(W * bq)  # tile-major tokens
     q_tiles = q4[tok].transpose(1, 0, 2, 3).reshape(Hkv, W * R, D)
-    o = _prefill_call(q_tiles, k_pages, v_pages, block_tables, items, scale=scale, gp=Gp, tune=tune,
-                      interpret=interpret)  # (Hkv, W * R, D) tile-major
-    # Back to token order: token t sits in tile w(t) at row offset (t - q0[w(t)]) * Gp.
+    return q_tiles, items, (Gp, tune)
+
+
+def untile_outputs(o, cu_q_lens, q_shape, static):
+    """Tile-major kernel output (Hkv, W * R, D) -> [num_tokens, Hq, D] in token order, padding tokens zero."""
+    T, Hq, D = q_shape
+    Gp, tune = static
+    Hkv = o.shape[0]
+    G, B = Hq // Hkv, cu_q_lens.shape[0] - 1
+    bq = _ROWS * tune.warpgroups // Gp
+    W = o.shape[1] // (bq * Gp)
+    # Token t sits in tile w(t) at row offset (t - q0[w(t)]) * Gp.
     t = jnp.arange(T, dtype=jnp.int32)
     seq_of = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, B - 1)
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
@@ -208,4 +227,4 @@ def ragged_prefill_mgpu(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens, 
     src = jnp.where(t < cu_q_lens[-1], src, 0)
     o = o.reshape(Hkv, W * bq, Gp, D)[:, src]  # (Hkv, T, Gp, D)
     o = jnp.where((t < cu_q_lens[-1])[None, :, None, None], o, jnp.zeros((), o.dtype))
-    return o[:, :, :G].transpose(1, 0, 2, 3).reshape(T, Hq, D).astype(q.dtype)
+    return o[:, :, :G].transpose(1, 0, 2, 3).reshape(T, Hq, D)

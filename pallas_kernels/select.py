@@ -17,13 +17,19 @@ import jax
 BACKENDS = ("xla", "pallas_triton", "pallas_mosaic")
 
 # Whether the engine should run decode with the Mosaic GPU kernel (paged_decode_mgpu.py) rather than the Triton
-# one on Hopper. H100, 2026-11-26 (docs/PERF.md): as a kernel Mosaic wins wherever the KV read is large (B=64 ctx
-# 2048: 203 us = 2.65 TB/s vs Triton 251 us, bundled 301 us; B=256 ctx 8192: 2.95 TB/s, the copy rate) and at
-# batch 1 (ctx 2048: 38 vs 47 us). But in the engine at batch 256 (ShareGPT-like contexts, same machine) the
-# step took 18.4 ms with it vs 17.7 ms with Triton: the attention ran 0.7 ms/step faster on the device, while
-# the host spent 1.7 ms/step more launching the forward, and that step is host-bound. So the engine default
-# stays Triton; --attention-backend pallas_mosaic picks Mosaic (long contexts, where the step is device-bound).
-MOSAIC_FASTEST = False
+# one on Hopper. As a kernel Mosaic wins wherever the KV read is large (H100: B=64 ctx 2048 203 us = 2.65 TB/s vs
+# Triton 251 us, bundled 301 us) and at batch 1 (ctx 2048: 38 vs 47 us). Session 3 kept Triton because the
+# batch-256 step looked host-bound under the profiler, which inflates launches. Timed without the profiler in one
+# H100 call (2026-11-26, docs/PERF.md "Session 5"), Mosaic is faster in the engine at every batch: batch 256
+# 12.14 vs 12.70 ms/step (replayed forward 11.43 vs 12.10), batch 64 7.38 vs 7.67 ms, batch 1 5.70 vs 5.74 ms.
+# --attention-backend pallas_triton still picks Triton.
+MOSAIC_FASTEST = True
+
+# Prefill steps under pallas_mosaic: 0 = the Triton ragged prefill, 1 or 2 = the Mosaic prefill kernel with that
+# many compute warpgroups per tile (ragged_prefill_mgpu.py). H100 kernel timings (docs/PERF.md, session 4): Triton
+# 29.9%, Mosaic 1 warpgroup 29.0%, 2 warpgroups 38.7% of the matmul rate on 8 x 2048 tokens. Triton stays until
+# the two-warpgroup kernel has run end to end in the engine on the GPU (scripts/compare_backends.py).
+MOSAIC_PREFILL_WARPGROUPS = 0
 
 
 def attention_backend(platform: str, compute_capability: tuple[int, int] | None = None,

@@ -61,19 +61,23 @@ def test_pallas_backend_matches_xla_end_to_end():
 
 
 @pytest.mark.slow
-def test_mosaic_decode_backend_matches_xla_end_to_end(tmp_path, monkeypatch):
+def test_mosaic_backend_matches_xla_end_to_end(tmp_path, monkeypatch):
+    """Mosaic decode and Mosaic prefill (one warpgroup per tile: the CPU interpreter hangs at times on two,
+    ragged_prefill_mgpu.py) in the engine, interpreted."""
     from jaxserve.pallas_kernels import paged_decode_mgpu as mgpu
+    from jaxserve.pallas_kernels import ragged_prefill_mgpu as pmgpu
     traced = []
-    kernel = mgpu.paged_decode_mgpu
-    monkeypatch.setattr(mgpu, "paged_decode_mgpu", lambda *a, **k: traced.append(1) or kernel(*a, **k))
+    kernel, prefill = mgpu.paged_decode_mgpu, pmgpu.ragged_prefill_mgpu
+    monkeypatch.setattr(mgpu, "paged_decode_mgpu", lambda *a, **k: traced.append("decode") or kernel(*a, **k))
+    monkeypatch.setattr(pmgpu, "ragged_prefill_mgpu", lambda *a, **k: traced.append("prefill") or prefill(*a, **k))
     # bf16 and head dim 64 (what the Mosaic kernel takes): decode steps run its interpreter here
     cfg = json.loads(open(f"{TINY}/config.json").read())
     cfg.update(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     args = dict(dtype="bfloat16", model=str(tmp_path / "cfg.json"), load_format="dummy")
     ref = _run(XlaBackend(), **args)
-    got = _run(PallasBackend(name="pallas_mosaic", interpret=True), **args)
-    assert traced  # the decode steps took the Mosaic kernel, not the Triton fallback
+    got = _run(PallasBackend(name="pallas_mosaic", interpret=True, prefill_warpgroups=1), **args)
+    assert set(traced) == {"decode", "prefill"}  # both steps took the Mosaic kernels, not the Triton fallback
     for a, b in zip(ref, got):
         assert a.token_ids == b.token_ids
         for pa, pb in zip(a.logprobs, b.logprobs):
