@@ -3,8 +3,7 @@
 Design note.
 - Same contract and work items as ragged_prefill.py (the Triton twin): the flat token axis is cut per sequence
   into tiles of bq tokens (`work_items`), the grid is (work items, kv heads), and a tile's rows are its bq tokens
-  x the Gp = next_pow2(G) query heads of one kv head, token-major, so K/V pages are read once per tile for the
-  whole group. wgmma's M is 64 rows per warpgroup. With `warpgroups=2` (FA3's layout; experimental) a tile
+  x the Gp = next_pow2(G) query heads of one kv head, so K/V pages are read once per tile for the whole group. wgmma's M is 64 rows per warpgroup. With `warpgroups=2` (FA3's layout; experimental) a tile
   has 128 rows, bq = 128 / Gp, and both warpgroups consume every K/V step that warpgroup 0 loads: a `consumed`
   barrier per ring slot (two arrivals) tells warpgroup 0 when it may refill the slot. That variant lowers for
   an H100, but Mosaic GPU's CPU interpreter hangs on it at times (seen: warpgroup 1 waiting on a K/V slot
@@ -19,13 +18,22 @@ Design note.
 - Keys come through the same TMA ring of page copies as the decode kernel (paged_decode_mgpu.PageRing,
   attend_pages): steps of T keys from position 0 to the tile's last query position; the causal mask is
   key <= the row's query position. Rows past the tile's tokens compute garbage that nothing reads.
-- Tile-major rows. TMA moves whole 64-row tiles, and into or out of the wgmma-tiled shared memory only at row
-  offsets that are multiples of the 8-row tile; and a tile whose sequence ends mid-tile must not overwrite the
-  next sequence's rows. So the wrapper gathers q into a tile-major buffer (tile w: rows w*64 ..), each tile
-  reads and writes its own 64 rows, and a gather puts the output rows back in token order.
+- Rows of a tile. With Gp <= 8 (every model we ship: G = 1, 3, 4, 7, 8) the kernel reads q in place: warpgroup
+  wg takes the tile's tokens wg*bw .. wg*bw + bw - 1 (bw = 64 / Gp, a multiple of 8), head-major (row g*bw + j
+  is query head h*G + g of token j), one strided TMA copy per head. TMA writes the wgmma-tiled layout only at
+  row offsets that are multiples of 8, and a sequence's tokens start anywhere, so the rows land in plain shared
+  memory and pass through registers into the tiled buffer. The output leaves from the tiled buffer (the q rows,
+  no longer read after the last step) by one TMA store per head into o [W * bq, Hq * D], where tile w owns rows
+  w*bq .. (multiples of 8), and one row gather puts tokens back in order. A tile that runs past the last token
+  reads zeros (TMA's out-of-bounds fill). Session 4's layout gathered q into tile-major rows and the output
+  back, with transposes, outside the kernel: on the H100 that was 30% of the call (1,111 us vs 786 us for the
+  kernel alone, 8 x 2048 tokens). It stays for Gp > 8.
+- Shared memory per tile: q rows (reused for the output), the q staging rows and the K/V ring. With 64 keys per
+  step and a 2-deep ring a one-warpgroup tile takes 96 KB, so two tiles share an SM; the H100 sweep found a
+  deeper ring (one tile per SM) a third slower.
 - bf16/f16 only (wgmma has no f32 operands), head dim a multiple of 64, G <= 64.
-- Not measured yet on a GPU: the engine does not use it (docs/PERF.md); scripts/bench_kernels.py times it as
-  "ours_mosaic" beside the Triton kernel, which stays the prefill kernel until this one is measured faster.
+- The engine runs it under pallas_mosaic when select.MOSAIC_PREFILL_WARPGROUPS (or --mosaic-prefill-warpgroups)
+  is 1 or 2; scripts/bench_kernels.py times it as "ours_mosaic" beside the Triton kernel (docs/PERF.md).
 """
 
 from __future__ import annotations
@@ -49,54 +57,64 @@ from jaxserve.pallas_kernels.tuning import next_pow2
 
 @dataclasses.dataclass(frozen=True)
 class MosaicPrefillTuning:
-    """keys_per_step: keys per wgmma step (a multiple of 64 and of the block size; 0 = 128 or the block size).
+    """keys_per_step: keys per wgmma step (a multiple of 64 and of the block size; 0 = 64 or the block size).
     num_stages: depth of the TMA ring (trimmed to fit shared memory). warpgroups: 1 or 2 compute warpgroups per
-    tile, 64 query rows each; two share every K/V tile they load, which halves the K/V reads per query row."""
+    tile, 64 query rows each; two share every K/V tile they load, which halves the K/V reads per query row.
+
+    Defaults from the H100 sweep (docs/PERF.md, session 5): 64 keys and a 2-deep ring were the best one-warpgroup
+    tuning on both cases, where a deeper ring (one tile per SM instead of two) lost a third."""
     keys_per_step: int = 0
-    num_stages: int = 3
+    num_stages: int = 2
     warpgroups: int = 1
 
     def resolve(self, block_size: int, head_dim: int, itemsize: int) -> "MosaicPrefillTuning":
-        keys = self.keys_per_step or max(128, block_size)
+        keys = self.keys_per_step or max(64, block_size)
         if keys % 64 or keys % block_size:
             raise ValueError(f"keys_per_step {keys} must be a multiple of 64 and of block_size {block_size}")
         if self.warpgroups not in (1, 2):
             raise ValueError(f"warpgroups must be 1 or 2, got {self.warpgroups}")
-        fixed = 2 * self.warpgroups * _ROWS * head_dim * itemsize  # q tiles + output tiles
+        fixed = 2 * self.warpgroups * _ROWS * head_dim * itemsize  # q tiles (later the output) + q staging
         stages = self.num_stages
         while stages > 1 and fixed + stages * 2 * keys * head_dim * itemsize > 220 * 1024:
             stages -= 1
         return dataclasses.replace(self, keys_per_step=keys, num_stages=stages)
 
 
-def _prefill_call(q_tiles, k_pages, v_pages, block_tables, items, *, scale: float, gp: int,
-                  tune: MosaicPrefillTuning, interpret: bool):
-    """q_tiles [Hkv, W * R, D] -> o [Hkv, W * R, D], both tile-major (tile w: rows w*R ..., R = 64 x warpgroups)."""
-    Hkv, _, D = q_tiles.shape
-    S = k_pages.shape[2]
+def _prefill_call(q_in, k_pages, v_pages, block_tables, items, *, scale: float, gp: int, G: int,
+                  tune: MosaicPrefillTuning, direct: bool, interpret: bool):
+    """The kernel. Two layouts of a tile's rows (R = 64 x warpgroups rows, bq = R / Gp tokens):
+
+    direct (Gp <= 8): q_in is q itself [T', Hq, D]; warpgroup wg takes the tile's tokens wg*bw .. (bw = 64 / Gp,
+      a multiple of the 8-row TMA tile), head-major: row g*bw + j is query head h*G + g of token j, loaded by one
+      strided TMA copy per head (rows past T' come back as zeros: TMA's out-of-bounds fill). The output goes to
+      o [W * bq, Hq, D], token-major per tile (tile w's token j at row w*bq + j), one TMA store per head.
+    gathered: q_in is q already gathered tile-major, [Hkv, W * R, D] (token-major rows); o is [Hkv, W * R, D].
+    """
+    Hkv, _, S, D = k_pages.shape
     dtype = k_pages.dtype
     T, stages, nwg = tune.keys_per_step, tune.num_stages, tune.warpgroups
     R = _ROWS * nwg
+    bq, bw = R // gp, _ROWS // gp  # tokens per tile, per warpgroup
     ppcb = T // S
     P = block_tables.shape[1]
     block_tables = jnp.pad(block_tables, ((0, 0), (0, -P % ppcb)))  # the last step may run past P; pads = page 0
     W = items[0].shape[0]
     qk_scale = scale * _LOG2E
 
-    def kernel(seq_ref, q0_ref, nq_ref, pos0_ref,  # i32[W] each: the work items (q0 is used by the wrapper)
+    def kernel(seq_ref, q0_ref, nq_ref, pos0_ref,  # i32[W] each: the work items
                bt_ref,  # i32[B, P']          block tables
-               q_ref,  # [Hkv, W * R, D]      query rows, tile-major
+               q_ref,  # direct: [T', Hq, D] q; gathered: [Hkv, W * R, D] tile-major rows
                k_ref,  # [Hkv, N, S, D]       key pages
                v_ref,  # [Hkv, N, S, D]       value pages
-               o_ref,  # [Hkv, W * R, D]      output rows, tile-major
-               q_smem,  # [nwg, 64, D]        one 64-row block per warpgroup
+               o_ref,  # direct: [W * bq, Hq, D]; gathered: [Hkv, W * R, D]
+               q_smem,  # [nwg, 64, D]        one 64-row block per warpgroup; its output rows afterwards
                k_smem,  # [stages, T, D]      shared by the warpgroups
                v_smem,  # [stages, T, D]
-               o_smem,  # [nwg, 64, D]
+               stage,  # [nwg, 64, D]          direct: q rows as TMA left them (untiled); gathered: unused
                q_bar, k_bar, v_bar, consumed):
         w, h = lax.axis_index("w"), lax.axis_index("h")
         wg = lax.axis_index("wg") if nwg > 1 else 0
-        seq, nq, pos0 = seq_ref[w], nq_ref[w], pos0_ref[w]
+        seq, q0, nq, pos0 = seq_ref[w], q0_ref[w], nq_ref[w], pos0_ref[w]
 
         @pl.when(nq > 0)  # surplus work items have no rows
         def _():
@@ -105,15 +123,28 @@ def _prefill_call(q_tiles, k_pages, v_pages, block_tables, items, *, scale: floa
             ring = PageRing(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, lambda i: bt_ref[seq, i], h, ppcb, stages,
                             0, c1)
             q_rows = q_smem.at[wg]
-            plgpu.copy_gmem_to_smem(q_ref.at[h, pl.ds(w * R + wg * _ROWS, _ROWS)], q_rows, q_bar.at[wg])
+            if direct:
+                # TMA into the wgmma-tiled layout needs row offsets in multiples of 8, and a sequence's tokens
+                # start anywhere: so the rows land in plain shared memory, then pass through registers.
+                staged = stage.at[wg]
+                for g in range(G):  # rows of heads G..Gp-1 stay as they are: computed, never stored
+                    col = pl.multiple_of((h * G + g) * D, D)
+                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q0 + wg * bw, bw), pl.ds(col, D)],
+                                            staged.at[pl.ds(g * bw, bw)], q_bar.at[wg])
+            else:
+                plgpu.copy_gmem_to_smem(q_ref.at[h, pl.ds(w * R + wg * _ROWS, _ROWS)], q_rows, q_bar.at[wg])
 
             if nwg > 1:
                 pl.when(wg == 0)(ring.prime)  # warpgroup 0 drives the shared ring
             else:
                 ring.prime()
             plgpu.barrier_wait(q_bar.at[wg])
-            row_pos = (plgpu.broadcasted_iota(jnp.int32, (_ROWS, T), 0, layout=plgpu.Layout.WGMMA) + wg * _ROWS) \
-                // gp + pos0
+            if direct:
+                q_rows[...] = staged[...]
+                plgpu.commit_smem()
+            row = plgpu.broadcasted_iota(jnp.int32, (_ROWS, T), 0, layout=plgpu.Layout.WGMMA)
+            token = wg * bw + (row % bw if direct else row // gp)  # the row's token within the tile
+            row_pos = token + pos0
 
             def mask(s, key):  # causal: a row sees keys up to its own position
                 return jnp.where(key <= row_pos, s, -jnp.inf)
@@ -132,20 +163,30 @@ def _prefill_call(q_tiles, k_pages, v_pages, block_tables, items, *, scale: floa
             acc, _, l_i = attend_pages(ring, q_rows, kv_len=kv_len, mask=mask, qk_scale=qk_scale,
                                        interpret=interpret, release=release, unmasked_until=(pos0 + 1) // T)
             l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
-            o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+            # q's rows are no longer read (the last wgmma is done): they take the output, which halves the
+            # shared memory a tile needs, so that two tiles can share an SM.
+            q_rows[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[h, pl.ds(w * R + wg * _ROWS, _ROWS)])
+            if direct:
+                for g in range(G):
+                    plgpu.copy_smem_to_gmem(q_rows.at[pl.ds(g * bw, bw)],
+                                            o_ref.at[pl.ds(pl.multiple_of(w * bq + wg * bw, 8), bw),
+                                                     pl.ds(pl.multiple_of((h * G + g) * D, D), D)])
+            else:
+                plgpu.copy_smem_to_gmem(q_rows, o_ref.at[h, pl.ds(w * R + wg * _ROWS, _ROWS)])
             plgpu.wait_smem_to_gmem(0)
 
+    Hq = Hkv * G
+    out_shape = (W * bq, Hq * D) if direct else (Hkv, W * R, D)
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((Hkv, W * R, D), dtype),
+        out_type=jax.ShapeDtypeStruct(out_shape, dtype),
         scratch_types=[
             _tiled((nwg, _ROWS, D), dtype),
             _tiled((stages, T, D), dtype),
             _tiled((stages, T, D), dtype),
-            _tiled((nwg, _ROWS, D), dtype),
-            plgpu.Barrier(num_barriers=nwg),
+            plgpu.SMEM((nwg, _ROWS if direct else 8, D), dtype),
+            plgpu.Barrier(num_arrivals=G if direct else 1, num_barriers=nwg),
             plgpu.Barrier(num_arrivals=ppcb, num_barriers=stages),
             plgpu.Barrier(num_arrivals=ppcb, num_barriers=stages),
             plgpu.Barrier(num_arrivals=nwg, num_barriers=stages),
@@ -155,8 +196,8 @@ def _prefill_call(q_tiles, k_pages, v_pages, block_tables, items, *, scale: floa
         **(dict(num_threads=nwg, thread_name="wg") if nwg > 1 else {}),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
-        kernel_name=f"ragged_prefill_mgpu_gp{gp}_T{T}_st{stages}_wg{nwg}",
-    )(*items, block_tables, q_tiles, k_pages, v_pages)
+        kernel_name=f"ragged_prefill_mgpu_gp{gp}_T{T}_st{stages}_wg{nwg}{'_direct' if direct else ''}",
+    )(*items, block_tables, q_in, k_pages, v_pages)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "tuning", "interpret"))
@@ -180,51 +221,70 @@ def ragged_prefill_mgpu(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens, 
     """
     check_ragged_args(q, k_pages, v_pages, block_tables, seq_lens, cu_q_lens)
     check_mosaic_args(q, k_pages)
-    q_tiles, items, static = tile_queries(q, k_pages, seq_lens, cu_q_lens, tuning)
     scale = default_scale(q.shape[2]) if scale is None else scale
-    o = _prefill_call(q_tiles, k_pages, v_pages, block_tables, items, scale=scale, gp=static[0], tune=static[1],
-                      interpret=interpret)  # (Hkv, W * R, D) tile-major
+    q_in, items, static = tile_queries(q, k_pages, seq_lens, cu_q_lens, tuning)
+    o = _prefill_call(q_in, k_pages, v_pages, block_tables, items, scale=scale, gp=static.gp, G=static.G,
+                      tune=static.tune, direct=static.direct, interpret=interpret)
     return untile_outputs(o, cu_q_lens, q.shape, static)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    gp: int  # query heads per kv head, rounded up to a power of 2
+    G: int
+    tune: MosaicPrefillTuning
+    direct: bool  # the kernel reads q and writes o in token order itself (Gp <= 8); else the wrapper gathers
+
+    @property
+    def bq(self) -> int:
+        return _ROWS * self.tune.warpgroups // self.gp
+
+
 def tile_queries(q, k_pages, seq_lens, cu_q_lens, tuning: MosaicPrefillTuning = MosaicPrefillTuning()):
-    """The wrapper's gather of q into tile-major rows -> (q_tiles [Hkv, W * R, D], work items, (Gp, tuning)).
-    Split out so that scripts/bench_kernels.py can time the kernel apart from the gathers around it."""
+    """What the kernel reads -> (q_in, work items, _Static). With Gp <= 8 the kernel reads q itself (q_in is q as
+    [T, Hq * D]); else q gathered into tile-major rows [Hkv, W * R, D]. Split out so that
+    scripts/bench_kernels.py can time the kernel apart from the gathers."""
     B = seq_lens.shape[0]
     T, Hq, D = q.shape
     Hkv, _, S, _ = k_pages.shape
     G = Hq // Hkv
     Gp = next_pow2(G)
     tune = tuning.resolve(S, D, k_pages.dtype.itemsize)
-    R = _ROWS * tune.warpgroups  # query rows per tile
-    bq = R // Gp
+    static = _Static(Gp, G, tune, direct=Gp <= 8)
+    bq = static.bq
     W = pl.cdiv(T, bq) + B
     items = work_items(cu_q_lens, seq_lens, block_q=bq, num_items=W)
+    if static.direct:
+        # Rows of all heads: a head's [tokens, D] block is one strided TMA box. A tile that runs past the last
+        # token reads zeros (copy_gmem_to_smem's out-of-bounds fill; the interpreter does the same).
+        return q.reshape(T, Hq * D), items, static
     _, q0, nq, _ = items
     q4 = jnp.pad(q.reshape(T, Hkv, G, D), ((0, 1), (0, 0), (0, Gp - G), (0, 0)))  # (T + 1, Hkv, Gp, D); T: zeros
     j = jnp.arange(bq, dtype=jnp.int32)
     tok = jnp.where(j[None, :] < nq[:, None], q0[:, None] + j[None, :], T).reshape(W * bq)  # tile-major tokens
-    q_tiles = q4[tok].transpose(1, 0, 2, 3).reshape(Hkv, W * R, D)
-    return q_tiles, items, (Gp, tune)
+    q_tiles = q4[tok].transpose(1, 0, 2, 3).reshape(Hkv, W * Gp * bq, D)
+    return q_tiles, items, static
 
 
-def untile_outputs(o, cu_q_lens, q_shape, static):
-    """Tile-major kernel output (Hkv, W * R, D) -> [num_tokens, Hq, D] in token order, padding tokens zero."""
+def untile_outputs(o, cu_q_lens, q_shape, static: _Static):
+    """The kernel's output -> [num_tokens, Hq, D] in token order, padding tokens zero."""
     T, Hq, D = q_shape
-    Gp, tune = static
-    Hkv = o.shape[0]
-    G, B = Hq // Hkv, cu_q_lens.shape[0] - 1
-    bq = _ROWS * tune.warpgroups // Gp
-    W = o.shape[1] // (bq * Gp)
-    # Token t sits in tile w(t) at row offset (t - q0[w(t)]) * Gp.
+    Gp, G, bq = static.gp, static.G, static.bq
+    B = cu_q_lens.shape[0] - 1
+    # Token t is tile w(t)'s token t - q0[w(t)].
     t = jnp.arange(T, dtype=jnp.int32)
     seq_of = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, B - 1)
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     tiles = (q_lens + bq - 1) // bq
     first_tile = jnp.cumsum(tiles) - tiles
     j = t - cu_q_lens[seq_of]
-    src = (first_tile[seq_of] + j // bq) * bq + j % bq  # row group (of Gp rows) in the tile-major output
-    src = jnp.where(t < cu_q_lens[-1], src, 0)
+    src = (first_tile[seq_of] + j // bq) * bq + j % bq  # the token's row (of Gp head rows) in tile-major order
+    real = t < cu_q_lens[-1]
+    src = jnp.where(real, src, 0)
+    if static.direct:  # o [W * bq, Hq * D]: one row gather
+        return jnp.where(real[:, None], o[src], jnp.zeros((), o.dtype)).reshape(T, Hq, D)
+    Hkv = o.shape[0]
+    W = o.shape[1] // (bq * Gp)
     o = o.reshape(Hkv, W * bq, Gp, D)[:, src]  # (Hkv, T, Gp, D)
-    o = jnp.where((t < cu_q_lens[-1])[None, :, None, None], o, jnp.zeros((), o.dtype))
+    o = jnp.where(real[None, :, None, None], o, jnp.zeros((), o.dtype))
     return o[:, :, :G].transpose(1, 0, 2, 3).reshape(T, Hq, D)

@@ -220,16 +220,16 @@ def _tokamax_impls(q, ctx_lens, q_lens, args, scale) -> dict:
     return out
 
 
-def _kernel_only(q, k, tables, lens, cu, scale):
-    """The two-warpgroup Mosaic prefill kernel without the wrapper's gathers (q tiled once, outside the timing);
+def _kernel_only(q, k, tables, lens, cu, scale, warpgroups):
+    """The Mosaic prefill kernel without the wrapper's work around it (q laid out once, outside the timing);
     its output stays tile-major, so it is checked after untiling."""
     from jaxserve.pallas_kernels import ragged_prefill_mgpu as pm
-    q_tiles, items, static = pm.tile_queries(q, k, lens, cu, MosaicPrefillTuning(warpgroups=2))
+    q_tiles, items, static = pm.tile_queries(q, k, lens, cu, MosaicPrefillTuning(warpgroups=warpgroups))
     q_tiles = jax.block_until_ready(q_tiles)
 
     def fn(q_, k_, v_):
-        o = pm._prefill_call(q_tiles, k_, v_, tables, items, scale=scale, gp=static[0], tune=static[1],
-                             interpret=False)
+        o = pm._prefill_call(q_tiles, k_, v_, tables, items, scale=scale, gp=static.gp, G=static.G,
+                             tune=static.tune, direct=static.direct, interpret=False)
         return o
     return _Untiled(fn, lambda o: pm.untile_outputs(o, cu, q.shape, static))
 
@@ -257,9 +257,11 @@ def bench_prefill(args, interpret: bool):
             # two warpgroups: GPU only and opt-in (the CPU interpreter hangs on it at times; ragged_prefill_mgpu.py)
             **({} if not args.mosaic_2wg or interpret else {"ours_mosaic_2wg": lambda q, k, v: ragged_prefill_mgpu(
                 q, k, v, tables, lens, cu, scale=scale, tuning=MosaicPrefillTuning(warpgroups=2))}),
-            # the same kernel alone, on q already gathered into tiles: what the gathers around it cost
+            # the same kernels alone (q laid out for them beforehand, output not put back in token order)
+            **({} if args.no_mosaic or interpret else {"ours_mosaic_kernel_only": _kernel_only(
+                q, k, tables, lens, cu, scale, 1)}),
             **({} if not args.mosaic_2wg or interpret else {"ours_mosaic_2wg_kernel_only": _kernel_only(
-                q, k, tables, lens, cu, scale)}),
+                q, k, tables, lens, cu, scale, 2)}),
             "xla": lambda q, k, v: ragged_attention_reference(q, k, v, tables, lens, cu, seq_ids, pos, scale=scale,
                                                               pages_per_iter=args.xla_pages_per_iter),
         }

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gpu_lowering import lower_for_h100
-from kernel_cases import INTERPRET, check_prefill, mixed_prefill_case
+from kernel_cases import INTERPRET, check_prefill, make_case, mixed_prefill_case
 from jaxserve.pallas_kernels import ragged_attention_reference
 from jaxserve.pallas_kernels.ragged_prefill_mgpu import MosaicPrefillTuning, ragged_prefill_mgpu
 
@@ -40,6 +40,18 @@ def test_ragged_prefill_mgpu(group, head_dim, block_size, tuning):
     c = mixed_prefill_case(np.random.default_rng(group * 3 + block_size), group, head_dim, block_size,
                            jnp.bfloat16)
     _check(c, tuning, scale=0.15)
+
+
+@pytest.mark.parametrize("group,tuning", [
+    (4, MosaicPrefillTuning()),  # Gp 4: q read in place, 16 tokens per tile
+    (16, MosaicPrefillTuning()),  # Gp 16 > 8: q gathered into tile-major rows by the wrapper
+])
+def test_ragged_prefill_mgpu_last_tile_runs_past_the_tokens(group, tuning):
+    """No padding tokens: the last sequence's last tile reads rows past q's end (TMA fills zeros on a GPU; the
+    interpreter reads a padded q), and a sequence starts at an odd token, not on an 8-row boundary."""
+    c = make_case(np.random.default_rng(7), num_kv_heads=2, group=group, head_dim=64, block_size=16,
+                  ctx_lens=[3, 0, 20], q_lens=[5, 19, 13], dtype=jnp.bfloat16)
+    _check(c, tuning, scale=0.2)
 
 
 @pytest.mark.skipif(INTERPRET, reason="the CPU interpreter hangs at times on the cross-warpgroup barrier")
