@@ -58,8 +58,27 @@ def analyze(trace_dir: str, wall_s: float | None = None, top: int = 15) -> dict:
         print(f"{name[:70]:70s} {us / 1e3:9.2f} {us / total:6.1%}")
     idle = 1 - busy / wall_us
     print(f"device busy {busy / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall: idle share {idle:.1%}")
-    return {"busy_ms": busy / 1e3, "wall_ms": wall_us / 1e3, "idle_share": idle, "per_device": per_dev, "host_phases_ms": {k: v / 1e3 for k, v in host.items()},
-                "top": [(n, us / 1e3) for n, us in by_name.most_common(top)], "host_top": host_top}
+    seq = op_sequence(ops)
+    return {"busy_ms": busy / 1e3, "wall_ms": wall_us / 1e3, "idle_share": idle, "per_device": per_dev,
+            "host_phases_ms": {k: v / 1e3 for k, v in host.items()},
+            "top": [(n, us / 1e3) for n, us in by_name.most_common(top)], "host_top": host_top, "op_sequence": seq}
+
+
+def op_sequence(ops: list, n: int = 60) -> list:
+    """n consecutive device ops from the middle of the trace (one device), in order: (name, us, gap us before
+    it). A layer's kernels repeat every few entries, so this shows what one layer launches and the gaps."""
+    first_pid = min(e["pid"] for e in ops)
+    dev = sorted((e for e in ops if e["pid"] == first_pid), key=lambda e: e["ts"])
+    mid = len(dev) // 2
+    out, prev_end = [], None
+    for e in dev[mid:mid + n]:
+        gap = 0.0 if prev_end is None else max(0.0, e["ts"] - prev_end)
+        out.append((e["name"][:60], round(e["dur"], 2), round(gap, 2)))
+        prev_end = e["ts"] + e["dur"]
+    print("op sequence (middle of the trace, first device): name, us, gap before (us)")
+    for name, us, gap in out[:40]:
+        print(f"  {name:60s} {us:8.2f} {gap:7.2f}")
+    return out
 
 
 def _union(spans: list) -> list:

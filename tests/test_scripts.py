@@ -280,3 +280,14 @@ def test_profile_decode_trace_arithmetic():
     self_us, count = collections.Counter(), collections.Counter()
     pd._self_times(evs, self_us, count)
     assert self_us == {"launch": 3, "cuLaunchKernel": 7} and count["cuLaunchKernel"] == 2
+
+
+def test_profile_decode_op_sequence():
+    """The op sequence takes one device's ops from the middle of the trace, in time order, with the idle gap
+    before each."""
+    sys.path.insert(0, str(SCRIPTS))
+    import profile_decode as pd
+    ops = [dict(pid=2, ts=0, dur=1, name="other device")] + [
+        dict(pid=1, ts=10 * i, dur=4, name=f"op{i}") for i in (3, 0, 2, 1)]  # unsorted; 6 us gaps
+    seq = pd.op_sequence(ops, n=3)
+    assert seq == [("op2", 4, 0.0), ("op3", 4, 6.0)]
