@@ -26,10 +26,12 @@ BACKENDS = ("xla", "pallas_triton", "pallas_mosaic")
 MOSAIC_FASTEST = True
 
 # Prefill steps under pallas_mosaic: 0 = the Triton ragged prefill, 1 or 2 = the Mosaic prefill kernel with that
-# many compute warpgroups per tile (ragged_prefill_mgpu.py). H100 kernel timings (docs/PERF.md, session 4): Triton
-# 29.9%, Mosaic 1 warpgroup 29.0%, 2 warpgroups 38.7% of the matmul rate on 8 x 2048 tokens. Triton stays until
-# the two-warpgroup kernel has run end to end in the engine on the GPU (scripts/compare_backends.py).
-MOSAIC_PREFILL_WARPGROUPS = 0
+# many compute warpgroups per tile (ragged_prefill_mgpu.py). H100, 2026-11-26 (docs/PERF.md "Session 5"), share of
+# the matmul rate on 8 x 2048 tokens / a mixed chunked batch: Triton 25.7% / 21.2%; Mosaic, one warpgroup 37.8% /
+# 32.0%, two 35.7% / 30.8%. Engine end to end against XLA on the same GPU: SmolLM2 shape 32/32 greedy tokens
+# identical on all six prompts (top-5 logprobs within 0.016); Llama-3-8B shape like Triton's (near-flat random
+# weights flip argmaxes after 3-27 tokens; within 0.22).
+MOSAIC_PREFILL_WARPGROUPS = 1
 
 
 def attention_backend(platform: str, compute_capability: tuple[int, int] | None = None,
