@@ -3,6 +3,8 @@
 #   a: issue 6 on GPUs 0 and 1: 8B decode at TP=1 and TP=2, TP=2 also with XLA's one-shot all-reduce kernel
 #      (instead of NCCL) and with that plus the collectives inside XLA's command buffers (CUDA graphs); the
 #      batch-256 step (replayed forward) at TP=1 and at TP=2 with the best variant; dummy Llama-3-70B at TP=2.
+#   c: one call of the most important of a and b (TP=1, TP=2 with and without the one-shot all-reduce, 70B at
+#      TP=2, 8B at TP=4, offline 8B at TP=2).
 #   b: issue 8 on all four GPUs: 8B at TP=4, then offline throughput (1000 ShareGPT-like prompts) for 8B at TP=1, 2
 #      and 4, and 200 prompts for 70B at TP=4. XLA_FLAGS as run a found best (passed in by the caller).
 # Each run has its own timeout, most important first. JSONs to $OUT (few files come back), logs in $OUT/logs.tgz.
@@ -44,6 +46,30 @@ print(best[1] if best else '')
   run prof256_tp1 100 $P --trace-dir /tmp/p1 --output-json $OUT/prof256_tp1.json
   case "$BEST" in oneshot) export XLA_FLAGS="$ONESHOT";; oneshot_cb) export XLA_FLAGS="$ONESHOT $COLLF";; esac
   run lat70b_tp2 170 python3 scripts/bench_latency.py $M70 $E $LAT --tensor-parallel-size 2 --output-json $OUT/lat70b_tp2.json
+fi
+if [ "$MODE" = c ]; then  # one call of what a short budget allows, most important first
+  export CUDA_VISIBLE_DEVICES=0,1
+  run lat8b_tp1 65 python3 scripts/bench_latency.py $M8 $E $LAT --output-json $OUT/lat8b_tp1.json
+  run lat8b_tp2 65 python3 scripts/bench_latency.py $M8 $E $LAT --tensor-parallel-size 2 --output-json $OUT/lat8b_tp2.json
+  XLA_FLAGS="$ONESHOT" run lat8b_tp2_oneshot 65 python3 scripts/bench_latency.py $M8 $E $LAT --tensor-parallel-size 2 --output-json $OUT/lat8b_tp2_oneshot.json
+  BEST=$(python3 -c "
+import json
+t = {}
+for v in ('', '_oneshot'):
+    try:
+        t[v] = sum(r['decode_step_ms'] for r in json.load(open('$OUT/lat8b_tp2' + v + '.json'))['results'])
+    except Exception:
+        pass
+print('oneshot' if t.get('_oneshot', 1e9) < t.get('', 1e9) else '')
+")
+  echo "best TP=2 variant: '${BEST:-default}'"
+  [ "$BEST" = oneshot ] && export XLA_FLAGS="$ONESHOT"
+  run lat70b_tp2 170 python3 scripts/bench_latency.py $M70 $E $LAT --tensor-parallel-size 2 --output-json $OUT/lat70b_tp2.json
+  unset CUDA_VISIBLE_DEVICES
+  run lat8b_tp4 65 python3 scripts/bench_latency.py $M8 $E $LAT --tensor-parallel-size 4 --output-json $OUT/lat8b_tp4.json
+  export CUDA_VISIBLE_DEVICES=0,1
+  run off8b_tp2 110 python3 scripts/bench_throughput.py $E $M8 --dataset sharegpt-like --disable-tqdm --num-prompts 1000 \
+    --tensor-parallel-size 2 --output-json $OUT/off8b_tp2.json
 fi
 if [ "$MODE" = b ]; then
   run lat8b_tp4 70 python3 scripts/bench_latency.py $M8 $E $LAT --tensor-parallel-size 4 --output-json $OUT/lat8b_tp4.json
