@@ -64,11 +64,11 @@ print('oneshot' if t.get('_oneshot', 1e9) < t.get('', 1e9) else '')
 ")
   echo "best TP=2 variant: '${BEST:-default}'"
   [ "$BEST" = oneshot ] && export XLA_FLAGS="$ONESHOT"
-  run lat70b_tp2 170 python3 scripts/bench_latency.py $M70 $E $LAT --tensor-parallel-size 2 --output-json $OUT/lat70b_tp2.json
+  run lat70b_tp2 160 python3 scripts/bench_latency.py $M70 $E $LAT --tensor-parallel-size 2 --output-json $OUT/lat70b_tp2.json
   unset CUDA_VISIBLE_DEVICES
   run lat8b_tp4 65 python3 scripts/bench_latency.py $M8 $E $LAT --tensor-parallel-size 4 --output-json $OUT/lat8b_tp4.json
   export CUDA_VISIBLE_DEVICES=0,1
-  run off8b_tp2 110 python3 scripts/bench_throughput.py $E $M8 --dataset sharegpt-like --disable-tqdm --num-prompts 1000 \
+  run off8b_tp2 130 python3 scripts/bench_throughput.py $E $M8 --dataset sharegpt-like --disable-tqdm --num-prompts 1000 \
     --tensor-parallel-size 2 --output-json $OUT/off8b_tp2.json
 fi
 if [ "$MODE" = b ]; then
