@@ -212,6 +212,9 @@ class ModelRunner:
         log.info("compiled %d step shapes in %.1f s: tokens %s (+ decode-only up to %d; input unpacking and "
                  "the sampler for every rows bucket); slowest: %s", len(shapes), dt, self.token_buckets,
                  self.max_num_seqs, ", ".join(f"T={k[1]}{' decode' if k[2] else ''} {v:.1f} s" for v, k in slow))
+        from jaxserve.pallas_kernels import mosaic_cache
+        if (st := mosaic_cache.stats())["hits"] or st["misses"]:
+            log.info("Mosaic GPU kernel lowerings: %d from the lowering cache, %d lowered", st["hits"], st["misses"])
         return dt
 
     def _warmup_step_helpers(self) -> None:

@@ -46,6 +46,13 @@ def init_platform(device: str = "auto", gpu_memory_utilization: float = 0.9,
         # Every program, not only those over 0.5 s: a GPU start compiles ~25 small ones (input unpacking per
         # token bucket, the sampler per rows bucket), each under 0.5 s but seconds together on every restart.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        # Mosaic GPU kernels are lowered in Python (~0.7 s each) before the compilation cache is consulted; keep
+        # their lowered modules beside it (pallas_kernels/mosaic_cache.py).
+        from jaxserve.pallas_kernels import mosaic_cache
+        try:
+            mosaic_cache.install(Path(jax.config.jax_compilation_cache_dir or cache) / "mosaic_lowering")
+        except OSError as e:
+            log.warning("Mosaic lowering cache disabled: %s", e)
     wanted_gpu = device == "gpu" or any(p in os.environ.get("JAX_PLATFORMS", "") for p in ("cuda", "gpu", "rocm"))
     if wanted_gpu and platform == "cpu":
         raise PlatformError("a GPU was asked for (--device gpu or JAX_PLATFORMS) but JAX is running on CPU: the "
