@@ -46,6 +46,7 @@ def init_platform(device: str = "auto", gpu_memory_utilization: float = 0.9,
         # Every program, not only those over 0.5 s: a GPU start compiles ~25 small ones (input unpacking per
         # token bucket, the sampler per rows bucket), each under 0.5 s but seconds together on every restart.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if not _initialized and platform in ("gpu", "cuda"):
         # Mosaic GPU kernels are lowered in Python (~0.7 s each) before the compilation cache is consulted; keep
         # their lowered modules beside it (pallas_kernels/mosaic_cache.py).
         from jaxserve.pallas_kernels import mosaic_cache

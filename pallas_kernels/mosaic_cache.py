@@ -7,12 +7,14 @@ an 80 GB GPU): most of ten seconds of a warm start. This cache keeps each kernel
 bytecode, parsed back in a few milliseconds) beside the compilation cache, so a warm start only re-traces.
 
 How. `install(folder)` wraps `jax._src.pallas.mosaic_gpu.lowering.lower_unpipelined_jaxpr_to_module` (the step
-behind `plgpu.kernel`). The key hashes everything the lowering reads: the kernel's jaxpr as printed, its operand and
-result types, the compiler parameters and meshes, the jax/jaxlib versions, and the source of our Mosaic kernel
-files (so an edit to a kernel can never be served a stale module). Anything unexpected (another jax version
-without this function, an unreadable entry, a profiler-instrumented kernel) falls back to the normal lowering.
-jax is pinned (0.11.2), and tests/test_mosaic_cache.py checks that a cached lowering emits the same program text as
-an uncached one.
+behind `plgpu.kernel`) for our own kernels only (kernel names from paged_decode_mgpu.py and ragged_prefill_mgpu.py;
+any other Mosaic kernel is lowered as usual). The key hashes the kernel's jaxpr as printed, the full type of every
+variable in it and its sub-jaxprs (a barrier prints as `barrier` but its type's repr carries the arrival count),
+its operand and result types, the compiler parameters and meshes, the GPU, the jax/jaxlib versions, and the source
+of those two files, so an edit to a kernel can never be served a stale module. An entry is JSON metadata and the
+MLIR bytecode (no pickle). Anything unexpected (another jax without this function, an unreadable entry, a
+profiler-instrumented kernel) falls back to the normal lowering. jax is pinned (0.11.2), and
+tests/test_mosaic_cache.py checks that a cached lowering emits the same program text as an uncached one.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import logging
 import os
-import pickle
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger("jaxserve")
 
 _KERNEL_FILES = ("paged_decode_mgpu.py", "ragged_prefill_mgpu.py")
+_KERNEL_NAMES = ("paged_decode_mgpu", "ragged_prefill_mgpu")  # their kernel_name prefixes
 _state: dict = {"folder": None, "hits": 0, "misses": 0}
 
 
@@ -40,12 +44,69 @@ def _sources_digest() -> str:
     return h.hexdigest()
 
 
+def _type(aval) -> str:
+    """An aval with its element type spelled out: a ref prints `Ref<smem>{barrier[1]}`, while its dtype (a
+    dataclass) carries the barrier's arrival count."""
+    inner = getattr(aval, "inner_aval", aval)
+    return f"{aval!r} {getattr(inner, 'dtype', None)!r}"
+
+
+def _types(jaxpr, out: list) -> list:
+    """_type of every variable in jaxpr and its sub-jaxprs, in order (str(jaxpr) abbreviates some)."""
+    from jax._src import core
+    out.extend(_type(v.aval) for v in (*jaxpr.constvars, *jaxpr.invars))
+    for eqn in jaxpr.eqns:
+        out.extend(_type(getattr(v, "aval", v)) for v in (*eqn.invars, *eqn.outvars))
+        for sub in core.jaxprs_in_params(eqn.params):
+            _types(sub, out)
+    return out
+
+
+def _gpu() -> str:
+    import jax
+    try:
+        d = jax.devices()[0]
+        return f"{d.platform} {getattr(d, 'device_kind', '')} {getattr(d, 'compute_capability', '')}"
+    except Exception:  # no backend (lowering for another device in tests)
+        return "?"
+
+
 def _key(gpu_mesh, jax_mesh, jaxpr, in_shapes, out_shapes, params) -> str:
     import jax
     import jaxlib
-    parts = [jax.__version__, jaxlib.__version__, _sources_digest(), repr(gpu_mesh), repr(jax_mesh), str(jaxpr),
-             repr(list(map(str, in_shapes))), repr(list(map(str, out_shapes))), repr(params)]
+    parts = [jax.__version__, jaxlib.__version__, _sources_digest(), _gpu(), repr(gpu_mesh), repr(jax_mesh),
+             str(jaxpr), *_types(jaxpr, []), repr(list(map(str, in_shapes))), repr(list(map(str, out_shapes))),
+             repr(params)]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def _ours(jaxpr) -> bool:
+    name = getattr(getattr(jaxpr, "debug_info", None), "func_name", "") or ""
+    return name.startswith(_KERNEL_NAMES)
+
+
+def _shapes_to_json(shapes) -> list:
+    return [[list(s.shape), str(s.dtype)] for s in shapes]
+
+
+def _shapes_from_json(items) -> tuple:
+    import jax
+    import jax.numpy as jnp
+    return tuple(jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for shape, dtype in items)
+
+
+def _encode(result) -> bytes:
+    buf = io.BytesIO()
+    result.module.operation.write_bytecode(buf)
+    meta = json.dumps(dict(grid=list(result.grid), block=list(result.block),
+                           new_out_shapes=_shapes_to_json(result.new_out_shapes),
+                           gmem_scratch_shapes=_shapes_to_json(result.gmem_scratch_shapes))).encode()
+    return len(meta).to_bytes(4, "little") + meta + buf.getvalue()
+
+
+def _decode(blob: bytes):
+    n = int.from_bytes(blob[:4], "little")
+    return json.loads(blob[4:4 + n]), blob[4 + n:]
 
 
 def stats() -> dict:
@@ -71,35 +132,38 @@ def install(folder: str | os.PathLike) -> bool:
 
     def cached(gpu_mesh, jax_mesh, jaxpr, in_shapes, out_shapes, params, *, outer_traceback=None):
         folder = Path(_state["folder"])
+        if not _ours(jaxpr):
+            return original(gpu_mesh, jax_mesh, jaxpr, in_shapes, out_shapes, params, outer_traceback=outer_traceback)
         try:
             key = _key(gpu_mesh, jax_mesh, jaxpr, in_shapes, out_shapes, params)
         except Exception as e:  # an unprintable jaxpr: lower as usual
             log.debug("mosaic lowering cache: no key (%s)", e)
             return original(gpu_mesh, jax_mesh, jaxpr, in_shapes, out_shapes, params, outer_traceback=outer_traceback)
-        entry_path = folder / f"{key}.pkl"
+        entry_path = folder / f"{key}.mlirbc"
         if entry_path.exists():
             try:
-                entry = pickle.loads(entry_path.read_bytes())
-                module = ir.Module.parse(entry["module"])
+                meta, bytecode = _decode(entry_path.read_bytes())
+                module = ir.Module.parse(bytecode)
+                result = mgpu_lowering.LoweringResult(
+                    module, tuple(meta["grid"]), tuple(meta["block"]), _shapes_from_json(meta["new_out_shapes"]),
+                    None, _shapes_from_json(meta["gmem_scratch_shapes"]))
                 _state["hits"] += 1
-                return mgpu_lowering.LoweringResult(module, entry["grid"], entry["block"], entry["new_out_shapes"],
-                                                    None, entry["gmem_scratch_shapes"])
+                return result
             except Exception as e:
                 log.warning("mosaic lowering cache: unreadable entry %s (%s); lowering again", entry_path.name, e)
         result = original(gpu_mesh, jax_mesh, jaxpr, in_shapes, out_shapes, params, outer_traceback=outer_traceback)
         _state["misses"] += 1
         if result.profiler_spec is None:
+            tmp = None
             try:
-                buf = io.BytesIO()
-                result.module.operation.write_bytecode(buf)
-                blob = pickle.dumps(dict(module=buf.getvalue(), grid=result.grid, block=result.block,
-                                         new_out_shapes=result.new_out_shapes,
-                                         gmem_scratch_shapes=result.gmem_scratch_shapes))
-                tmp = entry_path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(blob)
+                fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")  # one per writer (threads, hosts)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(_encode(result))
                 os.replace(tmp, entry_path)  # atomic: concurrent starts never read half an entry
             except Exception as e:
                 log.debug("mosaic lowering cache: not stored (%s)", e)
+                if tmp is not None and os.path.exists(tmp):
+                    os.unlink(tmp)
         return result
 
     cached._jaxserve_original = original

@@ -3,9 +3,9 @@
 Design note.
 - Same contract and work items as ragged_prefill.py (the Triton twin): the flat token axis is cut per sequence
   into tiles of bq tokens (`work_items`), the grid is (work items, kv heads), and a tile's rows are its bq tokens
-  x the Gp = next_pow2(G) query heads of one kv head, so K/V pages are read once per tile for the whole group. wgmma's M is 64 rows per warpgroup. With `warpgroups=2` (FA3's layout; experimental) a tile
-  has 128 rows, bq = 128 / Gp, and both warpgroups consume every K/V step that warpgroup 0 loads: a `consumed`
-  barrier per ring slot (two arrivals) tells warpgroup 0 when it may refill the slot. That variant lowers for
+  x the Gp = next_pow2(G) query heads of one kv head, so K/V pages are read once per tile for the whole group.
+  wgmma's M is 64 rows per warpgroup. With `warpgroups=2` (FA3's layout) a tile has 128 rows, bq = 128 / Gp,
+  and both warpgroups consume every K/V step that warpgroup 0 loads: a `consumed` barrier per ring slot (two arrivals) tells warpgroup 0 when it may refill the slot. That variant lowers for
   an H100, but Mosaic GPU's CPU interpreter hangs on it at times (seen: warpgroup 1 waiting on a K/V slot
   barrier that no copy had arrived at, with no thread ever having waited on it: a fresh barrier; it passed in
   another run). Our reading, not verified: when warpgroup 0 needs nothing from warpgroup 1 (a tile with no
@@ -14,7 +14,8 @@ Design note.
   happen there. Session 4 tested that reading and it did not hold up. A barrier at the end of the tile
   (neither warpgroup leaves before the other arrives) did not stop the hang: the first two-warpgroup test case
   still hung past 240 s on CPU, as it did without it (400 s). So the cause is still not known, and the
-  barrier was not kept. It is tested only compiled on a GPU, and the default is one warpgroup.
+  barrier was not kept. It is tested only compiled on a GPU, and the default is one warpgroup (measured as fast,
+  session 5).
 - Keys come through the same TMA ring of page copies as the decode kernel (paged_decode_mgpu.PageRing,
   attend_pages): steps of T keys from position 0 to the tile's last query position; the causal mask is
   key <= the row's query position. Rows past the tile's tokens compute garbage that nothing reads.
@@ -84,10 +85,10 @@ def _prefill_call(q_in, k_pages, v_pages, block_tables, items, *, scale: float, 
                   tune: MosaicPrefillTuning, direct: bool, interpret: bool):
     """The kernel. Two layouts of a tile's rows (R = 64 x warpgroups rows, bq = R / Gp tokens):
 
-    direct (Gp <= 8): q_in is q itself [T', Hq, D]; warpgroup wg takes the tile's tokens wg*bw .. (bw = 64 / Gp,
+    direct (Gp <= 8): q_in is q itself as [T, Hq * D]; warpgroup wg takes the tile's tokens wg*bw .. (bw = 64 / Gp,
       a multiple of the 8-row TMA tile), head-major: row g*bw + j is query head h*G + g of token j, loaded by one
-      strided TMA copy per head (rows past T' come back as zeros: TMA's out-of-bounds fill). The output goes to
-      o [W * bq, Hq, D], token-major per tile (tile w's token j at row w*bq + j), one TMA store per head.
+      strided TMA copy per head (rows past T come back as zeros: TMA's out-of-bounds fill). The output goes to
+      o [W * bq, Hq * D], token-major per tile (tile w's token j at row w*bq + j), one TMA store per head.
     gathered: q_in is q already gathered tile-major, [Hkv, W * R, D] (token-major rows); o is [Hkv, W * R, D].
     """
     Hkv, _, S, D = k_pages.shape
@@ -103,10 +104,10 @@ def _prefill_call(q_in, k_pages, v_pages, block_tables, items, *, scale: float, 
 
     def kernel(seq_ref, q0_ref, nq_ref, pos0_ref,  # i32[W] each: the work items
                bt_ref,  # i32[B, P']          block tables
-               q_ref,  # direct: [T', Hq, D] q; gathered: [Hkv, W * R, D] tile-major rows
+               q_ref,  # direct: [T, Hq * D] q; gathered: [Hkv, W * R, D] tile-major rows
                k_ref,  # [Hkv, N, S, D]       key pages
                v_ref,  # [Hkv, N, S, D]       value pages
-               o_ref,  # direct: [W * bq, Hq, D]; gathered: [Hkv, W * R, D]
+               o_ref,  # direct: [W * bq, Hq * D]; gathered: [Hkv, W * R, D]
                q_smem,  # [nwg, 64, D]        one 64-row block per warpgroup; its output rows afterwards
                k_smem,  # [stages, T, D]      shared by the warpgroups
                v_smem,  # [stages, T, D]

@@ -53,7 +53,7 @@ def test_cached_lowering_emits_the_same_program(tmp_path):
     other = _lower(tmp_path, keys=128)  # another decode tuning: its own entry, the prefill kernel a hit
     assert (other["hits"], other["misses"]) == (1, 1)
     assert other["text"] != plain["text"]
-    assert len(list(tmp_path.glob("*.pkl"))) == 3
+    assert len(list(tmp_path.glob("*.mlirbc"))) == 3 and not list(tmp_path.glob("*.tmp"))
 
 
 def test_install_is_idempotent_and_reversible(tmp_path):
@@ -67,3 +67,43 @@ def test_install_is_idempotent_and_reversible(tmp_path):
     assert wrapped is not original
     mosaic_cache.uninstall()
     assert lowering.lower_unpipelined_jaxpr_to_module is original
+
+
+def _barrier_kernel(arrivals: int, name: str):
+    """A kernel whose lowering depends on a barrier's arrival count, which str(jaxpr) prints as `barrier`."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def body(x_ref, o_ref, s, bar):
+        plgpu.copy_gmem_to_smem(x_ref, s, bar.at[0])
+        plgpu.barrier_wait(bar.at[0])
+        plgpu.copy_smem_to_gmem(s, o_ref)
+        plgpu.wait_smem_to_gmem(0)
+
+    def f(x):
+        tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((64, 64), jnp.bfloat16),
+                            scratch_types=[plgpu.SMEM((64, 64), jnp.bfloat16, transforms=tiled),
+                                           plgpu.Barrier(num_arrivals=arrivals, num_barriers=1)],
+                            kernel_name=name)(x)
+    return f
+
+
+def test_key_sees_what_the_printed_jaxpr_hides_and_only_our_kernels_are_cached(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    from gpu_lowering import lower_for_h100
+    from jaxserve.pallas_kernels import mosaic_cache
+    x = jax.ShapeDtypeStruct((64, 64), jnp.bfloat16)
+    assert mosaic_cache.install(tmp_path)
+    try:
+        before = mosaic_cache.stats()
+        texts = [lower_for_h100(_barrier_kernel(n, "paged_decode_mgpu_test"), x) for n in (1, 2)]
+        after = mosaic_cache.stats()
+        assert after["misses"] - before["misses"] == 2 and after["hits"] == before["hits"]  # two keys, no stale hit
+        assert texts[0] != texts[1]
+        lower_for_h100(_barrier_kernel(1, "someone_elses_kernel"), x)  # not ours: lowered, never stored
+        assert len(list(tmp_path.glob("*.mlirbc"))) == 2
+    finally:
+        mosaic_cache.uninstall()
