@@ -5,8 +5,8 @@ Design note.
   into tiles of bq tokens (`work_items`), the grid is (work items, kv heads), and a tile's rows are its bq tokens
   x the Gp = next_pow2(G) query heads of one kv head, so K/V pages are read once per tile for the whole group.
   wgmma's M is 64 rows per warpgroup. With `warpgroups=2` (FA3's layout) a tile has 128 rows, bq = 128 / Gp,
-  and both warpgroups consume every K/V step that warpgroup 0 loads: a `consumed` barrier per ring slot (two arrivals) tells warpgroup 0 when it may refill the slot. That variant lowers for
-  an H100, but Mosaic GPU's CPU interpreter hangs on it at times (seen: warpgroup 1 waiting on a K/V slot
+  and both warpgroups consume every K/V step that warpgroup 0 loads: a `consumed` barrier per ring slot (two
+  arrivals) tells warpgroup 0 when it may refill the slot. That variant lowers for an H100, but Mosaic GPU's CPU interpreter hangs on it at times (seen: warpgroup 1 waiting on a K/V slot
   barrier that no copy had arrived at, with no thread ever having waited on it: a fresh barrier; it passed in
   another run). Our reading, not verified: when warpgroup 0 needs nothing from warpgroup 1 (a tile with no
   slot refills) it can finish and free the shared scratch before warpgroup 1 allocates it, and warpgroup 1 then
