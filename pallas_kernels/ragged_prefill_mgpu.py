@@ -1,19 +1,19 @@
 """Ragged paged prefill attention in Pallas, Mosaic GPU lowering (Hopper: TMA + wgmma).
 
 Design note.
-- Same contract and work items as ragged_prefill.py (the Triton twin): the flat token axis is cut per sequence
-  into tiles of bq tokens (`work_items`), the grid is (work items, kv heads), and a tile's rows are its bq tokens
-  x the Gp = next_pow2(G) query heads of one kv head, so K/V pages are read once per tile for the whole group.
-  wgmma's M is 64 rows per warpgroup. With `warpgroups=2` (FA3's layout) a tile has 128 rows, bq = 128 / Gp,
-  and both warpgroups consume every K/V step that warpgroup 0 loads: a `consumed` barrier per ring slot (two
-  arrivals) tells warpgroup 0 when it may refill the slot. That variant lowers for an H100, but Mosaic GPU's CPU interpreter hangs on it at times (seen: warpgroup 1 waiting on a K/V slot
-  barrier that no copy had arrived at, with no thread ever having waited on it: a fresh barrier; it passed in
-  another run). Our reading, not verified: when warpgroup 0 needs nothing from warpgroup 1 (a tile with no
-  slot refills) it can finish and free the shared scratch before warpgroup 1 allocates it, and warpgroup 1 then
-  gets new barriers that nobody arrives at. Shared memory on a GPU is static per block, so this would not
-  happen there. Session 4 tested that reading and it did not hold up. A barrier at the end of the tile
-  (neither warpgroup leaves before the other arrives) did not stop the hang: the first two-warpgroup test case
-  still hung past 240 s on CPU, as it did without it (400 s). So the cause is still not known, and the
+- Same contract and work items as ragged_prefill.py (the Triton twin): the flat token axis is cut per sequence into
+  tiles of bq tokens (`work_items`), the grid is (work items, kv heads), and a tile's rows are its bq tokens x the
+  Gp = next_pow2(G) query heads of one kv head, so K/V pages are read once per tile for the whole group. wgmma's M
+  is 64 rows per warpgroup. With `warpgroups=2` (FA3's layout) a tile has 128 rows, bq = 128 / Gp, and both
+  warpgroups consume every K/V step that warpgroup 0 loads: a `consumed` barrier per ring slot (two arrivals) tells
+  warpgroup 0 when it may refill the slot. That variant lowers for an H100, but Mosaic GPU's CPU interpreter hangs
+  on it at times (seen: warpgroup 1 waiting on a K/V slot barrier that no copy had arrived at, with no thread ever
+  having waited on it: a fresh barrier; it passed in another run). Our reading, not verified: when warpgroup 0 needs
+  nothing from warpgroup 1 (a tile with no slot refills) it can finish and free the shared scratch before warpgroup
+  1 allocates it, and warpgroup 1 then gets new barriers that nobody arrives at. Shared memory on a GPU is static
+  per block, so this would not happen there. Session 4 tested that reading and it did not hold up. A barrier at the
+  end of the tile (neither warpgroup leaves before the other arrives) did not stop the hang: the first two-warpgroup
+  test case still hung past 240 s on CPU, as it did without it (400 s). So the cause is still not known, and the
   barrier was not kept. It is tested only compiled on a GPU, and the default is one warpgroup (measured as fast,
   session 5).
 - Keys come through the same TMA ring of page copies as the decode kernel (paged_decode_mgpu.PageRing,
