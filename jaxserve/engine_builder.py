@@ -108,6 +108,9 @@ def make_config(args: EngineArgs, path: Path, arch) -> EngineConfig:
     if max_len > arch.max_position_embeddings and not arch.rope_scaling:
         raise StartupError(f"--max-model-len {max_len} exceeds the model's max_position_embeddings "
                            f"({arch.max_position_embeddings})")
+    if args.mosaic_prefill_warpgroups not in (None, 0, 1, 2):
+        raise StartupError(f"--mosaic-prefill-warpgroups must be 0 (Triton prefill), 1 or 2 "
+                           f"(got {args.mosaic_prefill_warpgroups})")
     if args.block_size not in (8, 16, 32, 64, 128):
         raise StartupError(f"--block-size must be one of 8, 16, 32, 64, 128 (got {args.block_size})")
     on_cpu = jax.devices()[0].platform == "cpu"

@@ -53,6 +53,12 @@ def test_bad_block_size(block_size):
         make(block_size=block_size, num_gpu_blocks_override=64)
 
 
+@pytest.mark.parametrize("wg", [-1, 3])
+def test_bad_mosaic_prefill_warpgroups(wg):
+    with pytest.raises(StartupError, match="--mosaic-prefill-warpgroups must be 0"):
+        make(mosaic_prefill_warpgroups=wg, num_gpu_blocks_override=64)
+
+
 def test_max_model_len_over_position_embeddings():
     with pytest.raises(StartupError, match="max_position_embeddings"):
         make(max_model_len=512, num_gpu_blocks_override=64)
