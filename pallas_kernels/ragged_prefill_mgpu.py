@@ -6,16 +6,14 @@ Design note.
   Gp = next_pow2(G) query heads of one kv head, so K/V pages are read once per tile for the whole group. wgmma's M
   is 64 rows per warpgroup. With `warpgroups=2` (FA3's layout) a tile has 128 rows, bq = 128 / Gp, and both
   warpgroups consume every K/V step that warpgroup 0 loads: a `consumed` barrier per ring slot (two arrivals) tells
-  warpgroup 0 when it may refill the slot. That variant lowers for an H100, but Mosaic GPU's CPU interpreter hangs
-  on it at times (seen: warpgroup 1 waiting on a K/V slot barrier that no copy had arrived at, with no thread ever
-  having waited on it: a fresh barrier; it passed in another run). Our reading, not verified: when warpgroup 0 needs
-  nothing from warpgroup 1 (a tile with no slot refills) it can finish and free the shared scratch before warpgroup
-  1 allocates it, and warpgroup 1 then gets new barriers that nobody arrives at. Shared memory on a GPU is static
-  per block, so this would not happen there. Session 4 tested that reading and it did not hold up. A barrier at the
-  end of the tile (neither warpgroup leaves before the other arrives) did not stop the hang: the first two-warpgroup
-  test case still hung past 240 s on CPU, as it did without it (400 s). So the cause is still not known, and the
-  barrier was not kept. It is tested only compiled on a GPU, and the default is one warpgroup (measured as fast,
-  session 5).
+  warpgroup 0 when it may refill the slot. That variant lowers for an H100. Warpgroup 0 waits on every `consumed`
+  phase, also on the last steps that refill nothing: skipping those left its phase count behind the barrier's, which
+  Mosaic GPU's CPU interpreter rejects when the barrier is freed (found in session 5; harmless on a GPU, where no
+  wait follows, but wrong by the barrier protocol). Our reading of the interpreter's "hangs at times" of sessions 3
+  and 4 (not of the kernel): each warpgroup runs as a thread with its own nested XLA CPU computation whose barrier
+  waits block in host callbacks, and with one CPU device on a 2-core host the CPU client runs out of threads: the
+  same cases hang there and pass 6 times out of 6 with 8 host devices, so the CPU tests run them in a child process
+  with 8 host devices. The default is one warpgroup (as fast on the H100, session 5).
 - Keys come through the same TMA ring of page copies as the decode kernel (paged_decode_mgpu.PageRing,
   attend_pages): steps of T keys from position 0 to the tile's last query position; the causal mask is
   key <= the row's query position. Rows past the tile's tokens compute garbage that nothing reads.
@@ -155,10 +153,17 @@ def _prefill_call(q_in, k_pages, v_pages, block_tables, items, *, scale: float, 
                 def release(c, slot):  # both warpgroups are done with the slot before warpgroup 0 refills it
                     plgpu.barrier_arrive(consumed.at[slot])
 
-                    @pl.when((wg == 0) & (c + stages < c1))
+                    # Warpgroup 0 waits on every phase, refill or not: a phase it skipped (the last steps, which
+                    # refill nothing) would leave its phase count behind the barrier's. Mosaic GPU's interpreter
+                    # rejects that when the barrier is freed ("had only observed barrier up to phase 0, but
+                    # barrier completed up to phase 1").
+                    @pl.when(wg == 0)
                     def _():
                         plgpu.barrier_wait(consumed.at[slot])
-                        ring.issue(c + stages, slot)
+
+                        @pl.when(c + stages < c1)
+                        def _():
+                            ring.issue(c + stages, slot)
 
             # Steps whose last key is at or before the tile's first position need no causal mask.
             acc, _, l_i = attend_pages(ring, q_rows, kv_len=kv_len, mask=mask, qk_scale=qk_scale,

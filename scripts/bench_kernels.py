@@ -254,7 +254,7 @@ def bench_prefill(args, interpret: bool):
             "ours": lambda q, k, v: ragged_prefill(q, k, v, tables, lens, cu, scale=scale, interpret=interpret),
             **({} if args.no_mosaic else {"ours_mosaic": lambda q, k, v: ragged_prefill_mgpu(
                 q, k, v, tables, lens, cu, scale=scale, interpret=interpret)}),
-            # two warpgroups: GPU only and opt-in (the CPU interpreter hangs on it at times; ragged_prefill_mgpu.py)
+            # two warpgroups: GPU only and opt-in (the CPU interpreter needs 8 host devices for it)
             **({} if not args.mosaic_2wg or interpret else {"ours_mosaic_2wg": lambda q, k, v: ragged_prefill_mgpu(
                 q, k, v, tables, lens, cu, scale=scale, tuning=MosaicPrefillTuning(warpgroups=2))}),
             # the same kernels alone (q laid out for them beforehand, output not put back in token order)
@@ -290,7 +290,7 @@ def bench_prefill(args, interpret: bool):
 
 def sweep_prefill(args, interpret: bool):
     """The Mosaic prefill kernel over its tunings (keys per step, TMA ring depth, warpgroups per tile) on the
-    prefill cases; two warpgroups only with --mosaic-2wg and never in the interpreter (it hangs there at times)."""
+    prefill cases; two warpgroups only with --mosaic-2wg and never in the interpreter (it needs 8 host devices)."""
     rows = []
     if args.no_mosaic:
         return rows

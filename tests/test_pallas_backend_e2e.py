@@ -62,7 +62,7 @@ def test_pallas_backend_matches_xla_end_to_end():
 
 @pytest.mark.slow
 def test_mosaic_backend_matches_xla_end_to_end(tmp_path, monkeypatch):
-    """Mosaic decode and Mosaic prefill (one warpgroup per tile: the CPU interpreter hangs at times on two,
+    """Mosaic decode and Mosaic prefill (one warpgroup per tile: two need 8 host devices in the CPU interpreter,
     ragged_prefill_mgpu.py) in the engine, interpreted."""
     from jaxserve.pallas_kernels import paged_decode_mgpu as mgpu
     from jaxserve.pallas_kernels import ragged_prefill_mgpu as pmgpu
