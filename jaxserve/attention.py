@@ -118,7 +118,7 @@ def get_backend(name: str = "auto", prefill_warpgroups: int | None = None) -> At
     compute warpgroups per tile; None = the measured default (select.MOSAIC_PREFILL_WARPGROUPS)."""
     from jaxserve.pallas_kernels import select
     choice = select.device_attention_backend(override=None if name == "auto" else name)
-    if prefill_warpgroups not in (None, 0, 1, 2):
+    if prefill_warpgroups is not None and prefill_warpgroups not in select.MOSAIC_PREFILL_CHOICES:
         raise ValueError(f"mosaic prefill warpgroups must be 0, 1 or 2, got {prefill_warpgroups}")
     if choice == "xla":
         return XlaBackend()

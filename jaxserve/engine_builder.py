@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.config import CacheConfig, EngineArgs, EngineConfig, ModelConfig, ParallelConfig
+from jaxserve.pallas_kernels.select import MOSAIC_PREFILL_CHOICES
 from jaxserve.platform import init_platform
 
 log = logging.getLogger("jaxserve")
@@ -108,7 +109,7 @@ def make_config(args: EngineArgs, path: Path, arch) -> EngineConfig:
     if max_len > arch.max_position_embeddings and not arch.rope_scaling:
         raise StartupError(f"--max-model-len {max_len} exceeds the model's max_position_embeddings "
                            f"({arch.max_position_embeddings})")
-    if args.mosaic_prefill_warpgroups not in (None, 0, 1, 2):
+    if args.mosaic_prefill_warpgroups is not None and args.mosaic_prefill_warpgroups not in MOSAIC_PREFILL_CHOICES:
         raise StartupError(f"--mosaic-prefill-warpgroups must be 0 (Triton prefill), 1 or 2 "
                            f"(got {args.mosaic_prefill_warpgroups})")
     if args.block_size not in (8, 16, 32, 64, 128):
