@@ -16,19 +16,8 @@ echo "== startup rc=$?"; grep -E "^ *run|^ *[12] |warm start" $L/startup.log | t
 timeout 90 python3 scripts/bench_startup.py --runs 1 --keep-cache --log-dir $L/st8 --output-json $OUT/startup_threads.json \
   -- $M --max-model-len 2048 --compile-threads 8 > $L/startup8.log 2>&1
 echo "== startup, warm, --compile-threads 8 rc=$?"; grep -E "^ *1 |warm start|ahead of time" $L/startup8.log $L/st8/*.log | tail -3
-serve() {  # name, extra env (VAR=val ...), extra server flags
-  local name=$1 envs=$2 flags=$3
-  env $envs python3 -m jaxserve.serve $M $flags --max-model-len 2048 --port 8011 --compile-cache-dir $C \
-    --served-model-name llama3-8b > $L/server_$name.log 2>&1 &
-  local sp=$!
-  for i in $(seq 1 120); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
-  timeout 100 python3 scripts/bench_serving.py --base-url http://localhost:8011 --dataset sharegpt-like --num-prompts 320 \
-    --request-rate inf --vocab-size 128256 --result-json $OUT/serving_$name.json > $L/serving_$name.log 2>&1
-  echo "== serving $name ($envs $flags) rc=$?"
-  grep -E "output_throughput|mean_ttft|median_tpot|median_itl|duration_s|failed" $L/serving_$name.log | tr -s ' ' | tr '\n' ' '; echo
-  grep -E "KV cache:|GIL switch|uvloop|httptools" $L/server_$name.log | cut -c1-200 | head -3
-  kill -TERM $sp; wait $sp
-}
+source scripts/gpu_serve_lib.sh
+SERVE_CACHE=$C
 serve base "JAXSERVE_NOOP=1" ""
 serve gil05 "JAXSERVE_GIL_SWITCH_MS=0.5" ""
 serve gil05_uvloop "JAXSERVE_GIL_SWITCH_MS=0.5 PYTHONPATH=/tmp/site:/tmp/uv" ""

@@ -8,24 +8,10 @@ export PYTHONUNBUFFERED=1
 M="--model benchmarks/configs/llama3-8b.json --load-format dummy --skip-tokenizer-init --dtype bfloat16"
 C="--compile-cache-dir /root/.cache/jaxserve/s5"
 L=/tmp/logs; mkdir -p $L
-serve() {  # name, extra server flags
-  local name=$1 flags=$2
-  local t0=$(date +%s)
-  python3 -m jaxserve.serve $M $flags --max-model-len 2048 --port 8011 $C --served-model-name llama3-8b \
-    > $L/server_$name.log 2>&1 &
-  local sp=$!
-  for i in $(seq 1 150); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
-  echo "server $name healthy after $(( $(date +%s) - t0 )) s"
-  timeout 100 python3 scripts/bench_serving.py --base-url http://localhost:8011 --dataset sharegpt-like --num-prompts 320 \
-    --request-rate inf --vocab-size 128256 --result-json $OUT/serving_$name.json --plot /tmp/serving_$name.png \
-    > $L/serving_$name.log 2>&1
-  echo "== serving $name ($flags) rc=$?"
-  grep -E "output_throughput|mean_ttft|median_tpot|median_itl|duration_s|failed" $L/serving_$name.log | tr -s ' ' | tr '\n' ' '; echo
-  grep -E "KV cache:|attention" $L/server_$name.log | cut -c1-200 | head -3
-  kill -TERM $sp; wait $sp
-}
+source scripts/gpu_serve_lib.sh
+SERVE_CACHE=/root/.cache/jaxserve/s5
 serve default ""
-serve prefill_alt "--mosaic-prefill-warpgroups ${PF_ALT:-0}"
+serve prefill_alt "" "--mosaic-prefill-warpgroups ${PF_ALT:-0}"
 cp /tmp/serving_default.png $OUT/ 2>/dev/null
 timeout 90 python3 scripts/bench_latency.py $M $C --max-model-len 2048 --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 \
   --output-len 128 --output-json $OUT/lat.json > $L/lat.log 2>&1

@@ -15,18 +15,8 @@ timeout 220 python3 scripts/bench_startup.py --runs 2 --keep-cache --log-dir $L/
   --max-model-len 2048 > $L/startup_mosaic.log 2>&1
 echo "== startup, Mosaic defaults (run 1 compiles the Mosaic programs) rc=$?"; grep -E "^ *run|^ *[12] |warm start" $L/startup_mosaic.log | tail -4
 grep -hE "compiled [0-9]+ step shapes|engine ready" $L/stt/*.log $L/st/*.log 2>/dev/null | cut -c1-160
-serve() {  # name, extra server flags
-  local name=$1 flags=$2
-  python3 -m jaxserve.serve $M $flags --max-model-len 2048 --port 8011 --compile-cache-dir $C --served-model-name llama3-8b \
-    > $L/server_$name.log 2>&1 &
-  local sp=$!
-  for i in $(seq 1 90); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
-  timeout 60 python3 scripts/bench_serving.py --base-url http://localhost:8011 --dataset sharegpt-like --num-prompts 320 \
-    --request-rate inf --vocab-size 128256 --result-json $OUT/serving_$name.json > $L/serving_$name.log 2>&1
-  echo "== serving $name ($flags) rc=$?"
-  grep -E "output_throughput|mean_ttft|median_tpot|median_itl|failed" $L/serving_$name.log | tr -s ' ' | tr '\n' ' '; echo
-  kill -TERM $sp; wait $sp
-}
+source scripts/gpu_serve_lib.sh
+SERVE_CACHE=$C
 serve mosaic ""
-serve triton "--attention-backend pallas_triton"
+serve triton "" "--attention-backend pallas_triton"
 tar czf $OUT/logs.tgz -C /tmp logs
