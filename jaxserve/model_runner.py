@@ -190,10 +190,16 @@ class ModelRunner:
         shapes = [(T, False) for T in self.token_buckets]
         if self.model.backend.has_decode_kernel:  # the XLA path serves decode with the same program
             shapes += [(T, True) for T in self.token_buckets if T <= self.max_num_seqs]
-        if compile_threads > 1 and self.parallel is None:  # a sharded forward is several jitted stages
+        plan = self.parallel
+        # Pipeline stages are several jitted programs, each fed by the last: those compile one by one as they run.
+        if compile_threads > 1 and (plan is None or plan.pp == 1):
             def compile_one(shape):
                 meta, ids, li = self._dummy_inputs(*shape)
-                self._forward.lower(self.params, self.kv_caches, ids, meta, li).compile()
+                if plan is None:
+                    self._forward.lower(self.params, self.kv_caches, ids, meta, li).compile()
+                else:  # tensor parallel: the one stage's program, its inputs replicated over the mesh as at run time
+                    ids, meta, li = jax.device_put((ids, meta, li), plan.replicated[0])
+                    plan.stage_fns[0].lower(self.params[0], self.kv_caches, ids, meta, li).compile()
 
             with ThreadPoolExecutor(compile_threads, thread_name_prefix="jaxserve-compile") as pool:
                 list(pool.map(compile_one, sorted(shapes, reverse=True)))  # the slowest (largest) first

@@ -84,6 +84,20 @@ for tp, pp in [(2, 1), (2, 2)]:
     llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, dispatch_thread=True, **flags)
     out["tokens"][f"{tp}x{pp}/dispatch_thread"] = tokens(llm, prompts)
     out.setdefault("lockstep", {})[f"{tp}x{pp}"] = llm.llm_engine._needs_sync
+# --compile-threads with a tensor-parallel forward: its shapes compile ahead of time from threads, and the
+# warm-up runs and generation then compile no forward program.
+import logging
+seen, compiles = [], []
+logging.getLogger("jaxserve").addHandler(type("H", (logging.Handler,), {"emit": lambda h, r: seen.append(r.getMessage())})())
+logging.getLogger("jaxserve").setLevel(logging.INFO)
+jax.monitoring.register_event_duration_secs_listener(
+    lambda e, d, **k: compiles.append(e) if e == "/jax/core/compile/backend_compile_duration" else None)
+llm = LLM(folder, tensor_parallel_size=2, compile_threads=2, **dict(flags, enforce_eager=False))
+out["threads"] = {"aot": [m for m in seen if "ahead of time" in m]}
+n = len(compiles)
+out["tokens"]["2x1/threads"] = tokens(llm, prompts)
+out["threads"]["compiles_in_generate"] = len(compiles) - n
+jax.monitoring.clear_event_listeners()
 # Real HF weights through the loader's re-layout: qwen2 (qkv bias, 2 kv heads) at tp=4 repeats kv heads.
 qwen = sys.argv[4]
 for tp in (1, 4):
@@ -188,6 +202,15 @@ def test_invalid_tp_size_is_a_startup_error(tiny8):
 def test_greedy_tokens_equal_single_device(tiny_run, key):
     assert tiny_run["tokens"][key] == tiny_run["tokens"]["1x1"]
     assert tiny_run["logits_maxdiff"][key] < 1e-5  # fp32: only the summation order differs
+
+
+def test_threaded_warmup_of_a_tensor_parallel_forward(tiny_run):
+    # --compile-threads 2 at TP=2: the forward's shapes compile ahead of time from threads (the only way a cold
+    # start of a big sharded model compiles in parallel), tokens equal the single-device run, and generation
+    # compiles nothing more: jit finds the programs the threads made.
+    assert len(tiny_run["threads"]["aot"]) == 1 and "from 2 threads" in tiny_run["threads"]["aot"][0]
+    assert tiny_run["tokens"]["2x1/threads"] == tiny_run["tokens"]["1x1"]
+    assert tiny_run["threads"]["compiles_in_generate"] == 0
 
 
 @pytest.mark.parametrize("key", ["1x2", "2x2"])

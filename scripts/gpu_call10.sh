@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Session 6 on a 4-GPU machine (after scripts/gpu_setup.sh): the offline runs issue 8 still lacks, and the
+# large-batch throughput ratio issue 6 asks for, all on one machine so every ratio has its TP=1 baseline there.
+#   a: offline throughput, 1000 ShareGPT-like prompts of dummy Llama-3-8B at TP=4, 2 and 1, then 200 prompts of
+#      dummy Llama-3-70B at TP=4. Warm-up compiles from $CT threads (--compile-threads; session 5's TP=2 offline
+#      run timed out compiling its 18 shapes one by one).
+#   b: the batch-256 decode step (profile_decode.py, replayed forward, no profiler) at TP=1, 2 and 4.
+# Each run has its own timeout, most important first. JSONs to $OUT (few files come back), logs in $OUT/logs10.tgz.
+set -u
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+MODE=${1:-a}; CT=${CT:-8}
+E="--load-format dummy --skip-tokenizer-init --dtype bfloat16 --max-model-len 2048"
+M8="--model benchmarks/configs/llama3-8b.json"; M70="--model benchmarks/configs/llama3-70b.json"
+L=/tmp/logs10; mkdir -p $L
+run() { local name=$1; shift; local t0=$SECONDS; timeout "$@" > "$L/$name.log" 2>&1; echo "== $name rc=$? $((SECONDS - t0)) s";
+        grep -E "^batch|Throughput|replayed|without the profiler|compiled .* shapes|Error" "$L/$name.log" | cut -c1-220 | tail -5; }
+if [ "$MODE" = a ]; then
+  T="python3 scripts/bench_throughput.py $E --dataset sharegpt-like --disable-tqdm --compile-threads $CT"
+  for tp in 4 2 1; do
+    run off8b_tp$tp 150 $T $M8 --num-prompts 1000 --tensor-parallel-size $tp --output-json $OUT/off8b_tp$tp.json
+  done
+  run off70b_tp4 170 $T $M70 --num-prompts 200 --tensor-parallel-size 4 --output-json $OUT/off70b_tp4.json
+fi
+if [ "$MODE" = b ]; then
+  P="python3 scripts/profile_decode.py $M8 $E --enforce-eager --batch-size 256 --input-len 200 --steps 20 --replay 10"
+  for tp in 1 2 4; do
+    run prof256_tp$tp 100 $P --tensor-parallel-size $tp --trace-dir /tmp/p$tp --output-json $OUT/prof256_tp$tp.json
+  done
+fi
+tar czf $OUT/logs10_$MODE.tgz -C /tmp logs10
