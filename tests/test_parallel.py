@@ -88,7 +88,10 @@ for tp, pp in [(2, 1), (2, 2)]:
 # warm-up runs and generation then compile no forward program.
 import logging
 seen, compiles = [], []
-logging.getLogger("jaxserve").addHandler(type("H", (logging.Handler,), {"emit": lambda h, r: seen.append(r.getMessage())})())
+class Seen(logging.Handler):
+    def emit(self, record):
+        seen.append(record.getMessage())
+logging.getLogger("jaxserve").addHandler(Seen())
 logging.getLogger("jaxserve").setLevel(logging.INFO)
 jax.monitoring.register_event_duration_secs_listener(
     lambda e, d, **k: compiles.append(e) if e == "/jax/core/compile/backend_compile_duration" else None)
