@@ -17,6 +17,7 @@ Metadata is an explicit pytree argument of the jitted step (never global state):
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Protocol
 
 import jax
@@ -46,6 +47,14 @@ class AttentionBackend(Protocol):
                scale: float) -> jax.Array:
         """q: [T, Hq, D] -> [T, Hq, D], causal over each sequence's cached context."""
 
+    def fused_decode(self, qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     meta: AttentionMetadata, scale: float) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        """A decode step's RoPE, KV write and attention from the QKV matmul's output qkv [T, Hkv, G + 2, D]
+        (cos/sin f32[T, D/2]) -> (out [T, Hq, D], k_cache, v_cache); None: the caller does them one by one."""
+
+    def add_rms_norm(self, x: jax.Array, d: jax.Array, w: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+        """(x + d, w * rmsnorm(x + d)) for x, d [T, hidden]: the residual add and the next sublayer's norm."""
+
 
 @dataclasses.dataclass(frozen=True)
 class XlaBackend:
@@ -68,6 +77,13 @@ class XlaBackend:
         return ragged_attention_reference(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                           meta.query_start_loc, meta.token_seq_ids, meta.positions, scale)
 
+    def fused_decode(self, qkv, cos, sin, k_cache, v_cache, meta, scale):
+        return None  # XLA fuses what it can of the unfused path
+
+    def add_rms_norm(self, x, d, w, eps):
+        from jaxserve.pallas_kernels.add_rms_norm import add_rms_norm_reference
+        return add_rms_norm_reference(x, d, w, eps=eps)
+
 
 @dataclasses.dataclass(frozen=True)
 class PallasBackend:
@@ -81,6 +97,10 @@ class PallasBackend:
     has_decode_kernel: bool = True
     interpret: bool = False  # the Pallas interpreter: the same kernels end to end on CPU (tests)
     prefill_warpgroups: int = 0  # pallas_mosaic only: 0 = Triton prefill
+    # Decode steps' RoPE + KV write + q groups in one kernel, and residual add + RMSNorm in one kernel
+    # (pallas_kernels/rope_kv_write.py, add_rms_norm.py); False keeps XLA's small kernels (an A/B switch,
+    # JAXSERVE_FUSE_SMALL_OPS=0).
+    fuse_small_ops: bool = True
 
     def write_kv(self, k_cache, v_cache, k, v, meta):
         from jaxserve.pallas_kernels.kv_write import kv_write_pallas
@@ -90,6 +110,31 @@ class PallasBackend:
             from jaxserve.pallas_kernels.kv_write_triton import kv_write_triton
             return kv_write_triton(k_cache, v_cache, k, v, meta.slot_mapping)
         return kv_write_pallas(k_cache, v_cache, k, v, meta.slot_mapping, interpret=self.interpret)
+
+    def fused_decode(self, qkv, cos, sin, k_cache, v_cache, meta, scale):
+        T, Hkv, C, D = qkv.shape
+        if not (self.fuse_small_ops and meta.decode_only) or D & (D - 1):
+            return None
+        from jaxserve.pallas_kernels import paged_decode_mgpu as mgpu
+        from jaxserve.pallas_kernels.paged_decode import decode_group_rows, paged_decode
+        from jaxserve.pallas_kernels.rope_kv_write import rope_kv_write
+        G = C - 2
+        q_like = jax.ShapeDtypeStruct((T, Hkv * G, D), qkv.dtype)
+        if self.name == "pallas_mosaic" and mgpu.supports(q_like, k_cache):
+            kernel, rows = mgpu.paged_decode_mgpu, mgpu.decode_group_rows(G)
+        else:
+            kernel, rows = paged_decode, decode_group_rows(G)
+        q4, k_cache, v_cache = rope_kv_write(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
+                                             group_padded=rows, interpret=self.interpret)
+        out = kernel(q4, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale, group=G,
+                     interpret=self.interpret)
+        return out, k_cache, v_cache
+
+    def add_rms_norm(self, x, d, w, eps):
+        from jaxserve.pallas_kernels import add_rms_norm as arn
+        if self.fuse_small_ops and arn.supports(x.shape[-1]):
+            return arn.add_rms_norm(x, d, w, eps=eps, interpret=self.interpret)
+        return arn.add_rms_norm_reference(x, d, w, eps=eps)
 
     def attend(self, q, k_cache, v_cache, meta, scale):
         from jaxserve.pallas_kernels import paged_decode, ragged_prefill
@@ -122,10 +167,11 @@ def get_backend(name: str = "auto", prefill_warpgroups: int | None = None) -> At
         raise ValueError(f"mosaic prefill warpgroups must be 0, 1 or 2, got {prefill_warpgroups}")
     if choice == "xla":
         return XlaBackend()
+    fuse = os.environ.get("JAXSERVE_FUSE_SMALL_OPS", "1") != "0"
     if choice != "pallas_mosaic":
-        return PallasBackend(name=choice)
+        return PallasBackend(name=choice, fuse_small_ops=fuse)
     wg = select.MOSAIC_PREFILL_WARPGROUPS if prefill_warpgroups is None else prefill_warpgroups
-    return PallasBackend(name=choice, prefill_warpgroups=wg)
+    return PallasBackend(name=choice, prefill_warpgroups=wg, fuse_small_ops=fuse)
 
 
 def dummy_metadata(num_tokens: int, num_seqs: int, pages_per_seq: int, decode_only: bool = False) -> AttentionMetadata:

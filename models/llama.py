@@ -65,10 +65,15 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w * xf.astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """x: [T, N, E] rotated by angle positions * inv_freq (half-split layout, as HF `rotate_half`)."""
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin f32[T, E/2] of the angles positions * inv_freq (the same for every layer of a step)."""
     freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # (T, E/2)
-    cos, sin = jnp.cos(freqs)[:, None, :], jnp.sin(freqs)[:, None, :]  # (T, 1, E/2)
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [T, N, E] rotated by rope_cos_sin's angles (half-split layout, as HF `rotate_half`)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, E/2)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # (T, N, E/2) each
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -90,13 +95,16 @@ class Attention(nn.Module):
         if c.qkv_bias:
             qkv = qkv + _param(self, "bqkv", (K, G + 2, E), P(TP, None, None), nn.initializers.zeros, self.dtype)
         T = x.shape[0]
-        q = qkv[:, :, :G].reshape(T, -1, E)  # (T, H, E): head h = k*G + g, HF's GQA order (local under TP)
-        k, v = qkv[:, :, G], qkv[:, :, G + 1]  # (T, K, E)
-        inv_freq = c.rope_inv_freq()
-        q = apply_rope(q, meta.positions, inv_freq)
-        k = apply_rope(k, meta.positions, inv_freq)
-        k_cache, v_cache = self.backend.write_kv(kv[0], kv[1], k, v, meta)
-        out = self.backend.attend(q, k_cache, v_cache, meta, E ** -0.5)  # (T, H, E)
+        cos, sin = rope_cos_sin(meta.positions, c.rope_inv_freq())
+        fused = self.backend.fused_decode(qkv, cos, sin, kv[0], kv[1], meta, E ** -0.5)
+        if fused is not None:  # decode step on a GPU: RoPE, KV write and attention in two kernels
+            out, k_cache, v_cache = fused
+        else:
+            q = qkv[:, :, :G].reshape(T, -1, E)  # (T, H, E): head h = k*G + g, HF's GQA order (local under TP)
+            k, v = qkv[:, :, G], qkv[:, :, G + 1]  # (T, K, E)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k_cache, v_cache = self.backend.write_kv(kv[0], kv[1], k, v, meta)
+            out = self.backend.attend(q, k_cache, v_cache, meta, E ** -0.5)  # (T, H, E)
         h = jnp.einsum("THE,HED->TD", out.astype(self.dtype), wo)  # (T, D): partial sum under TP
         return _all_reduce(h, self.tp_axis), (k_cache, v_cache)
 
@@ -123,16 +131,19 @@ class DecoderLayer(nn.Module):
     tp_axis: str | None = None
 
     @nn.compact
-    def __call__(self, x, kv, meta):
+    def __call__(self, x, pending, kv, meta):
+        """(x, pending, kv) -> (x, pending, kv). The residual stream is x + pending: a layer leaves its MLP output
+        unadded, so that the next layer adds it together with its norm (backend.add_rms_norm: one kernel on
+        GPUs), as the attention output is added with the MLP's norm. The first layer gets zeros (x + 0 is x)."""
         c = self.cfg
         ones = nn.initializers.ones
         attn_norm = _param(self, "attn_norm", (c.hidden_size,), P(None), ones, self.dtype)
         mlp_norm = _param(self, "mlp_norm", (c.hidden_size,), P(None), ones, self.dtype)
         attn = Attention(c, self.dtype, self.backend, self.tp_axis, name="attn")
-        h, kv = attn(rms_norm(x, attn_norm, c.rms_norm_eps), kv, meta)
-        x = x + h
-        x = x + Mlp(c, self.dtype, self.tp_axis, name="mlp")(rms_norm(x, mlp_norm, c.rms_norm_eps))
-        return x, kv
+        x, n = self.backend.add_rms_norm(x, pending, attn_norm, c.rms_norm_eps)
+        h, kv = attn(n, kv, meta)
+        x, n = self.backend.add_rms_norm(x, h, mlp_norm, c.rms_norm_eps)
+        return x, Mlp(c, self.dtype, self.tp_axis, name="mlp")(n), kv
 
 
 # JAXSERVE_TRACE_LAYER_ONCE=0 calls the Flax submodules instead (an A/B switch for measurements).
@@ -149,8 +160,8 @@ def _layer_fn(cfg: ArchConfig, dtype, backend: AttentionBackend, tp_axis: str | 
     ~1 s each step shape took. XLA inlines the calls, so the compiled program is the unrolled one."""
     layer = DecoderLayer(cfg, dtype, backend, tp_axis)
 
-    def run(params, x, kv, meta):
-        return layer.apply({"params": params}, x, kv, meta)
+    def run(params, x, pending, kv, meta):
+        return layer.apply({"params": params}, x, pending, kv, meta)
     return jax.jit(run)
 
 
@@ -180,19 +191,22 @@ class LlamaForCausalLM(nn.Module):
         if first or (last and c.tie_word_embeddings):
             embed = _param(self, "embed", (c.vocab_size, c.hidden_size), P(None, None), dtype=self.dtype)
         x = embed[inputs] if first else inputs  # (T, D)
-        new_caches = []
+        # The residual stream is x + pending (DecoderLayer). Zeros, not None, for the first layer: one traced
+        # layer serves all (_layer_fn).
+        new_caches, pending = [], jnp.zeros_like(x)
         for j, i in enumerate(range(self.layer_start, end)):
             if self.is_initializing() or not TRACE_LAYER_ONCE:  # declares the weights (init, abstract_params)
-                x, kv = DecoderLayer(c, self.dtype, self.backend, self.tp_axis, name=f"layers_{i}")(
-                    x, kv_caches[j], meta)
+                x, pending, kv = DecoderLayer(c, self.dtype, self.backend, self.tp_axis, name=f"layers_{i}")(
+                    x, pending, kv_caches[j], meta)
             else:  # one traced layer, called once per layer's weights (see _layer_fn)
-                x, kv = _layer_fn(c, self.dtype, self.backend, self.tp_axis)(
-                    self.variables["params"][f"layers_{i}"], x, kv_caches[j], meta)
+                x, pending, kv = _layer_fn(c, self.dtype, self.backend, self.tp_axis)(
+                    self.variables["params"][f"layers_{i}"], x, pending, kv_caches[j], meta)
             new_caches.append(kv)
         if not last:
-            return x, tuple(new_caches)
+            return x + pending, tuple(new_caches)
+        x = x[logits_indices] + pending[logits_indices]
         final_norm = _param(self, "final_norm", (c.hidden_size,), P(None), nn.initializers.ones, self.dtype)
-        h = rms_norm(x[logits_indices], final_norm, c.rms_norm_eps)  # (S, D)
+        h = rms_norm(x, final_norm, c.rms_norm_eps)  # (S, D)
         if c.tie_word_embeddings:
             head = embed  # replicated: under TP each shard takes its own vocab slice
             if self.tp_axis is not None:

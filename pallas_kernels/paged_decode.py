@@ -125,40 +125,64 @@ def merge_splits(o, lse):
     return jnp.sum(w[..., None] * o.astype(jnp.float32), axis=0) / jnp.where(den == 0, 1.0, den)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "tuning", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "tuning", "group", "interpret"))
 def paged_decode(q, k_pages, v_pages, block_tables, seq_lens, *, scale: float | None = None,
-                 tuning: tuning_lib.DecodeTuning = tuning_lib.DEFAULT_DECODE, interpret: bool = False):
+                 tuning: tuning_lib.DecodeTuning = tuning_lib.DEFAULT_DECODE, group: int | None = None,
+                 interpret: bool = False):
     """Paged GQA decode attention.
 
     Args:
-      q: [batch, num_q_heads, head_dim] (one new token per sequence).
+      q: [batch, num_q_heads, head_dim] (one new token per sequence); or, with `group` given, already in the
+        kernel's padded groups [batch, num_kv_heads, decode_group_rows(group), head_dim] (rope_kv_write's q).
       k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim]; block 0 is the null page.
       block_tables: i32[batch, pages_per_seq]; entries past a sequence's pages may be anything in range.
       seq_lens: i32[batch] context length including the new token; 0 (padding row) gives zeros.
       scale: softmax scale, default 1/sqrt(head_dim).
       tuning: DecodeTuning; 0 fields are picked from the shapes.
+      group: query heads per kv head when q comes grouped (None: q is [batch, num_q_heads, head_dim]).
       interpret: run the Pallas interpreter (CPU tests).
     Returns:
       [batch, num_q_heads, head_dim] in q.dtype.
     """
-    check_paged_args(q, k_pages, v_pages, block_tables, "B")
-    Gp = max(16, tuning_lib.next_pow2(q.shape[1] // k_pages.shape[0]))
+    q3 = ungrouped_shape(q, k_pages, group, decode_group_rows)
+    check_paged_args(q3, k_pages, v_pages, block_tables, "B")
     return grouped_decode(_decode_call, q, k_pages, v_pages, block_tables, seq_lens, scale=scale, tuning=tuning,
-                          group_padded=Gp, interpret=interpret)
+                          group_padded=decode_group_rows(q3.shape[1] // k_pages.shape[0]), interpret=interpret,
+                          group=group)
+
+
+def decode_group_rows(group: int) -> int:
+    """Rows per kv head of this kernel's q groups: Triton's dot needs M >= 16."""
+    return max(16, tuning_lib.next_pow2(group))
+
+
+def ungrouped_shape(q, k_pages, group: int | None, group_rows) -> jax.ShapeDtypeStruct:
+    """q's [B, Hq, D] shape (for the argument checks) whether q is plain or grouped [B, Hkv, Gp, D]."""
+    if group is None:
+        return jax.ShapeDtypeStruct(q.shape, q.dtype)
+    Hkv = k_pages.shape[0]
+    if q.ndim != 4 or q.shape[1] != Hkv or q.shape[2] != group_rows(group):
+        raise ValueError(f"grouped q must be [B, {Hkv}, {group_rows(group)}, D] for group {group}, got {q.shape}")
+    return jax.ShapeDtypeStruct((q.shape[0], Hkv * group, q.shape[3]), q.dtype)
 
 
 def grouped_decode(call, q, k_pages, v_pages, block_tables, seq_lens, *, scale, tuning, group_padded: int,
-                   interpret: bool):
+                   interpret: bool, group: int | None = None):
     """The part both decode kernels share: q [B, Hq, D] -> groups [B, Hkv, Gp, D] (zero rows past G), the
-    kernel `call` (-> per-split outputs and lse), the split merge, and back to [B, Hq, D] in q.dtype."""
-    B, Hq, D = q.shape
-    Hkv, _, S, _ = k_pages.shape
+    kernel `call` (-> per-split outputs and lse), the split merge, and back to [B, Hq, D] in q.dtype.
+    With `group` given, q comes grouped already ([B, Hkv, Gp, D], zero rows past G, as rope_kv_write makes it),
+    which saves the pad."""
+    Hkv, _, S, D = k_pages.shape
+    B = q.shape[0]
     if seq_lens.shape != (B,) or seq_lens.dtype != jnp.int32:
         raise ValueError(f"seq_lens must be i32[{B}], got {seq_lens.dtype}{seq_lens.shape}")
-    G = Hq // Hkv
     scale = default_scale(D) if scale is None else scale
     tune = tuning.resolve(B, Hkv, block_tables.shape[1], S, D, k_pages.dtype.itemsize)
-    q4 = jnp.pad(q.reshape(B, Hkv, G, D), ((0, 0), (0, 0), (0, group_padded - G), (0, 0)))  # (B, Hkv, Gp, D)
-    o, lse = call(q4, k_pages, v_pages, block_tables, seq_lens, scale=scale, tune=tune, interpret=interpret)
+    if group is None:
+        G = q.shape[1] // Hkv
+        q = jnp.pad(q.reshape(B, Hkv, G, D), ((0, 0), (0, 0), (0, group_padded - G), (0, 0)))  # (B, Hkv, Gp, D)
+    else:
+        G = group
+    o, lse = call(q, k_pages, v_pages, block_tables, seq_lens, scale=scale, tune=tune, interpret=interpret)
     o = o[0] if tune.num_splits == 1 else merge_splits(o, lse)  # (B, Hkv, Gp, D)
-    return o[:, :, :G].reshape(B, Hq, D).astype(q.dtype)
+    return o[:, :, :G].reshape(B, Hkv * G, D).astype(q.dtype)

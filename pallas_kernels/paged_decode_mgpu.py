@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxserve.pallas_kernels.checks import check_paged_args
-from jaxserve.pallas_kernels.paged_decode import grouped_decode
+from jaxserve.pallas_kernels.paged_decode import grouped_decode, ungrouped_shape
 
 _ROWS = 64  # wgmma's M
 _LOG2E = math.log2(math.e)
@@ -283,24 +283,33 @@ def check_mosaic_args(q, k_pages) -> None:
         raise ValueError(f"block_size must be a multiple of 8, got {S}")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "tuning", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "tuning", "group", "interpret"))
 def paged_decode_mgpu(q, k_pages, v_pages, block_tables, seq_lens, *, scale: float | None = None,
-                      tuning: MosaicDecodeTuning = DEFAULT_MOSAIC_DECODE, interpret: bool = False):
+                      tuning: MosaicDecodeTuning = DEFAULT_MOSAIC_DECODE, group: int | None = None,
+                      interpret: bool = False):
     """Paged GQA decode attention (Mosaic GPU); same contract as paged_decode.paged_decode.
 
     Args:
-      q: bf16/f16 [batch, num_q_heads, head_dim] (one new token per sequence).
+      q: bf16/f16 [batch, num_q_heads, head_dim] (one new token per sequence); or, with `group` given, already in
+        the kernel's padded groups [batch, num_kv_heads, decode_group_rows(group), head_dim] (rope_kv_write's q).
       k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim], q's dtype; block 0 is the null page.
       block_tables: i32[batch, pages_per_seq]; entries past a sequence's pages may be anything in range.
       seq_lens: i32[batch] context length including the new token; 0 (padding row) gives zeros.
       scale: softmax scale, default 1/sqrt(head_dim).
       tuning: MosaicDecodeTuning; 0 fields are picked from the shapes.
+      group: query heads per kv head when q comes grouped (None: q is [batch, num_q_heads, head_dim]).
       interpret: run Mosaic GPU's CPU interpreter (CPU tests).
     Returns:
       [batch, num_q_heads, head_dim] in q.dtype.
     """
-    check_paged_args(q, k_pages, v_pages, block_tables, "B")
-    check_mosaic_args(q, k_pages)
-    Gp = -(-(q.shape[1] // k_pages.shape[0]) // 8) * 8  # the TMA tile: 8 rows
+    q3 = ungrouped_shape(q, k_pages, group, decode_group_rows)
+    check_paged_args(q3, k_pages, v_pages, block_tables, "B")
+    check_mosaic_args(q3, k_pages)
     return grouped_decode(_decode_call, q, k_pages, v_pages, block_tables, seq_lens, scale=scale, tuning=tuning,
-                          group_padded=Gp, interpret=interpret)
+                          group_padded=decode_group_rows(q3.shape[1] // k_pages.shape[0]), interpret=interpret,
+                          group=group)
+
+
+def decode_group_rows(group: int) -> int:
+    """Rows per kv head of this kernel's q groups: G rounded up to the TMA tile's 8 rows."""
+    return -(-group // 8) * 8
