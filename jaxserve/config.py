@@ -133,8 +133,9 @@ class EngineArgs:
         "device": "auto, cpu or gpu. gpu fails loudly if JAX fell back to CPU.",
         "enforce_eager": "Compile step shapes lazily instead of at warm-up.",
         "compile_cache_dir": "JAX persistent compilation cache folder (default ~/.cache/jaxserve/xla).",
-        "compile_threads": "Compile the warm-up shapes from this many threads before running them (1 = one by one; "
-                           "not yet measured on GPUs, where concurrent autotuning also needs device memory).",
+        "compile_threads": "Compile the warm-up shapes from this many threads, before the KV cache is allocated "
+                           "(concurrent autotuning needs device memory), then run them (1 = one by one). Not with "
+                           "pipeline stages or several hosts.",
         "async_scheduling": "Prepare step t+1 on the host while the device runs step t.",
         "dispatch_thread": "Launch device work from a second host thread, so the launch cost of a step overlaps "
                            "the engine's Python work (with async scheduling). Default: on for GPUs (measured faster on the "

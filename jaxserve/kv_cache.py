@@ -90,6 +90,16 @@ def allocate(arch: ArchConfig, num_blocks: int, block_size: int, dtype, sharding
     return tuple((makes[sh](), makes[sh]()) for sh in per_layer)
 
 
+def abstract(arch: ArchConfig, num_blocks: int, block_size: int, dtype, sharding=None, num_kv_heads=None):
+    """What `allocate` returns, as shapes with their shardings only: programs compiled ahead of time for these
+    are the ones the allocated pages take, and no page memory is taken meanwhile."""
+    heads = num_kv_heads or arch.num_kv_heads
+    shape = (heads, num_blocks, block_size, arch.head_dim)
+    per_layer = list(sharding) if isinstance(sharding, (list, tuple)) else [sharding] * arch.num_layers
+    per_layer = [jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sh is None else sh for sh in per_layer]
+    return tuple((jax.ShapeDtypeStruct(shape, dtype, sharding=sh),) * 2 for sh in per_layer)
+
+
 def pad_ids(ids, fill: int = 0) -> np.ndarray:
     """i32 ids padded to a power of two with `fill` (the null block), so block copies and swaps compile
     once per size class instead of once per count while serving. Copying block 0 onto itself is a no-op."""

@@ -181,30 +181,46 @@ class ModelRunner:
             args = jax.device_put(args, jax.devices()[0])
         return args
 
-    def warmup(self, compile_threads: int = 1) -> float:
-        """Compile every forward bucket now (not while serving). Returns seconds spent.
-
-        compile_threads > 1: the shapes are first compiled ahead of time from that many threads (XLA compiles with
-        the GIL released), then each is run once as before, which then finds its executable compiled."""
-        t0 = time.perf_counter()
+    def _warm_shapes(self) -> list[tuple[int, bool]]:
         shapes = [(T, False) for T in self.token_buckets]
         if self.model.backend.has_decode_kernel:  # the XLA path serves decode with the same program
             shapes += [(T, True) for T in self.token_buckets if T <= self.max_num_seqs]
-        plan = self.parallel
-        # Pipeline stages are several jitted programs, each fed by the last: those compile one by one as they run.
-        if compile_threads > 1 and (plan is None or plan.pp == 1):
-            def compile_one(shape):
-                meta, ids, li = self._dummy_inputs(*shape)
-                if plan is None:
-                    self._forward.lower(self.params, self.kv_caches, ids, meta, li).compile()
-                else:  # tensor parallel: the one stage's program, its inputs replicated over the mesh as at run time
-                    ids, meta, li = jax.device_put((ids, meta, li), plan.replicated[0])
-                    plan.stage_fns[0].lower(self.params[0], self.kv_caches, ids, meta, li).compile()
+        return shapes
 
-            with ThreadPoolExecutor(compile_threads, thread_name_prefix="jaxserve-compile") as pool:
-                list(pool.map(compile_one, sorted(shapes, reverse=True)))  # the slowest (largest) first
-            log.info("compiled %d step shapes ahead of time from %d threads in %.1f s", len(shapes),
-                     compile_threads, time.perf_counter() - t0)
+    def compile_ahead(self, num_blocks: int, threads: int) -> float:
+        """Compile every forward bucket from `threads` threads (XLA compiles with the GIL released) for a KV cache
+        of num_blocks pages, before that cache is allocated: XLA's autotuning runs candidate kernels on buffers
+        it allocates as it compiles, several at once here, and with the pages already taking 90% of the memory
+        that ran out on an H100 (TP=1, 8 threads, session 6). warmup() then runs each shape once and finds its
+        program in the persistent compilation cache. Pipeline stages are several programs, each fed by the
+        last, and multi-host runs compile in lock-step: both compile one by one in warmup(). Returns seconds."""
+        plan = self.parallel
+        if threads <= 1 or (plan is not None and plan.pp > 1) or jax.process_count() > 1:
+            return 0.0
+        t0 = time.perf_counter()
+        kv = kv_cache.abstract(self.arch, num_blocks, self.block_size, self.kv_dtype, self.kv_sharding,
+                               self.num_kv_heads)
+
+        def compile_one(shape):
+            meta, ids, li = self._dummy_inputs(*shape)
+            if plan is None:
+                self._forward.lower(self.params, kv, ids, meta, li).compile()
+            else:  # tensor parallel: the one stage's program, its inputs replicated over the mesh as at run time
+                ids, meta, li = jax.device_put((ids, meta, li), plan.replicated[0])
+                plan.stage_fns[0].lower(self.params[0], kv, ids, meta, li).compile()
+
+        shapes = self._warm_shapes()
+        with ThreadPoolExecutor(threads, thread_name_prefix="jaxserve-compile") as pool:
+            list(pool.map(compile_one, sorted(shapes, reverse=True)))  # the slowest (largest) first
+        dt = time.perf_counter() - t0
+        log.info("compiled %d step shapes ahead of time from %d threads in %.1f s", len(shapes), threads, dt)
+        return dt
+
+    def warmup(self) -> float:
+        """Run every forward bucket once now, compiling it (or loading what compile_ahead made) before serving,
+        and the per-step helpers. Returns seconds spent."""
+        t0 = time.perf_counter()
+        shapes = self._warm_shapes()
         for T, dec in shapes:
             t1 = time.perf_counter()
             meta, ids, li = self._dummy_inputs(T, dec)

@@ -1,5 +1,4 @@
 """Regressions found in review: leaks and cache poisoning around n > 1 forking and async placeholders."""
-import pytest
 
 from jaxserve.block_manager import BlockManager
 from jaxserve.config import EngineArgs
@@ -87,10 +86,33 @@ def test_warmup_leaves_nothing_to_compile_while_serving():
     assert compiles == []
 
 
-def test_threaded_warmup_compiles_the_same_programs(caplog):
-    # --compile-threads: the shapes are compiled ahead of time from threads; the warm-up calls and serving then
-    # compile nothing more (jit finds the executables the ahead-of-time compiles made).
+def _startup_forward_compiles(**engine_args) -> list:
+    """Names of the forward programs compiled while an engine starts."""
+    import jax
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration" and "fwd" in str(kw.get("fun_name")):
+            compiles.append(kw["fun_name"])
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        LLMEngine.from_engine_args(EngineArgs(model=TINY, skip_tokenizer_init=True, max_model_len=256,
+                                              num_gpu_blocks_override=200, max_num_batched_tokens=64,
+                                              max_num_seqs=16, seed=7, **engine_args))
+    finally:
+        jax.monitoring.clear_event_listeners()
+    return compiles
+
+
+def test_threaded_warmup_compiles_the_same_programs(caplog, tmp_path):
+    # --compile-threads: the shapes are compiled ahead of time from threads, for the KV cache's shapes before it
+    # is allocated; the warm-up runs then find those programs, and serving compiles nothing more. Each of the 4
+    # forward shapes compiles once (8 would mean the warm-up's calls missed what the threads made).
+    cache = str(tmp_path / "xla")
     with caplog.at_level("INFO", logger="jaxserve"):
-        compiles, _, _ = _serve_burst_counting_compiles(compile_threads=2)
+        assert len(_startup_forward_compiles(compile_threads=2, compile_cache_dir=cache)) == 4
     assert "compiled 4 step shapes ahead of time from 2 threads" in caplog.text
+    assert caplog.text.index("ahead of time") < caplog.text.index("KV cache:")  # before the pages are allocated
+    compiles, _, _ = _serve_burst_counting_compiles(compile_threads=2, compile_cache_dir=cache)
     assert compiles == []
