@@ -7,6 +7,8 @@
 #   b: start to first served token with the Hopper defaults, cold then warm, warm-up compiled from 8 threads
 #      (--compile-threads 8), and a warm start without threads on the same cache; then the 320-prompt serving
 #      benchmark on the warm cache with the defaults.
+#   c: (after b, same machine) serving unfused vs fused again; batch-1/64 steps of programs autotuned from 8
+#      threads vs one by one.
 # Writes JSONs to $OUT, logs to $OUT/logs11_$MODE.tgz.
 set -u
 export PYTHONUNBUFFERED=1
@@ -43,5 +45,16 @@ if [ "$MODE" = b ]; then
   source scripts/gpu_serve_lib.sh
   L=$L SERVE_CACHE=/root/.cache/jaxserve/bench_startup
   serve fused ""
+fi
+if [ "$MODE" = c ]; then  # same machine as b (warm): serving fused vs unfused, and threaded vs one-by-one autotuning
+  source scripts/gpu_serve_lib.sh
+  L=$L SERVE_CACHE=/root/.cache/jaxserve/bench_startup
+  serve unfused "JAXSERVE_FUSE_SMALL_OPS=0" "--compile-threads 8"
+  serve fused2 "" "--compile-threads 8"
+  # Do programs autotuned 8 at a time run as fast as ones autotuned alone? Batch 1/64 steps, fresh caches.
+  LAT="--max-model-len 2048 --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 128"
+  run lat_threads 120 python3 scripts/bench_latency.py $M $LAT --compile-threads 8 --compile-cache-dir /tmp/cc8 \
+    --output-json $OUT/lat_threads.json
+  run lat_single 150 python3 scripts/bench_latency.py $M $LAT --compile-cache-dir /tmp/cc1 --output-json $OUT/lat_single.json
 fi
 tar czf $OUT/logs11_$MODE.tgz -C /tmp logs11
