@@ -116,3 +116,10 @@ def test_threaded_warmup_compiles_the_same_programs(caplog, tmp_path):
     assert caplog.text.index("ahead of time") < caplog.text.index("KV cache:")  # before the pages are allocated
     compiles, _, _ = _serve_burst_counting_compiles(compile_threads=2, compile_cache_dir=cache)
     assert compiles == []
+
+
+def test_compile_threads_default_is_one_on_cpu(caplog):
+    # The threaded default (8) is for GPUs, where it was measured; on CPU the shapes compile one by one.
+    with caplog.at_level("INFO", logger="jaxserve"):
+        _startup_forward_compiles()
+    assert "ahead of time" not in caplog.text and "compiled 4 step shapes in" in caplog.text
