@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -139,9 +139,10 @@ class EngineArgs:
                            "s, with steps as fast), 1 on CPU. Not with pipeline stages or several hosts.",
         "async_scheduling": "Prepare step t+1 on the host while the device runs step t.",
         "dispatch_thread": "Launch device work from a second host thread, so the launch cost of a step overlaps "
-                           "the engine's Python work (with async scheduling). Default: on for GPUs (measured faster on the "
-                           "H100, docs/PERF.md), off on CPU.",
-        "attention_backend": "auto (the device's fastest: Pallas kernels on GPU, XLA on CPU), xla, pallas_triton, pallas_mosaic (Hopper).",
+                           "the engine's Python work (with async scheduling). Default: on for GPUs (measured faster "
+                           "on the H100, docs/PERF.md), off on CPU.",
+        "attention_backend": "auto (the device's fastest: Pallas kernels on GPU, XLA on CPU), xla, pallas_triton, "
+                             "pallas_mosaic (Hopper).",
         "mosaic_prefill_warpgroups": "With pallas_mosaic: 0 runs prefill with the Triton kernel, 1 or 2 with the "
                                      "Mosaic prefill kernel and that many warpgroups per tile. Default: the "
                                      "measured best (docs/PERF.md).",
