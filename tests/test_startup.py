@@ -164,3 +164,20 @@ def test_gil_switch_knob(monkeypatch, value, expect_ms):
         assert sys.getswitchinterval() == pytest.approx(before if expect_ms is None else expect_ms / 1e3)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_xla_flags_put_collectives_in_command_buffers_unless_the_user_chose():
+    from jaxserve.platform import COMMAND_BUFFER_FLAG, xla_flags
+    assert xla_flags("") == COMMAND_BUFFER_FLAG
+    assert xla_flags("--xla_dump_to=/tmp/d") == "--xla_dump_to=/tmp/d " + COMMAND_BUFFER_FLAG
+    mine = "--xla_gpu_enable_command_buffer="  # the user's choice (here: none at all) stands
+    assert xla_flags(mine) == mine
+
+
+def test_xla_flags_reach_a_fresh_process():
+    code = ("import os; from jaxserve.platform import init_platform; init_platform(quiet=True); "
+            "print(os.environ['XLA_FLAGS'])")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--xla_gpu_enable_command_buffer=+COLLECTIVES" in out.stdout
