@@ -239,8 +239,11 @@ def build_engine(cls, args: EngineArgs):
     host_block = bytes_per_block(arch, cc.block_size, kv_dtype, plan and plan.layout.num_kv_heads)  # all heads
     host_blocks = int(cc.swap_space * (1 << 30)) // host_block if cc.swap_space else 0
     threads = args.compile_threads
-    if threads is None:  # measured on the H100 (docs/PERF.md, session 6): same step times, warm start 23 -> 17 s
-        threads = 1 if jax.devices()[0].platform == "cpu" else min(8, os.cpu_count() or 1)
+    if threads is None:  # measured on the H100 (docs/PERF.md, session 6): same step times, warm start 23 -> 17 s.
+        # One device only: dummy Llama-3-70B at TP=4 ran out of device memory for its all-reduces in the warm-up
+        # after compiling from 8 threads (8B at TP=2 and 4 did not); not run without threads yet.
+        one_device = args.tensor_parallel_size * args.pipeline_parallel_size == 1
+        threads = min(8, os.cpu_count() or 1) if one_device and jax.devices()[0].platform != "cpu" else 1
     if threads < 1:
         raise StartupError(f"--compile-threads must be >= 1 (got {threads})")
     # Threaded compiles autotune several programs at once: before the pages take the memory (compile_ahead).
