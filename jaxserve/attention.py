@@ -115,6 +115,9 @@ class PallasBackend:
         T, Hkv, C, D = qkv.shape
         if not (self.fuse_small_ops and meta.decode_only) or D & (D - 1):
             return None
+        from jaxserve.pallas_kernels.select import kv_write_backend
+        if not self.interpret and kv_write_backend("gpu", T) == "jax_triton":
+            return None  # a decode step this large writes K/V faster with the jax-triton kernel (write_kv)
         from jaxserve.pallas_kernels import paged_decode_mgpu as mgpu
         from jaxserve.pallas_kernels.paged_decode import decode_group_rows, paged_decode
         from jaxserve.pallas_kernels.rope_kv_write import rope_kv_write

@@ -243,7 +243,8 @@ def build_engine(cls, args: EngineArgs):
         # One device only: dummy Llama-3-70B at TP=4 ran out of device memory for its all-reduces in the warm-up
         # after compiling from 8 threads (8B at TP=2 and 4 did not); not run without threads yet.
         one_device = args.tensor_parallel_size * args.pipeline_parallel_size == 1
-        threads = min(8, os.cpu_count() or 1) if one_device and jax.devices()[0].platform != "cpu" else 1
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = min(8, cpus) if one_device and jax.devices()[0].platform != "cpu" else 1
     if threads < 1:
         raise StartupError(f"--compile-threads must be >= 1 (got {threads})")
     # Threaded compiles autotune several programs at once: before the pages take the memory (compile_ahead).

@@ -21,12 +21,14 @@ Design note.
   wg takes the tile's tokens wg*bw .. wg*bw + bw - 1 (bw = 64 / Gp, a multiple of 8), head-major (row g*bw + j
   is query head h*G + g of token j), one strided TMA copy per head. TMA writes the wgmma-tiled layout only at
   row offsets that are multiples of 8, and a sequence's tokens start anywhere, so the rows land in plain shared
-  memory and pass through registers into the tiled buffer. The output leaves from the tiled buffer (the q rows,
-  no longer read after the last step) by one TMA store per head into o [W * bq, Hq * D], where tile w owns rows
-  w*bq .. (multiples of 8), and one row gather puts tokens back in order. A tile that runs past the last token
-  reads zeros (TMA's out-of-bounds fill). Session 4's layout gathered q into tile-major rows and the output
-  back, with transposes, outside the kernel: on the H100 that was 30% of the call (1,111 us vs 786 us for the
-  kernel alone, 8 x 2048 tokens). It stays for Gp > 8.
+  memory and pass through registers into the tiled buffer. The output goes back the same way, into the staging
+  rows, and leaves in token order straight into o [T, Hq * D]: one TMA store per head of a warpgroup's full
+  block, and a sequence's partial last block in boxes of 2^k rows (the binary digits of its row count), so that
+  no store touches another sequence's rows. A tile that runs past the last token reads zeros (TMA's
+  out-of-bounds fill). Session 4's layout gathered q into tile-major rows and the output back, with transposes,
+  outside the kernel: on the H100 that was 30% of the call (1,111 us vs 786 us for the kernel alone, 8 x 2048
+  tokens). It stays for Gp > 8. Session 5's direct layout stored tile-major rows and gathered them back into
+  token order after the kernel (204 us of a 1,023 us call); session 6 stores them in order.
 - Shared memory per tile: q rows (reused for the output), the q staging rows and the K/V ring. With 64 keys per
   step and a 2-deep ring a one-warpgroup tile takes 96 KB, so two tiles share an SM; the H100 sweep found a
   deeper ring (one tile per SM) a third slower.
@@ -86,14 +88,14 @@ def _prefill_call(q_in, k_pages, v_pages, block_tables, items, *, scale: float, 
     direct (Gp <= 8): q_in is q itself as [T, Hq * D]; warpgroup wg takes the tile's tokens wg*bw .. (bw = 64 / Gp,
       a multiple of the 8-row TMA tile), head-major: row g*bw + j is query head h*G + g of token j, loaded by one
       strided TMA copy per head (rows past T come back as zeros: TMA's out-of-bounds fill). The output goes to
-      o [W * bq, Hq * D], token-major per tile (tile w's token j at row w*bq + j), one TMA store per head.
+      o [T, Hq * D] in token order (rows of padding tokens are never written).
     gathered: q_in is q already gathered tile-major, [Hkv, W * R, D] (token-major rows); o is [Hkv, W * R, D].
     """
     Hkv, _, S, D = k_pages.shape
     dtype = k_pages.dtype
     T, stages, nwg = tune.keys_per_step, tune.num_stages, tune.warpgroups
     R = _ROWS * nwg
-    bq, bw = R // gp, _ROWS // gp  # tokens per tile, per warpgroup
+    bw = _ROWS // gp  # tokens per warpgroup (a tile has nwg of them)
     ppcb = T // S
     P = block_tables.shape[1]
     block_tables = jnp.pad(block_tables, ((0, 0), (0, -P % ppcb)))  # the last step may run past P; pads = page 0
@@ -105,11 +107,11 @@ def _prefill_call(q_in, k_pages, v_pages, block_tables, items, *, scale: float, 
                q_ref,  # direct: [T, Hq * D] q; gathered: [Hkv, W * R, D] tile-major rows
                k_ref,  # [Hkv, N, S, D]       key pages
                v_ref,  # [Hkv, N, S, D]       value pages
-               o_ref,  # direct: [W * bq, Hq * D]; gathered: [Hkv, W * R, D]
-               q_smem,  # [nwg, 64, D]        one 64-row block per warpgroup; its output rows afterwards
+               o_ref,  # direct: [T, Hq * D] in token order; gathered: [Hkv, W * R, D]
+               q_smem,  # [nwg, 64, D]        one 64-row block per warpgroup (gathered: its output rows after)
                k_smem,  # [stages, T, D]      shared by the warpgroups
                v_smem,  # [stages, T, D]
-               stage,  # [nwg, 64, D]          direct: q rows as TMA left them (untiled); gathered: unused
+               stage,  # [nwg, 64, D]          direct: q rows as TMA left them, then the output (untiled)
                q_bar, k_bar, v_bar, consumed):
         w, h = lax.axis_index("w"), lax.axis_index("h")
         wg = lax.axis_index("wg") if nwg > 1 else 0
@@ -169,21 +171,40 @@ def _prefill_call(q_in, k_pages, v_pages, block_tables, items, *, scale: float, 
             acc, _, l_i = attend_pages(ring, q_rows, kv_len=kv_len, mask=mask, qk_scale=qk_scale,
                                        interpret=interpret, release=release, unmasked_until=(pos0 + 1) // T)
             l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
-            # q's rows are no longer read (the last wgmma is done): they take the output, which halves the
-            # shared memory a tile needs, so that two tiles can share an SM.
-            q_rows[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
-            plgpu.commit_smem()
+            out = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
             if direct:
+                # Token order, straight into o [T, Hq * D]: the rows leave from plain shared memory (the staging
+                # rows, free since q was copied out of them), where a TMA box may start at any row. A full
+                # warpgroup block is one box per head; a sequence's last, partial block is stored in boxes of
+                # 2^k rows (its row count's binary digits), so no row of the next sequence is touched.
+                staged[...] = out
+                plgpu.commit_smem()
+                n = jnp.clip(nq - wg * bw, 0, bw)  # this warpgroup's rows that are the tile's tokens
+                row0 = q0 + wg * bw
                 for g in range(G):
-                    plgpu.copy_smem_to_gmem(q_rows.at[pl.ds(g * bw, bw)],
-                                            o_ref.at[pl.ds(pl.multiple_of(w * bq + wg * bw, 8), bw),
-                                                     pl.ds(pl.multiple_of((h * G + g) * D, D), D)])
+                    col = pl.ds(pl.multiple_of((h * G + g) * D, D), D)
+
+                    @pl.when(n == bw)
+                    def _():
+                        plgpu.copy_smem_to_gmem(staged.at[pl.ds(g * bw, bw)], o_ref.at[pl.ds(row0, bw), col])
+
+                    p = bw // 2
+                    while p >= 1:
+                        @pl.when((n < bw) & ((n & p) != 0))
+                        def _(p=p):
+                            base = n & ~(2 * p - 1)  # the rows stored by the larger boxes before this one
+                            plgpu.copy_smem_to_gmem(staged.at[pl.ds(g * bw + base, p)],
+                                                    o_ref.at[pl.ds(row0 + base, p), col])
+                        p //= 2
             else:
+                # q's rows are no longer read (the last wgmma is done): they take the output, which halves the
+                # shared memory a tile needs, so that two tiles can share an SM.
+                q_rows[...] = out
+                plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(q_rows, o_ref.at[h, pl.ds(w * R + wg * _ROWS, _ROWS)])
             plgpu.wait_smem_to_gmem(0)
 
-    Hq = Hkv * G
-    out_shape = (W * bq, Hq * D) if direct else (Hkv, W * R, D)
+    out_shape = q_in.shape if direct else (Hkv, W * R, D)
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(out_shape, dtype),
@@ -275,6 +296,9 @@ def tile_queries(q, k_pages, seq_lens, cu_q_lens, tuning: MosaicPrefillTuning = 
 def untile_outputs(o, cu_q_lens, q_shape, static: _Static):
     """The kernel's output -> [num_tokens, Hq, D] in token order, padding tokens zero."""
     T, Hq, D = q_shape
+    real = jnp.arange(T, dtype=jnp.int32) < cu_q_lens[-1]
+    if static.direct:  # o [T, Hq * D] in token order; padding tokens' rows were never written
+        return jnp.where(real[:, None], o, jnp.zeros((), o.dtype)).reshape(T, Hq, D)
     Gp, G, bq = static.gp, static.G, static.bq
     B = cu_q_lens.shape[0] - 1
     # Token t is tile w(t)'s token t - q0[w(t)].
@@ -285,10 +309,7 @@ def untile_outputs(o, cu_q_lens, q_shape, static: _Static):
     first_tile = jnp.cumsum(tiles) - tiles
     j = t - cu_q_lens[seq_of]
     src = (first_tile[seq_of] + j // bq) * bq + j % bq  # the token's row (of Gp head rows) in tile-major order
-    real = t < cu_q_lens[-1]
     src = jnp.where(real, src, 0)
-    if static.direct:  # o [W * bq, Hq * D]: one row gather
-        return jnp.where(real[:, None], o[src], jnp.zeros((), o.dtype)).reshape(T, Hq, D)
     Hkv = o.shape[0]
     W = o.shape[1] // (bq * Gp)
     o = o.reshape(Hkv, W * bq, Gp, D)[:, src]  # (Hkv, T, Gp, D)

@@ -6,10 +6,10 @@ XLA slices k and v out of the fused QKV output, rotates k (a slice fusion and a 
 q into the zero-padded [B, Hkv, Gp, D] groups the decode kernels read (a pad fusion), and the KV write copies
 k and v into their slots. Each moves a few KB; each costs a launch. This kernel does all four from the QKV
 matmul's output as it lies in memory: one program per (token t, kv head h) reads that head's G + 2 rows
-(G query heads, k, v), rotates the query rows and k in f32 with the step's cos/sin (computed once per step,
-shared by every layer), writes q's group rows (zero rows up to Gp) and stores k and v into the token's slot,
-the cache aliased input -> output. The rotation is `models.llama.apply_rope`'s arithmetic, so results match the
-unfused path bit for bit.
+(G query heads, k, v), rotates the query rows and k in f32 with the step's cos/sin (the same for every layer,
+which XLA computes once after inlining the layers), writes q's group rows (zero rows up to Gp) and stores k and
+v into the token's slot, the cache aliased input -> output. The rotation is `models.llama.apply_rope`'s
+arithmetic; a fused multiply-add may round it differently, by at most one ulp (the tests' tolerance).
 Pallas with the Triton lowering: every load and store is a power-of-2 vector of D/2 or D elements; the G + 2
 rows of a head are indexed one by one, so any G works (SmolLM2's 3, Qwen2.5-7B's 7).
 Used for decode-only steps (T = batch <= max_num_seqs) on GPUs; prefill steps keep XLA's RoPE and the write

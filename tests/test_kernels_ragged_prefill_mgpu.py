@@ -102,3 +102,26 @@ def test_ragged_prefill_mgpu_lowers_for_h100(warpgroups):
                           A((2, 40, 16, 128), jnp.bfloat16), A((B, 9), jnp.int32), A((B,), jnp.int32),
                           A((B + 1,), jnp.int32))
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.skipif(not INTERPRET, reason="relies on the interpreter filling unwritten output with NaN")
+@pytest.mark.parametrize("group,q_lens", [(4, [5, 13]), (1, [70, 1]), (8, [9, 7])])
+def test_ragged_prefill_mgpu_writes_exactly_its_tokens(group, q_lens):
+    """The kernel stores rows in token order itself: every real token's row once, and a sequence's partial last
+    block in boxes of 2^k rows, never past its last token. The interpreter fills output memory that no store
+    touched with NaN, so rows past the last real token must still be NaN and every real row finite. The case's
+    NaN-filled unused slots and padding tokens are zeroed here, so that a row computed past a sequence's end is
+    finite, and a stray store of one shows."""
+    from jaxserve.pallas_kernels import ragged_prefill_mgpu as pm
+    c = make_case(np.random.default_rng(group), num_kv_heads=2, group=group, head_dim=64, block_size=16,
+                  ctx_lens=[3, 0], q_lens=q_lens, dtype=jnp.bfloat16, pad_tokens=11)
+    q, k, v = (jnp.nan_to_num(jnp.asarray(a)) for a in (c.q, c.k_pages, c.v_pages))
+    q_in, items, st = pm.tile_queries(q, k, c.seq_lens, c.cu_q_lens)
+    assert st.direct
+    o = pm._prefill_call(q_in, k, v, c.block_tables, items, scale=0.2, gp=st.gp, G=st.G, tune=st.tune,
+                         direct=True, interpret=True)
+    o = np.asarray(o, np.float32)
+    end = int(c.cu_q_lens[-1])
+    assert o.shape == (len(c.q), c.q.shape[1] * c.q.shape[2])
+    assert np.isfinite(o[:end]).all()
+    assert np.isnan(o[end:]).all()

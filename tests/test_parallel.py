@@ -95,8 +95,13 @@ logging.getLogger("jaxserve").addHandler(Seen())
 logging.getLogger("jaxserve").setLevel(logging.INFO)
 jax.monitoring.register_event_duration_secs_listener(
     lambda e, d, **k: compiles.append(e) if e == "/jax/core/compile/backend_compile_duration" else None)
+step_compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda e, d, **k: step_compiles.append(k.get("fun_name")) if e == "/jax/core/compile/backend_compile_duration"
+    and "step" in str(k.get("fun_name")) else None)
 llm = LLM(folder, tensor_parallel_size=2, compile_threads=2, **dict(flags, enforce_eager=False))
-out["threads"] = {"aot": [m for m in seen if "ahead of time" in m]}
+out["threads"] = {"aot": [m for m in seen if "ahead of time" in m], "step_compiles": len(step_compiles),
+                  "shapes": len(llm.llm_engine.runner._warm_shapes())}
 n = len(compiles)
 out["tokens"]["2x1/threads"] = tokens(llm, prompts)
 out["threads"]["compiles_in_generate"] = len(compiles) - n
@@ -214,6 +219,8 @@ def test_threaded_warmup_of_a_tensor_parallel_forward(tiny_run):
     assert len(tiny_run["threads"]["aot"]) == 1 and "from 2 threads" in tiny_run["threads"]["aot"][0]
     assert tiny_run["tokens"]["2x1/threads"] == tiny_run["tokens"]["1x1"]
     assert tiny_run["threads"]["compiles_in_generate"] == 0
+    # each shape's sharded program compiled once: the warm-up's runs found what the threads compiled
+    assert tiny_run["threads"]["step_compiles"] == tiny_run["threads"]["shapes"]
 
 
 @pytest.mark.parametrize("key", ["1x2", "2x2"])
