@@ -77,8 +77,10 @@ def round_blocks(num_blocks: int, quantum: int = 32) -> int:
     return num_blocks - num_blocks % quantum if num_blocks >= 1024 else num_blocks
 
 
-def allocate(arch: ArchConfig, num_blocks: int, block_size: int, dtype, sharding=None, num_kv_heads=None):
-    """Zeroed pages per layer. `sharding`: one for every layer, or a list of one per layer (pipeline stages)."""
+def abstract(arch: ArchConfig, num_blocks: int, block_size: int, dtype, sharding=None, num_kv_heads=None):
+    """The pages per layer as shapes with their shardings only ((k, v) per layer): what `allocate` makes, so
+    that programs compiled ahead of time for these are the ones the allocated pages take.
+    `sharding`: one for every layer, or a list of one per layer (pipeline stages)."""
     heads = num_kv_heads or arch.num_kv_heads
     shape = (heads, num_blocks, block_size, arch.head_dim)
     per_layer = list(sharding) if isinstance(sharding, (list, tuple)) else [sharding] * arch.num_layers
@@ -86,18 +88,17 @@ def allocate(arch: ArchConfig, num_blocks: int, block_size: int, dtype, sharding
     # keys its cache on committedness, so uncommitted fresh pages made warm-up compile its first shape for inputs
     # no real step has; that shape then compiled again at its first real use (seconds of stall on a GPU).
     per_layer = [jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sh is None else sh for sh in per_layer]
-    makes = {sh: jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sh) for sh in set(per_layer)}
-    return tuple((makes[sh](), makes[sh]()) for sh in per_layer)
-
-
-def abstract(arch: ArchConfig, num_blocks: int, block_size: int, dtype, sharding=None, num_kv_heads=None):
-    """What `allocate` returns, as shapes with their shardings only: programs compiled ahead of time for these
-    are the ones the allocated pages take, and no page memory is taken meanwhile."""
-    heads = num_kv_heads or arch.num_kv_heads
-    shape = (heads, num_blocks, block_size, arch.head_dim)
-    per_layer = list(sharding) if isinstance(sharding, (list, tuple)) else [sharding] * arch.num_layers
-    per_layer = [jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sh is None else sh for sh in per_layer]
     return tuple((jax.ShapeDtypeStruct(shape, dtype, sharding=sh),) * 2 for sh in per_layer)
+
+
+def allocate(arch: ArchConfig, num_blocks: int, block_size: int, dtype, sharding=None, num_kv_heads=None):
+    """Zeroed pages per layer, as `abstract` describes them."""
+    specs = abstract(arch, num_blocks, block_size, dtype, sharding, num_kv_heads)
+    makes = {}
+    for k, _ in specs:
+        if k.sharding not in makes:
+            makes[k.sharding] = jax.jit(lambda k=k: jnp.zeros(k.shape, k.dtype), out_shardings=k.sharding)
+    return tuple((makes[k.sharding](), makes[v.sharding]()) for k, v in specs)
 
 
 def pad_ids(ids, fill: int = 0) -> np.ndarray:
