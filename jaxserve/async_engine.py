@@ -140,8 +140,7 @@ class AsyncLLMEngine:
         if self.errored:  # died between the check above and registering: its sweep may have missed us
             self._streams.pop(request_id, None)
             raise RuntimeError(f"the engine loop has died: {self.dead_error!r}")
-        self._commands.put(("add", request_id, prompt, sampling_params))
-        self._wake.set()
+        self._submit(("add", request_id, prompt, sampling_params))
         finished = False
         try:
             while True:
@@ -160,12 +159,18 @@ class AsyncLLMEngine:
         finally:
             if not finished:  # the consumer went away (client disconnect): free the KV blocks now
                 self._streams.pop(request_id, None)
-                self._commands.put(("abort", request_id))
-                self._wake.set()
+                self._submit(("abort", request_id))
 
     async def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._submit(("abort", request_id))
+
+    def _submit(self, cmd: tuple) -> None:
+        """Hand a command to the engine loop (drained between steps)."""
+        self._commands.put(cmd)
         self._wake.set()
+
+    def _has_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
 
     def add_listener(self, fn: Callable[[RequestOutput], None]) -> None:
         self._listeners.append(fn)
@@ -202,7 +207,7 @@ class AsyncLLMEngine:
     async def shutdown(self, grace_s: float) -> None:
         """Let in-flight requests finish for up to grace_s, abort the rest, stop the loop."""
         deadline = time.monotonic() + grace_s
-        while self.engine.has_unfinished_requests() and time.monotonic() < deadline and not self.errored:
+        while self._has_requests() and time.monotonic() < deadline and not self.errored:
             await asyncio.sleep(0.05)
         for rid in list(self._streams):
             await self.abort(rid)

@@ -171,7 +171,9 @@ def _parallel_plan(args: EngineArgs, arch):
     return plan
 
 
-def build_engine(cls, args: EngineArgs):
+def build_engine(cls, args: EngineArgs, on_config=None):
+    """on_config(EngineConfig), if given, is called as soon as the configuration is known (before weights load
+    and compiles): the server's front-end process loads its tokenizer meanwhile (jaxserve/mp_engine.py)."""
     t_start = time.perf_counter()
     if args.num_processes > 1:
         from jaxserve.multihost import init_distributed
@@ -186,16 +188,16 @@ def build_engine(cls, args: EngineArgs):
     from jaxserve.models.loader import load_params
     from jaxserve.models.registry import build_model
     from jaxserve.scheduler import Scheduler
-    from jaxserve.tokenizer import load_tokenizer
+    from jaxserve.tokenizer import tokenizer_for
 
     path = resolve_model_path(args.model)
     arch = load_arch(path)
     config = make_config(args, path, arch)
     plan = _parallel_plan(args, arch)
     mc, cc = config.model, config.cache
-    tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.tokenizer)
-    if tokenizer is not None and mc.chat_template:
-        tokenizer.hf.chat_template = mc.chat_template
+    if on_config is not None:
+        on_config(config)
+    tokenizer = tokenizer_for(mc)
     backend = get_backend(args.attention_backend, args.mosaic_prefill_warpgroups)
     # Under tensor parallelism the model is built with the runtime sizes (kv heads expanded, padding).
     model = build_model(plan.arch if plan else arch, mc.dtype, backend)

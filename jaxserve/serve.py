@@ -43,13 +43,21 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def build_engine(engine_args: EngineArgs, server_args: ServerArgs) -> Any:
-    """The real AsyncLLMEngine, or (tests only) the fake named by --engine-factory module:function."""
+    """The real engine, or (tests only) the fake named by --engine-factory module:function.
+
+    The real engine runs in its own process (jaxserve/mp_engine.py) unless --disable-frontend-multiprocessing
+    is given or the model spans several hosts (--num-processes > 1: process 0's engine leads the others'
+    steps from this process)."""
     if server_args.engine_factory:
         module, _, fn = server_args.engine_factory.partition(":")
         return getattr(importlib.import_module(module), fn)(engine_args)
-    from jaxserve.async_engine import AsyncLLMEngine  # imports JAX: only when a real engine is wanted
+    if server_args.disable_frontend_multiprocessing or engine_args.num_processes > 1:
+        from jaxserve.async_engine import AsyncLLMEngine  # imports JAX: only when a real engine is wanted
 
-    return AsyncLLMEngine.from_engine_args(engine_args)
+        return AsyncLLMEngine.from_engine_args(engine_args)
+    from jaxserve.mp_engine import MPAsyncLLMEngine
+
+    return MPAsyncLLMEngine.from_engine_args(engine_args)
 
 
 class _Server(uvicorn.Server):

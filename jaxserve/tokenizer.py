@@ -106,6 +106,16 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Tokeniz
     return Tokenizer(hf, stop)
 
 
+def tokenizer_for(model_config) -> Tokenizer | None:
+    """The tokenizer a ModelConfig names (None with skip_tokenizer_init), with its chat template override."""
+    if model_config.skip_tokenizer_init:
+        return None
+    tokenizer = load_tokenizer(model_config.tokenizer)
+    if model_config.chat_template:
+        tokenizer.hf.chat_template = model_config.chat_template
+    return tokenizer
+
+
 class IncrementalDetokenizer:
     """Feed output token ids one at a time; get back the new text each adds (see the module notes).
 

@@ -15,7 +15,8 @@ Datasets (all seeded with --seed):
   (scripts/common.py, shared with bench_throughput.py); the realized means are printed and saved.
 
 Arrivals: --request-rate inf sends everything at once; a finite rate r draws exponential gaps of mean
-1/r seconds (a Poisson process). --max-concurrency caps requests in flight.
+1/r seconds (a Poisson process). --max-concurrency caps requests in flight. --client-processes N splits the
+prompts over N client processes that start together (the summary's client_cpu_busy says whether one is enough).
 
 Reported (mean, median, p99; milliseconds): TTFT (send -> first token), TPOT ((latency - TTFT) /
 (output tokens - 1)), ITL (gap between consecutive streamed chunks), E2E latency; request throughput,
@@ -90,7 +91,10 @@ async def send_one(client: httpx.AsyncClient, url: str, model: str | None, s: Sa
     return res
 
 
-async def run(args: argparse.Namespace, samples: list[Sample]) -> tuple[list[Result], float]:
+async def run(args: argparse.Namespace, samples: list[Sample], start_at: float | None = None
+              ) -> tuple[list[Result], float, float]:
+    """Send the samples; (results, wall seconds, CPU seconds of this process meanwhile). start_at (time.time()): fire then, after the warm-up (the
+    client processes of --client-processes start together), and measure the wall time from it."""
     url = args.base_url.rstrip("/") + args.endpoint
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     sem = asyncio.Semaphore(args.max_concurrency or len(samples))
@@ -105,13 +109,53 @@ async def run(args: argparse.Namespace, samples: list[Sample]) -> tuple[list[Res
         # one uncounted warm-up request
         await send_one(client, url, args.model, Sample(samples[0].prompt[:16], 4), headers)
         tasks = []
-        start = time.perf_counter()
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+        start, cpu0 = time.perf_counter(), time.process_time()
         for s in samples:
             tasks.append(asyncio.create_task(guarded(s)))
             if math.isfinite(args.request_rate):
                 await asyncio.sleep(rng.exponential(1.0 / args.request_rate))
         results = await asyncio.gather(*tasks)
-        return results, time.perf_counter() - start
+        cpu = time.process_time() - cpu0
+        if start_at is not None:
+            return results, time.time() - start_at, cpu
+        return results, time.perf_counter() - start, cpu
+
+
+def _client_process(args: argparse.Namespace, samples: list[Sample], start_at: float, conn) -> None:
+    conn.send(asyncio.run(run(args, samples, start_at)))
+    conn.close()
+
+
+def run_processes(args: argparse.Namespace, samples: list[Sample]) -> tuple[list[Result], float, float]:
+    """--client-processes N: sample i goes to process i % N, each its own event loop and connections, all
+    firing at one start time; (results, wall from that start to the last finish, mean busy share of a process).
+    A finite --request-rate r becomes r / N per process (the union of N Poisson processes of rate r / N is one
+    of rate r); --max-concurrency c becomes ceil(c / N) per process."""
+    import multiprocessing as mp
+
+    n = args.client_processes
+    sub = argparse.Namespace(**{**vars(args), "request_rate": args.request_rate / n,
+                                "max_concurrency": -(-args.max_concurrency // n) if args.max_concurrency else None})
+    ctx = mp.get_context("spawn")
+    start_at = time.time() + 3.0 + 0.5 * n  # spawning, imports and the warm-up requests happen before it
+    procs, conns = [], []
+    for i in range(n):
+        r, w = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_client_process, args=(sub, samples[i::n], start_at, w), daemon=True)
+        p.start()
+        w.close()
+        procs.append(p)
+        conns.append(r)
+    results, walls, busy = [], [], []
+    for p, c in zip(procs, conns):
+        res, wall, cpu = c.recv()
+        p.join()
+        results += res
+        walls.append(wall)
+        busy.append(cpu / wall if wall > 0 else 0.0)
+    return results, max(walls), float(np.mean(busy))
 
 
 def summarize(results: list[Result], wall: float, args: argparse.Namespace, samples: list[Sample]) -> dict:
@@ -183,6 +227,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="client processes sharing the prompts (one Python client parsing every SSE chunk can be "
+                        "the bottleneck at thousands of tokens/s: see client_cpu_busy in the summary)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--result-json", default=None)
     p.add_argument("--plot", default=None, help="PNG of the latency distributions (needs matplotlib)")
@@ -197,8 +244,15 @@ def main(argv: list[str] | None = None) -> dict:
                                  args.random_range_ratio, args.vocab_size, args.token_offset)
     else:
         samples = sharegpt_like_dataset(rng, args.num_prompts, args.vocab_size, args.token_offset)
-    results, wall = asyncio.run(run(args, samples))
+    if args.client_processes > 1:
+        results, wall, busy = run_processes(args, samples)
+    else:
+        results, wall, cpu = asyncio.run(run(args, samples))
+        busy = cpu / wall if wall > 0 else 0.0
     summary = summarize(results, wall, args, samples)
+    # A client process parses every SSE chunk it receives in Python: near 1.0 (busy all the time) the client, not
+    # the server, sets the pace; then add --client-processes.
+    summary["client_cpu_busy"] = busy
     for k, v in summary.items():
         print(f"{k:>24}: {v:.2f}" if isinstance(v, float) else f"{k:>24}: {v}")
     if args.result_json:

@@ -41,3 +41,19 @@ def test_bench_against_mock(tmp_path):
         assert saved["total_output_tokens"] == round(saved["mean_output_len"] * 24)
         summary = bench.main(["--base-url", s.url, "--dataset", "sharegpt-like", "--num-prompts", "8"])
         assert summary["completed"] == 8
+
+
+def test_client_processes_share_the_prompts(tmp_path):
+    """--client-processes 2: every prompt is sent once (outputs add up to the dataset's lengths), from two
+    processes that start together, and each process's CPU share is reported."""
+    with ServerThread(MockEngine(max_model_len=4096, token_delay=0.001)) as s:
+        args = ["--base-url", s.url, "--dataset", "random", "--num-prompts", "10", "--random-input-len", "16",
+                "--random-output-len", "6", "--random-range-ratio", "0.5", "--seed", "3"]
+        one = bench.main(args)
+        two = bench.main(args + ["--client-processes", "2"])
+    want = sum(x.output_len for x in bench.random_dataset(np.random.default_rng(3), 10, 16, 6, 0.5, 32000, 100))
+    for summary in (one, two):
+        assert summary["completed"] == 10 and summary["failed"] == 0
+        assert summary["total_output_tokens"] == want
+        assert 0 < summary["client_cpu_busy"] < 1.5
+    assert two["duration_s"] < 30

@@ -20,6 +20,7 @@ class ServerArgs:
     disable_log_requests: bool = False
     log_stats_interval: float = 10.0
     shutdown_grace_seconds: float = 30.0
+    disable_frontend_multiprocessing: bool = False
     engine_factory: str | None = None  # tests only: "module:function" building a fake engine
 
     def resolved_api_key(self) -> str | None:
@@ -55,6 +56,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--shutdown-grace-seconds", type=float, default=ServerArgs.shutdown_grace_seconds,
                    help="On SIGTERM: stop admitting (503), let in-flight requests finish for this long, "
                         "then abort them and exit 0 (default 30).")
+    g.add_argument("--disable-frontend-multiprocessing", action="store_true",
+                   help="Run the engine in the server's process (one thread) instead of its own process. In one "
+                        "process the HTTP work and the engine share the GIL, which slows steps under load.")
     g.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
     return parser
 

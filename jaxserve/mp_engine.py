@@ -1,0 +1,430 @@
+"""The server's engine in its own process (the default): the front-end keeps HTTP, JSON and SSE; the engine
+process keeps the scheduler and the device (vLLM's "frontend multiprocessing").
+
+Why: in one process the event loop's per-chunk Python (JSON, SSE, uvicorn) and the engine thread take turns on
+the GIL, and a thread that wants it back waits up to the switch interval (5 ms) each time. At a batch of a few
+hundred streams that stretches every decode step. In two processes neither waits for the other.
+
+Wire (two one-way pipes, pickled tuples):
+- front-end -> engine: ("add", rid, prompt, params), ("abort", rid), ("profile", tag, dir or None),
+  ("shutdown",).
+- engine -> front-end: ("config", EngineConfig) early in start-up (the front-end loads its tokenizer meanwhile),
+  ("ready", info) or ("startup_error", exc, traceback); then per step ("out", deltas, stats), ("err", rid, exc,
+  stats) for a request the engine refused, ("ack", tag, error or None), ("dead", exc, traceback).
+- Outputs travel as deltas (`OutputEncoder` / `OutputDecoder`): new token ids, new text, new logprobs per
+  sample, the prompt fields once. The front-end rebuilds the cumulative `RequestOutput`s the server reads, equal
+  to what the engine built. Sending whole outputs would re-send every token of every stream each step.
+
+Nothing here imports JAX: the front-end process never touches a device.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+
+from jaxserve.async_engine import AsyncLLMEngine
+from jaxserve.engine_protocol import EngineStats, TokenHistogram
+from jaxserve.outputs import CompletionOutput, RequestOutput
+
+log = logging.getLogger("jaxserve")
+
+
+# ------------------------------------------------------------------------------------------------- the wire
+class OutputEncoder:
+    """Engine side: RequestOutput (cumulative) -> delta tuple, remembering what each request was sent.
+
+    delta = (request_id, finished, samples, head); samples = [(index, new_token_ids, keep, text_tail,
+    new_logprobs, cumulative_logprob, finish_reason, stop_reason)], where the text is old_text[:keep] + text_tail
+    (keep = len(old_text) when the text only grew); head = None, or a dict of the fields that are sent when they
+    change: prompt, prompt_token_ids and num_cached_tokens once, prompt_logprobs when they grew, metrics on the
+    first and the last output."""
+
+    def __init__(self) -> None:
+        self._sent: dict[str, dict] = {}
+
+    def encode(self, out: RequestOutput) -> tuple:
+        st = self._sent.get(out.request_id)
+        head = None
+        if st is None:
+            st = self._sent[out.request_id] = dict(samples={}, plp=0)
+            head = dict(prompt=out.prompt, prompt_token_ids=out.prompt_token_ids,
+                        num_cached_tokens=out.num_cached_tokens, metrics=out.metrics)
+        plp = out.prompt_logprobs
+        if plp is not None and len(plp) != st["plp"]:
+            head = head or {}
+            head["prompt_logprobs"] = list(plp)
+            st["plp"] = len(plp)
+        if out.finished:
+            head = head or {}
+            head["metrics"] = out.metrics
+            self._sent.pop(out.request_id, None)
+        samples = []
+        for c in out.outputs:
+            n_ids, text, n_lp = st["samples"].get(c.index, (0, "", 0))
+            keep = len(text) if c.text.startswith(text) else 0
+            lps = None if c.logprobs is None else c.logprobs[n_lp:]
+            samples.append((c.index, c.token_ids[n_ids:], keep, c.text[keep:], lps, c.cumulative_logprob,
+                            c.finish_reason, c.stop_reason))
+            st["samples"][c.index] = (len(c.token_ids), c.text, len(c.logprobs) if c.logprobs is not None else 0)
+        return out.request_id, out.finished, samples, head
+
+
+class OutputDecoder:
+    """Front-end side: delta tuples -> the cumulative RequestOutputs the engine built."""
+
+    def __init__(self) -> None:
+        self._reqs: dict[str, dict] = {}
+
+    def decode(self, delta: tuple) -> RequestOutput:
+        rid, finished, samples, head = delta
+        r = self._reqs.get(rid)
+        if r is None:
+            r = self._reqs[rid] = dict(prompt=None, prompt_token_ids=[], prompt_logprobs=None, metrics=None,
+                                       num_cached_tokens=0, samples={})
+        if head:
+            r.update(head)
+        outs = []
+        for index, ids, keep, tail, lps, cum_lp, finish, stop in samples:
+            s = r["samples"].get(index)
+            if s is None:
+                s = r["samples"][index] = dict(ids=[], text="", lps=None if lps is None else [])
+            s["ids"].extend(ids)
+            s["text"] = s["text"][:keep] + tail
+            if lps is not None:
+                if s["lps"] is None:
+                    s["lps"] = []
+                s["lps"].extend(lps)
+            outs.append(CompletionOutput(index, s["text"], list(s["ids"]), cum_lp, s["lps"] if lps is not None
+                                         else None, finish, stop))
+        if finished:
+            self._reqs.pop(rid, None)
+        return RequestOutput(rid, r["prompt"], r["prompt_token_ids"], r["prompt_logprobs"], outs, finished,
+                             r["metrics"], r["num_cached_tokens"])
+
+    def forget(self, rid: str) -> None:
+        self._reqs.pop(rid, None)
+
+
+# ---------------------------------------------------------------------------------------- engine process
+def _picklable(e: BaseException) -> BaseException:
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001 - an exception type that does not round-trip: keep its words
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def engine_process_main(args, cmd_r, out_w, log_level: int) -> None:
+    """The engine process: build the engine, then step it and stream deltas until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front-end drains us
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from jaxserve.engine import LLMEngine
+        from jaxserve.engine_builder import build_engine
+        engine = build_engine(LLMEngine, args, on_config=lambda cfg: out_w.send(("config", cfg)))
+    except BaseException as e:  # noqa: BLE001 - the front-end re-raises it
+        out_w.send(("startup_error", _picklable(e), traceback.format_exc()))
+        return
+    cc = engine.config.cache
+    out_w.send(("ready", dict(
+        generation_defaults=engine.generation_defaults, startup_times=getattr(engine, "startup_times", {}),
+        cache_config=dict(block_size=cc.block_size, num_gpu_blocks=engine.runner.num_blocks,
+                          enable_prefix_caching=cc.enable_prefix_caching, swap_space=cc.swap_space,
+                          gpu_memory_utilization=cc.gpu_memory_utilization))))
+    _EngineLoop(engine, cmd_r, out_w).run()
+
+
+class _EngineLoop:
+    def __init__(self, engine, cmd_r, out_w) -> None:
+        self.engine, self.cmd_r, self.out_w = engine, cmd_r, out_w
+        self.encoder = OutputEncoder()
+        self.hist = TokenHistogram()
+        self.adds_seen = 0
+        self.stop = False
+        self.profiling = False
+
+    def stats(self) -> dict:
+        return dict(self.engine.stats(), iteration_counts=list(self.hist.counts), iteration_total=self.hist.total,
+                    adds_seen=self.adds_seen)
+
+    def run(self) -> None:
+        eng = self.engine
+        try:
+            while not self.stop:
+                # Idle: block until a command (or the front-end's end of the pipe closes). Busy: take what is there.
+                timeout = 0 if eng.has_unfinished_requests() else None
+                while self.cmd_r.poll(timeout):
+                    self.handle(self.cmd_r.recv())
+                    timeout = 0
+                    if self.stop:
+                        return
+                if eng.has_unfinished_requests():
+                    outs = eng.step()
+                    self.hist.observe(eng.stats_counters["last_step_tokens"])
+                    self.out_w.send(("out", [self.encoder.encode(o) for o in outs], self.stats()))
+        except (EOFError, OSError, BrokenPipeError):
+            return  # the front-end went away: nothing left to serve
+        except BaseException as e:  # noqa: BLE001 - report the death, then exit
+            log.exception("engine loop died")
+            try:
+                self.out_w.send(("dead", _picklable(e), traceback.format_exc()))
+            except (OSError, BrokenPipeError):
+                pass
+
+    def handle(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, rid, prompt, params = cmd
+            self.adds_seen += 1
+            try:
+                self.engine.add_request(rid, prompt, params)
+            except Exception as e:  # noqa: BLE001 - one bad request must not kill the loop
+                self.out_w.send(("err", rid, _picklable(e), self.stats()))
+        elif kind == "abort":
+            out = self.engine.abort_request(cmd[1])
+            if out is not None:
+                self.out_w.send(("out", [self.encoder.encode(out)], self.stats()))
+        elif kind == "profile":
+            _, tag, folder = cmd
+            err = None
+            try:
+                import jax
+                if folder is not None:
+                    jax.profiler.start_trace(folder)
+                else:
+                    self.engine.wait_device()
+                    jax.profiler.stop_trace()
+            except Exception as e:  # noqa: BLE001 - the route answers with it
+                err = f"{type(e).__name__}: {e}"
+            self.out_w.send(("ack", tag, err))
+        elif kind == "shutdown":
+            self.stop = True
+
+
+# ------------------------------------------------------------------------------------------------ front-end
+class MPAsyncLLMEngine(AsyncLLMEngine):
+    """AsyncLLMEngineProtocol over an engine process. Streams, aborts and listeners behave as in the in-process
+    AsyncLLMEngine (it shares its stream code); stats() is the engine's snapshot from its latest message."""
+
+    def __init__(self, args, startup_timeout: float | None = None) -> None:  # noqa: D107 - no engine object here
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold threads or a device
+        cmd_r, self._cmd_w = ctx.Pipe(duplex=False)
+        self._out_r, out_w = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=engine_process_main, name="jaxserve-engine-core", daemon=True,
+                                args=(args, cmd_r, out_w, logging.getLogger().getEffectiveLevel()))
+        self.proc.start()
+        cmd_r.close()
+        out_w.close()
+        try:
+            config, info, tokenizer = self._await_ready(startup_timeout)
+        except BaseException:
+            self._kill()
+            raise
+        self.engine = None
+        self.config = config
+        self.model_config = config.model
+        self.tokenizer = tokenizer
+        self.generation_defaults = info["generation_defaults"]
+        self.startup_times = info["startup_times"]
+        self._cache_config = info["cache_config"]
+        self.errored = False
+        self.dead_error: BaseException | None = None
+        self._streams = {}
+        self._listeners = []
+        self._stop = False
+        self._profiling = False
+        self._stats: dict = {}
+        self._adds_sent = 0
+        self._decoder = OutputDecoder()
+        self._acks: dict[int, list] = {}
+        self._ack_tag = 0
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="jaxserve-engine-send", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="jaxserve-engine-recv", daemon=True)
+        self._sender.start()
+        self._reader.start()
+
+    @classmethod
+    def from_engine_args(cls, args) -> MPAsyncLLMEngine:
+        return cls(args)
+
+    def _await_ready(self, timeout: float | None):
+        """Wait for the engine process's "ready"; its start-up error is raised here, as it would be in-process."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        config, tok_thread, tok_box = None, None, {}
+        while True:
+            if not self._out_r.poll(0.5):
+                if not self.proc.is_alive():
+                    raise RuntimeError(f"the engine process exited during start-up (exit code {self.proc.exitcode})")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"the engine process was not ready within {timeout} s")
+                continue
+            try:
+                msg = self._out_r.recv()
+            except EOFError:
+                self.proc.join(5)
+                raise RuntimeError(f"the engine process exited during start-up (exit code {self.proc.exitcode})")
+            if msg[0] == "config":
+                config = msg[1]
+
+                def load(mc=config.model):
+                    from jaxserve.tokenizer import tokenizer_for
+                    try:
+                        tok_box["tok"] = tokenizer_for(mc)
+                    except BaseException as e:  # noqa: BLE001 - raised below, on this thread
+                        tok_box["err"] = e
+                # The engine loads weights and compiles for a while: load the tokenizer meanwhile.
+                tok_thread = threading.Thread(target=load, name="jaxserve-tokenizer", daemon=True)
+                tok_thread.start()
+            elif msg[0] == "startup_error":
+                log.debug("engine process start-up failed:\n%s", msg[2])
+                raise msg[1]
+            elif msg[0] == "ready":
+                if tok_thread is not None:
+                    tok_thread.join()
+                if "err" in tok_box:
+                    raise tok_box["err"]
+                return config, msg[1], tok_box.get("tok")
+
+    # ------------------------------------------------------------------------------------- the pipes
+    def start(self) -> None:
+        pass  # the process and its pipe threads run from construction
+
+    def _submit(self, cmd: tuple) -> None:
+        if cmd[0] == "add":
+            self._adds_sent += 1
+        self._outbox.put(cmd)
+
+    def _send_loop(self) -> None:
+        # Its own thread: a write blocks while the engine process is mid-step and the pipe is full (a burst of
+        # long prompts), and the event loop must not.
+        while True:
+            cmd = self._outbox.get()
+            if cmd is None:
+                return
+            try:
+                self._cmd_w.send(cmd)
+            except (OSError, BrokenPipeError):
+                return  # the engine process is gone; the reader reports it
+
+    def _read_loop(self) -> None:
+        err: BaseException | None = None
+        try:
+            while True:
+                msg = self._out_r.recv()
+                kind = msg[0]
+                if kind == "out":
+                    self._stats = msg[2]
+                    outs = [self._decoder.decode(d) for d in msg[1]]
+                    for o in outs:
+                        if o.finished:
+                            for fn in self._listeners:
+                                fn(o)
+                    self._emit_step(outs)
+                elif kind == "err":
+                    self._stats = msg[3]
+                    self._emit(msg[1], msg[2], final=True)
+                elif kind == "ack":
+                    box = self._acks.get(msg[1])
+                    if box is not None:
+                        box.append(msg[2])
+                        box[0].set()
+                elif kind == "dead":
+                    log.error("the engine process died:\n%s", msg[2])
+                    err = msg[1]
+                    break
+        except (EOFError, OSError) as e:
+            if self._stop:
+                return
+            err = RuntimeError(f"the engine process exited ({type(e).__name__}; exit code {self.proc.exitcode})")
+        except BaseException as e:  # noqa: BLE001 - a front-end bug must not leave streams hanging
+            log.exception("engine reader died")
+            err = e
+        self.dead_error, self.errored = err, True
+        for rid in list(self._streams):
+            self._emit(rid, err, final=True)
+        for box in list(self._acks.values()):
+            box.append(f"the engine process died: {err!r}")
+            box[0].set()
+
+    def _has_requests(self) -> bool:
+        return bool(self._streams)
+
+    # ------------------------------------------------------------------------------------------ stats
+    def stats(self) -> EngineStats:
+        s = self._stats
+        if not s:
+            return EngineStats(cache_config=dict(self._cache_config))
+        hist = TokenHistogram(list(s["iteration_counts"]), s["iteration_total"])
+        return EngineStats(
+            num_running=s["num_running"], num_waiting=s["num_waiting"] + max(0, self._adds_sent - s["adds_seen"]),
+            num_swapped=s["num_swapped"], kv_cache_usage=s["kv_cache_usage"],
+            num_preemptions_total=s["num_preemptions_total"], prompt_tokens_total=s["prompt_tokens_total"],
+            generation_tokens_total=s["generation_tokens_total"],
+            prefix_cache_queries_total=s["prefix_cache_queries_total"],
+            prefix_cache_hits_total=s["prefix_cache_hits_total"], iteration_tokens=hist,
+            cache_config=dict(self._cache_config))
+
+    # -------------------------------------------------------------------------------------- profiling
+    def _profile(self, folder: str | None, timeout: float = 120.0) -> None:
+        if self.errored:
+            raise RuntimeError(f"the engine process has died: {self.dead_error!r}")
+        self._ack_tag += 1
+        tag, box = self._ack_tag, [threading.Event()]
+        self._acks[tag] = box
+        try:
+            self._submit(("profile", tag, folder))
+            if not box[0].wait(timeout):
+                raise RuntimeError(f"the engine process did not answer the profiler command within {timeout} s")
+        finally:
+            self._acks.pop(tag, None)
+        if box[1] is not None:
+            raise RuntimeError(box[1])
+
+    def start_profile(self, dir: str) -> None:
+        if self._profiling:
+            raise RuntimeError("a profile is being recorded")
+        self._profile(os.fspath(dir))
+        self._profiling = True
+
+    def stop_profile(self) -> None:
+        if not self._profiling:
+            raise RuntimeError("no profile is being recorded")
+        self._profile(None)
+        self._profiling = False
+
+    # --------------------------------------------------------------------------------------- shutdown
+    async def shutdown(self, grace_s: float) -> None:
+        """Let in-flight requests finish for up to grace_s, abort the rest, stop the engine process."""
+        deadline = time.monotonic() + grace_s
+        while self._streams and time.monotonic() < deadline and not self.errored:
+            await asyncio.sleep(0.05)
+        for rid in list(self._streams):
+            await self.abort(rid)
+        await asyncio.sleep(0.1)
+        self._stop = True
+        self._submit(("shutdown",))
+        self._outbox.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._join, 10.0)
+
+    def _join(self, timeout: float) -> None:
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            log.warning("the engine process did not stop within %.0f s: terminating it", timeout)
+            self._kill()
+
+    def _kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)

@@ -1,0 +1,262 @@
+"""The server's engine in its own process (jaxserve/mp_engine.py).
+
+- The delta wire rebuilds exactly the cumulative outputs the engine built (hand-made outputs with text that is
+  revised, samples that fork later, logprobs and prompt logprobs that grow).
+- On a tiny checkpoint, streams through the engine process give the offline engine's tokens and logprobs; a
+  consumer that goes away frees its blocks; a bad request fails only its own stream; start-up errors reach the
+  caller; a killed engine process fails open streams instead of hanging them; the profiler runs in the engine
+  process.
+- The real server (`python -m jaxserve.serve` on the default SmolLM2) answers through the openai client from a
+  child process, and SIGTERM leaves no engine process behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from jaxserve.config import EngineArgs
+from jaxserve.llm import LLM
+from jaxserve.mp_engine import MPAsyncLLMEngine, OutputDecoder, OutputEncoder
+from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+REPO = Path(__file__).resolve().parent.parent
+ARGS = dict(model="tests/data/tiny/llama", skip_tokenizer_init=True, enforce_eager=True, max_model_len=128,
+            num_gpu_blocks_override=64, max_num_batched_tokens=32, max_num_seqs=8)
+PROMPTS = [[3, 17, 42, 99, 5], list(range(10, 40)), [7] * 17]
+
+
+# ------------------------------------------------------------------------------------------------ the wire
+def _lp(t, v):
+    return {t: Logprob(v, 1, f"<{t}>")}
+
+
+def _outputs() -> list[RequestOutput]:
+    """Cumulative outputs of one request as the engine would hand them out, step by step (n = 2)."""
+    m = RequestMetrics(arrival_time=1.0, first_token_time=2.0)
+    plp = [None, _lp(5, -0.5)]
+    steps = [
+        # sample 0 only (the parent), text grows; prompt logprobs known
+        [CompletionOutput(0, "Hel", [11], -0.1, [_lp(11, -0.1)])],
+        # sample 1 forks in; sample 0's text is revised (an incomplete character resolved), not only grown
+        [CompletionOutput(0, "Hé", [11, 12], -0.3, [_lp(11, -0.1), _lp(12, -0.2)]),
+         CompletionOutput(1, "x", [13], -0.4, [_lp(13, -0.4)])],
+        # no change for sample 0 this step; sample 1 stops on a stop string: its text is cut
+        [CompletionOutput(0, "Hé", [11, 12], -0.3, [_lp(11, -0.1), _lp(12, -0.2)]),
+         CompletionOutput(1, "x", [13, 14], -0.9, [_lp(13, -0.4), _lp(14, -0.5)], "stop", "y")],
+        [CompletionOutput(0, "Hé!", [11, 12, 2], -1.0, [_lp(11, -0.1), _lp(12, -0.2), _lp(2, -0.7)], "stop", None),
+         CompletionOutput(1, "x", [13, 14], -0.9, [_lp(13, -0.4), _lp(14, -0.5)], "stop", "y")],
+    ]
+    outs = []
+    for i, comps in enumerate(steps):
+        last = i == len(steps) - 1
+        metrics = RequestMetrics(**{**m.__dict__, "finished_time": 9.0}) if last else m
+        outs.append(RequestOutput("r1", "prompt text", [4, 5], list(plp), comps, last, metrics, 3))
+    return outs
+
+
+def test_wire_rebuilds_every_cumulative_output():
+    enc, dec = OutputEncoder(), OutputDecoder()
+    for want in _outputs():
+        delta = pickle.loads(pickle.dumps(enc.encode(want)))  # what crosses the pipe
+        got = dec.decode(delta)
+        assert got == want
+    assert not enc._sent and not dec._reqs  # a finished request leaves no state on either side
+
+
+def test_wire_sends_only_what_is_new():
+    enc = OutputEncoder()
+    outs = _outputs()
+    enc.encode(outs[0])
+    rid, finished, samples, head = enc.encode(outs[1])
+    assert head is None and not finished  # prompt fields went with the first output only
+    (i0, ids0, keep0, tail0, lps0, *_), (i1, ids1, keep1, tail1, lps1, *_) = samples
+    assert (i0, ids0, keep0, tail0, len(lps0)) == (0, [12], 0, "Hé", 1)  # revised text: sent whole
+    assert (i1, ids1, keep1, tail1, len(lps1)) == (1, [13], 0, "x", 1)
+    _, _, samples, _ = enc.encode(outs[2])
+    assert samples[0][1:5] == ([], 2, "", [])  # nothing new for sample 0
+    _, finished, _, head = enc.encode(outs[3])
+    assert finished and head == {"metrics": outs[3].metrics}
+
+
+# -------------------------------------------------------------------------------------- the engine process
+def greedy(n, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = MPAsyncLLMEngine.from_engine_args(EngineArgs(**ARGS))
+    eng.start()
+    yield eng
+    asyncio.run(eng.shutdown(1.0))
+    assert eng.proc.exitcode == 0  # it stopped when told to, not killed
+
+
+async def _wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_streams_match_offline_with_logprobs_and_abort_frees_blocks(engine):
+    assert os.getpid() != engine.proc.pid and engine.proc.is_alive()
+    offline = LLM(**ARGS).generate([{"prompt_token_ids": p} for p in PROMPTS], greedy(12, logprobs=2),
+                                   use_tqdm=False)
+
+    async def consume(i, p, stop_after=None):
+        last, seen = None, 0
+        async for out in engine.generate(p, greedy(12, logprobs=2), f"req-{i}"):
+            assert len(out.outputs[0].token_ids) >= seen  # cumulative outputs only grow
+            seen = len(out.outputs[0].token_ids)
+            last = out
+            if stop_after is not None and seen >= stop_after:
+                break  # the client went away mid-stream
+        return last
+
+    async def main():
+        outs = await asyncio.gather(*(consume(i, p) for i, p in enumerate(PROMPTS)),
+                                    consume(9, PROMPTS[1] + [1, 2], stop_after=3))
+        # the abort travels to the engine process, which frees the blocks and reports it in its stats
+        await _wait_for(lambda: engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0)
+        return outs
+
+    outs = asyncio.run(main())
+    for got, want in zip(outs[:3], offline):
+        g, w = got.outputs[0], want.outputs[0]
+        assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason == "length"
+        assert g.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-5)
+        assert [sorted(d) for d in g.logprobs] == [sorted(d) for d in w.logprobs]
+        assert got.finished and got.prompt_token_ids == want.prompt_token_ids
+    st = engine.stats()
+    assert st.generation_tokens_total >= 3 * 12 + 3 and st.num_waiting == 0
+    assert sum(st.iteration_tokens.counts) > 0
+    assert not engine.errored
+
+
+def test_bad_request_fails_only_its_stream_and_listeners_see_finished(engine):
+    seen = []
+    engine.add_listener(seen.append)
+
+    async def main():
+        with pytest.raises(ValueError, match="prompt token ids"):
+            async for _ in engine.generate([10**6], greedy(4), "bad"):
+                pass
+        return [o async for o in engine.generate(PROMPTS[0], greedy(4), "good")][-1]
+
+    last = asyncio.run(main())
+    assert last.finished and len(last.outputs[0].token_ids) == 4
+    assert [o.request_id for o in seen] == ["good"]
+    m = seen[0].metrics
+    assert m.arrival_time <= m.first_token_time <= m.finished_time  # the engine's clock, sent with the output
+    assert not engine.errored
+
+
+def test_profiler_runs_in_the_engine_process(engine, tmp_path):
+    engine.start_profile(str(tmp_path))
+    with pytest.raises(RuntimeError):
+        engine.start_profile(str(tmp_path))
+
+    async def main():
+        return [o async for o in engine.generate(PROMPTS[0], greedy(3), "prof")][-1]
+
+    assert asyncio.run(main()).finished
+    engine.stop_profile()
+    assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+
+
+def test_startup_error_reaches_the_caller():
+    from jaxserve.engine_builder import StartupError
+    with pytest.raises(StartupError, match="max_model_len"):
+        MPAsyncLLMEngine.from_engine_args(EngineArgs(**{**ARGS, "num_gpu_blocks_override": 2}))
+
+
+def test_killed_engine_process_fails_open_streams():
+    eng = MPAsyncLLMEngine.from_engine_args(EngineArgs(**ARGS))
+
+    async def main():
+        gen = eng.generate(PROMPTS[1], greedy(90), "long")
+        first = await gen.__anext__()
+        assert not first.finished
+        os.kill(eng.proc.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="engine process"):
+            async for _ in gen:
+                pass
+        assert eng.errored
+        with pytest.raises(RuntimeError, match="died"):
+            async for _ in eng.generate(PROMPTS[0], greedy(2), "after"):
+                pass
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    asyncio.run(eng.shutdown(0.1))
+
+
+# ---------------------------------------------------------------------------------------- the real server
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+@pytest.mark.slow
+def test_real_server_answers_from_an_engine_process_and_sigterm_leaves_none(tmp_path):
+    """The default SmolLM2 behind `python -m jaxserve.serve`: the openai client's greedy chat answer (streamed
+    and not) comes through the engine process, and SIGTERM ends both processes with status 0."""
+    import openai
+    from conftest import SMOL_FLAGS
+    from server_harness import free_port
+
+    port = free_port()
+    flags = [x for k, v in SMOL_FLAGS.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxserve.serve", "--port", str(port), "--log-stats-interval", "0",
+                             *flags], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        kids = _children(proc.pid)
+        assert kids, "no engine process"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        model = client.models.list().data[0].id
+        msgs = [{"role": "user", "content": "What is the capital of France?"}]
+        whole = client.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=20)
+        assert "Paris" in whole.choices[0].message.content
+        chunks = client.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=20,
+                                                stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        deadline = time.monotonic() + 20
+        while any(_alive(k) for k in kids):
+            assert time.monotonic() < deadline, f"engine process {kids} outlived the server"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
