@@ -122,6 +122,30 @@ def test_add_rms_norm_matches_oracle(T, D, dtype):
     np.testing.assert_allclose(f32(rn), want_n, rtol=ulp, atol=1e-6)
 
 
+@pytest.mark.parametrize("S,T,D", [(4, 1, 4096), (3, 5, 256)])
+def test_add_rms_norm_sums_split_k_partials(S, T, D):
+    """d as [S, T, D] f32 partials (a split-K GEMV's): summed in f32 and rounded to bf16, as XLA's reduction
+    kernel would, then added. On CPU XLA may keep that rounded sum in f32 (excess precision, see
+    test_pallas_backend_e2e), so each element of s must equal the oracle with d rounded or with d unrounded."""
+    rng = np.random.default_rng(S * D)
+    bf = jnp.bfloat16
+    x = jnp.asarray(rng.standard_normal((T, D)) * 3, bf)
+    parts = jnp.asarray(rng.standard_normal((S, T, D)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(D) * 0.1 + 1, bf)
+    s, n = add_rms_norm(x, parts, w, eps=1e-5, interpret=INTERPRET)
+    exact = np.asarray(parts, np.float64).sum(0)
+    s_rounded, n_rounded = _norm_oracle(x, _round(exact, bf), w, 1e-5, bf)
+    s_unrounded, _ = _norm_oracle(x, exact.astype(np.float32), w, 1e-5, bf)
+    got = f32(s)
+    assert np.all((got == s_rounded) | (got == s_unrounded))
+    assert np.mean(got == s_rounded) > 0.5  # not just x + something: the partials' sum
+    np.testing.assert_allclose(f32(n), n_rounded, rtol=2.0 ** -6, atol=2.0 ** -5)
+    rs, _ = add_rms_norm_reference(x, parts, w, eps=1e-5)
+    np.testing.assert_array_equal(f32(rs), s_rounded)
+    with pytest.raises(ValueError, match="partials"):
+        add_rms_norm(x, parts[:, :, :D // 2], w, eps=1e-5, interpret=INTERPRET)
+
+
 def test_add_rms_norm_errors_and_lowering():
     x = jnp.zeros((2, 576), jnp.bfloat16)  # SmolLM2's hidden size: not one vector, XLA's pair serves it
     with pytest.raises(ValueError, match="power of 2"):
