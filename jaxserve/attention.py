@@ -53,11 +53,7 @@ class AttentionBackend(Protocol):
         (cos/sin f32[T, D/2]) -> (out [T, Hq, D], k_cache, v_cache); None: the caller does them one by one."""
 
     def add_rms_norm(self, x: jax.Array, d: jax.Array, w: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-        """(x + d, w * rmsnorm(x + d)) for x [T, hidden] and d [T, hidden] or [S, T, hidden] split-K partials:
-        the residual add and the next sublayer's norm."""
-
-    def decode_splits(self, num_tokens: int, hidden: int, decode_only: bool) -> tuple[int, int]:
-        """(S_o, S_down): ask the o-projection and the down projection for S split-K partials (0: a plain dot)."""
+        """(x + d, w * rmsnorm(x + d)) for x, d [T, hidden]: the residual add and the next sublayer's norm."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +84,6 @@ class XlaBackend:
         from jaxserve.pallas_kernels.add_rms_norm import add_rms_norm_reference
         return add_rms_norm_reference(x, d, w, eps=eps)
 
-    def decode_splits(self, num_tokens, hidden, decode_only):
-        return 0, 0
-
 
 @dataclasses.dataclass(frozen=True)
 class PallasBackend:
@@ -108,11 +101,6 @@ class PallasBackend:
     # (pallas_kernels/rope_kv_write.py, add_rms_norm.py); False keeps XLA's small kernels (an A/B switch,
     # JAXSERVE_FUSE_SMALL_OPS=0).
     fuse_small_ops: bool = True
-    # Small decode steps: the o-projection and the down projection as S f32 split-K partials that add_rms_norm
-    # sums, instead of XLA's split-K GEMV + its own reduction kernel (scripts/bench_splitk.py). (S_o, S_down);
-    # (0, 0) = off. JAXSERVE_DECODE_SPLITS=S_o:S_down sets them (A/B runs).
-    splits: tuple[int, int] = (0, 0)
-    splits_max_tokens: int = 8
 
     def write_kv(self, k_cache, v_cache, k, v, meta):
         from jaxserve.pallas_kernels.kv_write import kv_write_pallas
@@ -144,12 +132,6 @@ class PallasBackend:
         out = kernel(q4, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale, group=G,
                      interpret=self.interpret)
         return out, k_cache, v_cache
-
-    def decode_splits(self, num_tokens, hidden, decode_only):
-        from jaxserve.pallas_kernels import add_rms_norm as arn
-        if not (self.fuse_small_ops and decode_only and num_tokens <= self.splits_max_tokens and arn.supports(hidden)):
-            return 0, 0
-        return self.splits
 
     def add_rms_norm(self, x, d, w, eps):
         from jaxserve.pallas_kernels import add_rms_norm as arn
@@ -189,24 +171,10 @@ def get_backend(name: str = "auto", prefill_warpgroups: int | None = None) -> At
     if choice == "xla":
         return XlaBackend()
     fuse = os.environ.get("JAXSERVE_FUSE_SMALL_OPS", "1") != "0"
-    splits = _env_splits(os.environ.get("JAXSERVE_DECODE_SPLITS"))
     if choice != "pallas_mosaic":
-        return PallasBackend(name=choice, fuse_small_ops=fuse, splits=splits)
+        return PallasBackend(name=choice, fuse_small_ops=fuse)
     wg = select.MOSAIC_PREFILL_WARPGROUPS if prefill_warpgroups is None else prefill_warpgroups
-    return PallasBackend(name=choice, prefill_warpgroups=wg, fuse_small_ops=fuse, splits=splits)
-
-
-def _env_splits(value: str | None) -> tuple[int, int]:
-    """JAXSERVE_DECODE_SPLITS="S_o:S_down" -> (S_o, S_down); unset -> PallasBackend's default."""
-    if not value:
-        return PallasBackend.splits
-    try:
-        s_o, s_d = (int(v) for v in value.split(":"))
-    except ValueError:
-        raise ValueError(f"JAXSERVE_DECODE_SPLITS must be S_o:S_down (two integers >= 0), got {value!r}") from None
-    if s_o < 0 or s_d < 0:
-        raise ValueError(f"JAXSERVE_DECODE_SPLITS must be S_o:S_down (two integers >= 0), got {value!r}")
-    return s_o, s_d
+    return PallasBackend(name=choice, prefill_warpgroups=wg, fuse_small_ops=fuse)
 
 
 def dummy_metadata(num_tokens: int, num_seqs: int, pages_per_seq: int, decode_only: bool = False) -> AttentionMetadata:

@@ -58,16 +58,6 @@ def _all_reduce(x: jax.Array, axis: str | None) -> jax.Array:
     return x if axis is None else jax.lax.psum(x, axis)
 
 
-def split_k_dot(a: jax.Array, w: jax.Array, s: int) -> jax.Array:
-    """a [T, K] @ w [K, N] as s f32 partial products [s, T, N] over K chunks, for a consumer that sums them
-    (pallas_kernels/add_rms_norm.py). A batched dot: XLA's own split-K GEMV, minus its reduction kernel."""
-    T, K = a.shape
-    if K % s:
-        raise ValueError(f"split-K factor {s} does not divide the contraction size {K}")
-    return jnp.einsum("tsk,skn->stn", a.reshape(T, s, K // s), w.reshape(s, K // s, w.shape[1]),
-                      preferred_element_type=jnp.float32)
-
-
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     # As transformers: normalise in f32, cast back, then scale.
     xf = x.astype(jnp.float32)
@@ -115,10 +105,6 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k_cache, v_cache = self.backend.write_kv(kv[0], kv[1], k, v, meta)
             out = self.backend.attend(q, k_cache, v_cache, meta, E ** -0.5)  # (T, H, E)
-        s_o = self.backend.decode_splits(T, c.hidden_size, meta.decode_only)[0] if self.tp_axis is None else 0
-        if s_o:  # (S, T, D) f32 split-K partials, summed by the next add_rms_norm (attention.PallasBackend.splits)
-            return split_k_dot(out.astype(self.dtype).reshape(T, -1), wo.reshape(-1, c.hidden_size), s_o), \
-                (k_cache, v_cache)
         h = jnp.einsum("THE,HED->TD", out.astype(self.dtype), wo)  # (T, D): partial sum under TP
         return _all_reduce(h, self.tp_axis), (k_cache, v_cache)
 
@@ -127,7 +113,6 @@ class Mlp(nn.Module):
     cfg: ArchConfig
     dtype: jnp.dtype
     tp_axis: str | None = None
-    splits: int = 0  # > 0: return the down projection as that many f32 split-K partials (S, T, D)
 
     @nn.compact
     def __call__(self, x):
@@ -135,10 +120,7 @@ class Mlp(nn.Module):
         w_gu = _param(self, "w_gate_up", (c.hidden_size, 2, c.intermediate_size), P(None, None, TP), dtype=self.dtype)
         w_down = _param(self, "w_down", (c.intermediate_size, c.hidden_size), P(TP, None), dtype=self.dtype)
         gu = jnp.einsum("TD,DCI->TCI", x, w_gu)  # (T, 2, I)
-        act = nn.silu(gu[:, 0]) * gu[:, 1]
-        if self.splits:
-            return split_k_dot(act, w_down, self.splits)
-        h = jnp.einsum("TI,ID->TD", act, w_down)  # (T, D): partial sum under TP
+        h = jnp.einsum("TI,ID->TD", nn.silu(gu[:, 0]) * gu[:, 1], w_down)  # (T, D): partial sum under TP
         return _all_reduce(h, self.tp_axis)
 
 
@@ -161,9 +143,7 @@ class DecoderLayer(nn.Module):
         x, n = self.backend.add_rms_norm(x, pending, attn_norm, c.rms_norm_eps)
         h, kv = attn(n, kv, meta)
         x, n = self.backend.add_rms_norm(x, h, mlp_norm, c.rms_norm_eps)
-        s_down = self.backend.decode_splits(x.shape[0], c.hidden_size, meta.decode_only)[1] \
-            if self.tp_axis is None else 0
-        return x, Mlp(c, self.dtype, self.tp_axis, s_down, name="mlp")(n), kv
+        return x, Mlp(c, self.dtype, self.tp_axis, name="mlp")(n), kv
 
 
 # JAXSERVE_TRACE_LAYER_ONCE=0 calls the Flax submodules instead (an A/B switch for measurements).
@@ -222,8 +202,6 @@ class LlamaForCausalLM(nn.Module):
                 x, pending, kv = _layer_fn(c, self.dtype, self.backend, self.tp_axis)(
                     self.variables["params"][f"layers_{i}"], x, pending, kv_caches[j], meta)
             new_caches.append(kv)
-        if pending.ndim == 3:  # the last layer's split-K partials (Mlp.splits)
-            pending = jnp.sum(pending, axis=0).astype(x.dtype)
         if not last:
             return x + pending, tuple(new_caches)
         x = x[logits_indices] + pending[logits_indices]

@@ -65,20 +65,3 @@ def test_get_backend_prefill_warpgroups(monkeypatch):
     assert attention.get_backend("xla", 2).name == "xla"
     with pytest.raises(ValueError, match="warpgroups"):
         attention.get_backend("pallas_mosaic", 3)
-
-
-def test_decode_splits_only_for_small_fused_decode_steps():
-    """Split-K partials (PallasBackend.splits) only where add_rms_norm sums them: decode steps of at most
-    splits_max_tokens rows, fused small ops on, a hidden size the kernel takes; JAXSERVE_DECODE_SPLITS parses."""
-    from jaxserve.attention import PallasBackend, XlaBackend, _env_splits
-    b = PallasBackend(splits=(4, 8))
-    assert b.decode_splits(8, 4096, True) == (4, 8)
-    assert b.decode_splits(16, 4096, True) == (0, 0)  # larger steps: XLA's plain dots
-    assert b.decode_splits(1, 4096, False) == (0, 0)  # prefill or mixed steps
-    assert b.decode_splits(1, 576, True) == (0, 0)  # SmolLM2's hidden size: no fused norm to sum them
-    assert PallasBackend(splits=(4, 8), fuse_small_ops=False).decode_splits(1, 4096, True) == (0, 0)
-    assert XlaBackend().decode_splits(1, 4096, True) == (0, 0)
-    assert _env_splits("4:8") == (4, 8) and _env_splits(None) == PallasBackend.splits
-    for bad in ("4", "a:b", "-1:2"):
-        with pytest.raises(ValueError, match="S_o:S_down"):
-            _env_splits(bad)
