@@ -100,6 +100,9 @@ class EngineArgs:
     dispatch_thread: bool | None = None
     attention_backend: str = "auto"
     mosaic_prefill_warpgroups: int | None = None
+    # Not a flag: who runs the engine ("offline" or "server", set by `python -m jaxserve.serve`), for defaults
+    # that differ between the two, as vLLM's usage context does.
+    usage: str = dataclasses.field(default="offline", metadata={"cli": False})
 
     HELP = {
         "model": "Local HF model folder (config.json + safetensors). Default: the embedded SmolLM2-135M-Instruct.",
@@ -120,8 +123,9 @@ class EngineArgs:
         "kv_cache_memory": "Bytes for the KV cache; the rule on CPU, where no memory statistics exist.",
         "kv_cache_dtype": "KV cache dtype: auto (the model dtype).",
         "max_num_seqs": "Most requests running at once. Default 512 on 80 GB GPUs (>= 40 GiB usable), 256 elsewhere.",
-        "max_num_batched_tokens": "Token budget per step (also the chunked-prefill chunk). Default 8192 on 80 GB "
-                                  "GPUs (>= 40 GiB usable), 2048 on smaller ones, 512 on CPU.",
+        "max_num_batched_tokens": "Token budget per step (also the chunked-prefill chunk). Default on 80 GB GPUs "
+                                  "(>= 40 GiB usable) 4096 in the server and 8192 offline; 2048 on smaller ones, "
+                                  "512 on CPU.",
         "tensor_parallel_size": "Devices to shard each layer over (tensor parallelism).",
         "pipeline_parallel_size": "Pipeline stages (layers split evenly; each stage on its own tp devices).",
         "pp_microbatch_tokens": "With pipeline stages, steps of at least this many tokens run as two micro-batches "
@@ -151,6 +155,8 @@ class EngineArgs:
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
+            if not f.metadata.get("cli", True):
+                continue
             flag = "--" + f.name.replace("_", "-")
             default = f.default
             kind = f.type if isinstance(f.type, str) else str(f.type)
@@ -167,4 +173,4 @@ class EngineArgs:
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> "EngineArgs":
-        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)})

@@ -83,14 +83,17 @@ def _default_max_num_seqs(on_cpu: bool) -> int:
     return 256 if on_cpu or _usable_device_bytes() < 40 * 2**30 else 512
 
 
-def _default_token_budget(on_cpu: bool) -> int:
-    """Tokens per step when --max-num-batched-tokens is not given: 512 on CPU; 8192 where jax may use
-    >= 40 GiB of the GPU (80 GB cards: H100, H200, A100-80G), as vLLM v1 picks for its server on such
-    cards (a burst of prompts prefills in a quarter of the steps 2048 would take, at a higher matmul
-    rate); 2048 on smaller GPUs."""
+def _default_token_budget(on_cpu: bool, server: bool) -> int:
+    """Tokens per step when --max-num-batched-tokens is not given: 512 on CPU; 2048 on GPUs where jax may use
+    < 40 GiB. On larger ones (80 GB cards: H100, H200, A100-80G) 8192 offline: a batch of prompts prefills in
+    fewer, larger steps at a higher matmul rate. The server takes 4096: under a burst of 320 prompts on an H100
+    with the engine in its own process it gave higher throughput, lower TTFT and TPOT, and half the p99
+    inter-token gap of 8192 (one run each, docs/PERF.md, session 7), as its prefill chunks stall decodes less."""
     if on_cpu:
         return 512
-    return 8192 if _usable_device_bytes() >= 40 * 2**30 else 2048
+    if _usable_device_bytes() < 40 * 2**30:
+        return 2048
+    return 4096 if server else 8192
 
 
 def make_config(args: EngineArgs, path: Path, arch) -> EngineConfig:
@@ -116,7 +119,7 @@ def make_config(args: EngineArgs, path: Path, arch) -> EngineConfig:
     if args.block_size not in (8, 16, 32, 64, 128):
         raise StartupError(f"--block-size must be one of 8, 16, 32, 64, 128 (got {args.block_size})")
     on_cpu = jax.devices()[0].platform == "cpu"
-    budget = args.max_num_batched_tokens or _default_token_budget(on_cpu)
+    budget = args.max_num_batched_tokens or _default_token_budget(on_cpu, args.usage == "server")
     tok = None if args.skip_tokenizer_init else str(Path(args.tokenizer).expanduser() if args.tokenizer else path)
     model = ModelConfig(model=str(path), served_model_name=args.served_model_name or args.model or path.name,
                         tokenizer=tok, dtype=dtype, max_model_len=max_len, load_format=args.load_format,

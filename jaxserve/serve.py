@@ -16,6 +16,7 @@ status 143; `_Server` does not record the signal, so a drained shutdown exits 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
@@ -92,7 +93,7 @@ def _set_gil_switch_interval() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ns = make_parser().parse_args(argv)
-    engine_args, server_args = EngineArgs.from_cli_args(ns), server_args_from(ns)
+    engine_args, server_args = dataclasses.replace(EngineArgs.from_cli_args(ns), usage="server"), server_args_from(ns)
     level = server_args.uvicorn_log_level.upper()
     logging.basicConfig(level=getattr(logging, level, 5), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _set_gil_switch_interval()

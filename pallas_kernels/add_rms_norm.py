@@ -51,6 +51,8 @@ def _check(x, d, w):
     if x.ndim != 2 or not ((d.shape == x.shape and d.dtype == x.dtype) or (d.ndim == 3 and d.shape[1:] == x.shape)):
         raise ValueError(f"want x [T, D] and d of its shape and dtype, or [S, T, D] partials; got {x.dtype}{x.shape} "
                          f"and {d.dtype}{d.shape}")
+    if d.ndim == 3 and d.shape[0] & (d.shape[0] - 1):
+        raise ValueError(f"the number of partials must be a power of 2 (Triton's vectors), got {d.shape[0]}")
     if w.shape != (x.shape[1],):
         raise ValueError(f"want w [{x.shape[1]}], got {w.shape}")
     if not supports(x.shape[1]):

@@ -125,10 +125,12 @@ def test_profile_run_reports_the_largest_forwards_memory():
     assert runner.kv_caches[0][0].shape[1] == 8  # the real cache is back in place
 
 
-@pytest.mark.parametrize("usable_gib,seqs,budget", [(72, 512, 8192), (20, 256, 2048)])
-def test_gpu_defaults_for_running_requests_and_step_budget(monkeypatch, usable_gib, seqs, budget):
+@pytest.mark.parametrize("usable_gib,usage,seqs,budget", [(72, "offline", 512, 8192), (72, "server", 512, 4096),
+                                                          (20, "offline", 256, 2048), (20, "server", 256, 2048)])
+def test_gpu_defaults_for_running_requests_and_step_budget(monkeypatch, usable_gib, usage, seqs, budget):
     """Unset --max-num-seqs / --max-num-batched-tokens on a GPU: 512 running requests and 8192 tokens per step
-    where jax may use >= 40 GiB, else 256 and 2048. A flag given wins; the budget never falls below the rows."""
+    offline (4096 in the server) where jax may use >= 40 GiB, else 256 and 2048. A flag given wins; the budget
+    never falls below the rows."""
     import jax
 
     from jaxserve import engine_builder
@@ -140,7 +142,7 @@ def test_gpu_defaults_for_running_requests_and_step_budget(monkeypatch, usable_g
     monkeypatch.setattr(jax, "local_devices", lambda *a: [Gpu()])
     monkeypatch.setattr(engine_builder, "_usable_device_bytes", lambda: usable_gib << 30)
     arch = load_arch(TINY)
-    cfg = engine_builder.make_config(EngineArgs(model=TINY, max_model_len=64), tiny_dir("llama"), arch)
+    cfg = engine_builder.make_config(EngineArgs(model=TINY, max_model_len=64, usage=usage), tiny_dir("llama"), arch)
     assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens) == (seqs, budget)
     cfg = engine_builder.make_config(EngineArgs(model=TINY, max_model_len=64, max_num_seqs=3000,
                                                 max_num_batched_tokens=1024), tiny_dir("llama"), arch)
