@@ -7,6 +7,7 @@
 #   b: the batch-256 decode step (profile_decode.py, replayed forward, no profiler) at TP=1, 2 and 4.
 #   c: the TP=1 offline baseline, the TP=2/4 step with the all-reduces inside XLA's command buffers, 70B at TP=4
 #      offline, and TP=2 offline with command-buffer collectives.
+#   d: (session 7) 70B at TP=4 offline, compiled one shape at a time (the default on several devices now).
 # Each run has its own timeout, most important first. JSONs to $OUT (few files come back), logs in $OUT/logs10.tgz.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -50,5 +51,16 @@ if [ "$MODE" = c ]; then  # session 6, second 4-GPU call: what a and b left
       --output-json $OUT/off70b_tp4.json
   fi
   XLA_FLAGS="$CB" run off8b_tp2_cb 110 $T $M8 --num-prompts 1000 --tensor-parallel-size 2 --output-json $OUT/off8b_tp2_cb.json
+fi
+if [ "$MODE" = d ]; then  # session 7: 70B at TP=4 offline with the compile threads now defaulting to 1 on several
+  # devices (c's two failures compiled from 8 threads: "Failed to allocate collective memory ... OUT_OF_MEMORY");
+  # if it fails again, with a smaller step budget (smaller activations, less taken before the all-reduce scratch).
+  T="python3 scripts/bench_throughput.py $E --dataset sharegpt-like --disable-tqdm"
+  run off70b_tp4 300 $T $M70 --num-prompts 200 --tensor-parallel-size 4 --output-json $OUT/off70b_tp4.json
+  if [ ! -s $OUT/off70b_tp4.json ]; then
+    run off70b_tp4_b2048 230 $T $M70 --num-prompts 200 --tensor-parallel-size 4 --max-num-batched-tokens 2048 \
+      --output-json $OUT/off70b_tp4.json
+  fi
+  nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
 fi
 tar czf $OUT/logs10_$MODE.tgz -C /tmp logs10
