@@ -214,7 +214,9 @@ class MPAsyncLLMEngine(AsyncLLMEngine):
     """AsyncLLMEngineProtocol over an engine process. Streams, aborts and listeners behave as in the in-process
     AsyncLLMEngine (it shares its stream code); stats() is the engine's snapshot from its latest message."""
 
-    def __init__(self, args, startup_timeout: float | None = None) -> None:  # noqa: D107 - no engine object here
+    def __init__(self, args, startup_timeout: float | None = None, while_starting=None) -> None:
+        """Spawn the engine process and wait until it is ready. while_starting(), if given, runs in between (the
+        server imports its own modules meanwhile)."""
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold threads or a device
         cmd_r, self._cmd_w = ctx.Pipe(duplex=False)
         self._out_r, out_w = ctx.Pipe(duplex=False)
@@ -224,6 +226,8 @@ class MPAsyncLLMEngine(AsyncLLMEngine):
         cmd_r.close()
         out_w.close()
         try:
+            if while_starting is not None:
+                while_starting()
             config, info, tokenizer = self._await_ready(startup_timeout)
         except BaseException:
             self._kill()
@@ -253,8 +257,8 @@ class MPAsyncLLMEngine(AsyncLLMEngine):
         self._reader.start()
 
     @classmethod
-    def from_engine_args(cls, args) -> MPAsyncLLMEngine:
-        return cls(args)
+    def from_engine_args(cls, args, while_starting=None) -> MPAsyncLLMEngine:
+        return cls(args, while_starting=while_starting)
 
     def _await_ready(self, timeout: float | None):
         """Wait for the engine process's "ready"; its start-up error is raised here, as it would be in-process."""

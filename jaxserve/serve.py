@@ -4,14 +4,14 @@ Flags: the engine's (EngineArgs.add_cli_args, vLLM's names) plus the server's (j
 With no --model the engine serves its embedded SmolLM2 default.
 
 Shutdown on SIGTERM / Ctrl-C, using uvicorn's own machinery:
-1. `_Server.handle_exit` marks the app as draining: new generation requests get 503 + Retry-After
+1. the server's `handle_exit` (`_make_server`) marks the app as draining: new generation requests get 503 + Retry-After
    and /health turns 503, so a load balancer stops sending;
 2. uvicorn closes the listening socket and waits for in-flight responses up to
    --shutdown-grace-seconds (timeout_graceful_shutdown), then cancels what is left: each cancelled
    response aborts its engine request (jaxserve/server/streaming.py);
 3. the lifespan shutdown calls engine.shutdown(grace left), and the process exits 0.
 uvicorn re-raises a caught signal after shutdown, which for SIGTERM would kill the process with
-status 143; `_Server` does not record the signal, so a drained shutdown exits 0.
+status 143; that handler does not record the signal, so a drained shutdown exits 0.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ import sys
 from types import FrameType
 from typing import Any
 
-import uvicorn
-
 from jaxserve.config import EngineArgs
-from jaxserve.server.app import build_app
 from jaxserve.server.args import ServerArgs, add_server_args, server_args_from
+
+# uvicorn and the app are imported in main(), while the engine process starts: the engine process imports this
+# module again (multiprocessing's spawn re-imports __main__), which should cost it nothing.
 
 logger = logging.getLogger("jaxserve.serve")
 
@@ -41,6 +41,12 @@ def make_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(parser.add_argument_group("engine"))
     add_server_args(parser)
     return parser
+
+
+def _import_server() -> None:
+    import uvicorn  # noqa: F401
+
+    import jaxserve.server.app  # noqa: F401
 
 
 def build_engine(engine_args: EngineArgs, server_args: ServerArgs) -> Any:
@@ -58,20 +64,22 @@ def build_engine(engine_args: EngineArgs, server_args: ServerArgs) -> Any:
         return AsyncLLMEngine.from_engine_args(engine_args)
     from jaxserve.mp_engine import MPAsyncLLMEngine
 
-    return MPAsyncLLMEngine.from_engine_args(engine_args)
+    return MPAsyncLLMEngine.from_engine_args(engine_args, while_starting=_import_server)
 
 
-class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: Any) -> None:
-        super().__init__(config)
-        self.app_state = state
+def _make_server(config: Any, state: Any) -> Any:
+    """uvicorn.Server whose exit handler drains the app first (see the module notes)."""
+    import uvicorn
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.app_state.start_draining()
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True  # a second Ctrl-C: stop waiting
-        else:
-            self.should_exit = True
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            state.start_draining()
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting
+            else:
+                self.should_exit = True
+
+    return _Server(config)
 
 
 def _set_gil_switch_interval() -> None:
@@ -98,11 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, level, 5), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _set_gil_switch_interval()
     engine = build_engine(engine_args, server_args)
+    import uvicorn
+
+    from jaxserve.server.app import build_app
     app = build_app(engine, server_args)
     config = uvicorn.Config(app, host=server_args.host, port=server_args.port, lifespan="on",
                             log_level=server_args.uvicorn_log_level,
                             timeout_graceful_shutdown=max(server_args.shutdown_grace_seconds, 0.1))
-    server = _Server(config, app.state.server)
+    server = _make_server(config, app.state.server)
     server.run()
     return 0 if server.started else 3  # 3: uvicorn's startup-failure status (port taken, lifespan error)
 
