@@ -158,9 +158,13 @@ class ModelRunner:
         activation = None
         if self.parallel is None:
             try:
-                ma = self._forward.lower(self.params, self.kv_caches, ids, meta, li).compile().memory_analysis()
-                # outputs aliased to donated inputs (the tiny cache's pages) take no new memory
-                activation = int(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
+                lowered = self._forward.lower(self.params, self.kv_caches, ids, meta, li)
+                activation = _activation_cache_get(lowered)
+                if activation is None:
+                    ma = lowered.compile().memory_analysis()
+                    # outputs aliased to donated inputs (the tiny cache's pages) take no new memory
+                    activation = int(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
+                    _activation_cache_put(lowered, activation)
             except (AttributeError, NotImplementedError, TypeError):  # no analysis on this runtime
                 activation = None
         if activation is None:  # the allocator's peak after a real run is the measure then
@@ -390,3 +394,63 @@ class ModelRunner:
         res = [np.asarray(x) for x in prompt_logprobs_fn(span_logits, jnp.asarray(nxt), MAX_LOGPROBS)]
         return {req.request_id: (start + 1,) + tuple(x[off:off + n_pred] for x in res)
                 for req, off, n_pred, start in batch.span_layout}
+
+
+# ------------------------------------------------------------------------------------- activation side-cache
+# profile_run needs only XLA's memory analysis of one program, which no other step uses. Even found in the
+# persistent compilation cache, loading that program took 4-5.6 s of each warm start on an H100 (docs/PERF.md,
+# session 7). So its figure is kept beside the compilation cache, keyed by the lowered program's text and
+# everything else the compiled program depends on (jax, jaxlib, the device, XLA_FLAGS): a warm start lowers it
+# (~0.1 s) and reads the number.
+_ACTIVATION_FILE = "jaxserve_activation_bytes.json"
+
+
+def _activation_key(lowered) -> str | None:
+    import hashlib
+    import os
+
+    import jaxlib
+    cache_dir = jax.config.jax_compilation_cache_dir
+    if not cache_dir:
+        return None
+    dev = jax.devices()[0]
+    parts = [lowered.as_text(), jax.__version__, jaxlib.__version__, dev.platform, dev.device_kind,
+             getattr(getattr(dev, "client", None), "platform_version", ""), os.environ.get("XLA_FLAGS", "")]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _activation_file():
+    from pathlib import Path
+    return Path(jax.config.jax_compilation_cache_dir) / _ACTIVATION_FILE
+
+
+def _activation_cache_get(lowered) -> int | None:
+    import json
+    key = _activation_key(lowered)
+    if key is None:
+        return None
+    try:
+        value = json.loads(_activation_file().read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+    return int(value) if isinstance(value, int) and value >= 0 else None
+
+
+def _activation_cache_put(lowered, activation: int) -> None:
+    import json
+    import os
+    key = _activation_key(lowered)
+    if key is None:
+        return
+    path = _activation_file()
+    try:
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table[key] = activation
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(table))
+        os.replace(tmp, path)  # atomic: two servers starting at once never see half a file
+    except OSError as e:  # a read-only cache must not stop serving
+        log.warning("activation figure not cached: %s", e)

@@ -125,6 +125,43 @@ def test_profile_run_reports_the_largest_forwards_memory():
     assert runner.kv_caches[0][0].shape[1] == 8  # the real cache is back in place
 
 
+def test_profile_run_figure_is_cached_beside_the_compile_cache(tmp_path, monkeypatch):
+    """A warm start reads the activation figure from a side-cache keyed by the lowered program (and jax, the device,
+    XLA_FLAGS) instead of loading that program: the second profile_run compiles nothing and returns the same bytes;
+    another XLA_FLAGS is another key, so it compiles again."""
+
+    import jax
+
+    llm = make(max_model_len=64, num_gpu_blocks_override=8)
+    runner = llm.llm_engine.runner
+    old_dir = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    try:
+        _check_activation_side_cache(runner, tmp_path, monkeypatch)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old_dir)
+
+
+def _check_activation_side_cache(runner, tmp_path, monkeypatch):
+    import json
+
+    import jax
+
+    from jaxserve import model_runner
+    first = runner.profile_run()
+    table = json.loads((tmp_path / model_runner._ACTIVATION_FILE).read_text())
+    assert list(table.values()) == [first]
+    compiles = []
+    real = jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a, **k: compiles.append(1) or real(self, *a, **k))
+    assert runner.profile_run() == first and compiles == []
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_dump_disable_metadata=true")
+    assert runner.profile_run() == first and compiles == [1]
+    assert len(json.loads((tmp_path / model_runner._ACTIVATION_FILE).read_text())) == 2
+    (tmp_path / model_runner._ACTIVATION_FILE).write_text("{not json")  # a broken file is a miss, then rewritten
+    assert runner.profile_run() == first and compiles == [1, 1]
+
+
 @pytest.mark.parametrize("usable_gib,usage,seqs,budget", [(72, "offline", 512, 8192), (72, "server", 512, 4096),
                                                           (20, "offline", 256, 2048), (20, "server", 256, 2048)])
 def test_gpu_defaults_for_running_requests_and_step_budget(monkeypatch, usable_gib, usage, seqs, budget):
