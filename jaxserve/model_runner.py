@@ -46,8 +46,7 @@ def _packed_sizes(T: int, B: int, P: int, S: int) -> tuple:
     return (T, T, T, T, B * P, B, B + 1, S, B, B)
 
 
-@functools.partial(jax.jit, static_argnames=("T", "B", "P", "S"))
-def _unpack(packed, prev_sampled, *, T: int, B: int, P: int, S: int):
+def _unpack_fn(packed, prev_sampled, *, T: int, B: int, P: int, S: int):
     """Split the step's packed i32 inputs on the device and fill placeholder tokens from the previous
     step's sampled ids: token_ids[dst[i]] = prev_sampled[src[i]] (dst == T marks padding, dropped)."""
     sizes = _packed_sizes(T, B, P, S)
@@ -58,6 +57,9 @@ def _unpack(packed, prev_sampled, *, T: int, B: int, P: int, S: int):
     token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li, dst, src = parts
     token_ids = token_ids.at[dst].set(prev_sampled[src].astype(jnp.int32), mode="drop")
     return token_ids, positions, slots, seq_ids, tables.reshape(B, P), seq_lens, qsl, li
+
+
+_unpack = jax.jit(_unpack_fn, static_argnames=("T", "B", "P", "S"))
 
 
 @jax.jit
@@ -132,6 +134,17 @@ class ModelRunner:
         self.ids_len = max_num_seqs  # the most rows a step samples (more only while n > 1 prompts fork)
         # Committed, like the sampler outputs it stands in for (committedness is part of jit's cache key).
         self._no_prev = jax.device_put(np.zeros((self.ids_len,), np.int32), jax.devices()[0])
+        # Tensor parallelism in one process, one stage: the packed inputs go to every device of the mesh in one
+        # transfer and are unpacked there, replicated as the sharded step takes them. Unpacked on one device, each
+        # of the ~9 arrays was copied to the mesh on its own: 8.5 ms of host time per step at TP=2 under the
+        # profiler on 2 x H100 (docs/PERF.md, session 7).
+        self._input_sharding = None
+        self._unpack = _unpack
+        if parallel is not None and parallel.pp == 1 and self.device_inputs:
+            self._input_sharding = parallel.replicated[0]
+            self._unpack = jax.jit(_unpack_fn, static_argnames=("T", "B", "P", "S"),
+                                   out_shardings=self._input_sharding)
+            self._no_prev = jax.device_put(self._no_prev, self._input_sharding)
 
     # ----------------------------------------------------------------------------------------- memory
     def allocate_kv(self, num_blocks: int, num_host_blocks: int = 0) -> None:
@@ -251,8 +264,8 @@ class ModelRunner:
         P = self.pages_per_seq
         for T in self.token_buckets:
             B = min(T, self.max_num_seqs)
-            packed = jax.device_put(np.zeros(sum(_packed_sizes(T, B, P, B)), np.int32))
-            jax.block_until_ready(_unpack(packed, self._no_prev, T=T, B=B, P=P, S=B))
+            packed = jax.device_put(np.zeros(sum(_packed_sizes(T, B, P, B)), np.int32), self._input_sharding)
+            jax.block_until_ready(self._unpack(packed, self._no_prev, T=T, B=B, P=P, S=B))
         for S in sorted({min(T, self.max_num_seqs) for T in self.token_buckets}):
             # committed, as the forward's logits are: an uncommitted stand-in would compile a twin program
             logits = jax.device_put(np.zeros((S, self.arch.vocab_size), np.float32), self.logits_device)
@@ -332,12 +345,13 @@ class ModelRunner:
         else:
             packs, rows, decode_only, n_sampled, _ = rest
             prev = self._no_prev
-            if prev_sampled is not None:  # pipeline stages: the ids come from the last stage's device
-                prev = prev_sampled if self.parallel is None else jax.device_put(prev_sampled, jax.devices()[0])
+            if prev_sampled is not None:  # sharded steps: the ids come from the last stage's first device
+                prev = prev_sampled if self.parallel is None else jax.device_put(
+                    prev_sampled, self._input_sharding or jax.devices()[0])
             micro = []
             for packed, dims in packs:
-                token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li_d = _unpack(
-                    jax.device_put(packed), prev, **dims)
+                token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li_d = self._unpack(
+                    jax.device_put(packed, self._input_sharding), prev, **dims)
                 micro.append((token_ids, AttentionMetadata(slot_mapping=slots, positions=positions,
                                                            token_seq_ids=seq_ids, block_tables=tables,
                                                            seq_lens=seq_lens, query_start_loc=qsl,

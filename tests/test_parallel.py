@@ -106,6 +106,16 @@ n = len(compiles)
 out["tokens"]["2x1/threads"] = tokens(llm, prompts)
 out["threads"]["compiles_in_generate"] = len(compiles) - n
 jax.monitoring.clear_event_listeners()
+# One process, one stage: a step's packed inputs are unpacked on the whole mesh, replicated as the sharded step
+# takes them, so the step's own device_put to the mesh copies nothing.
+from jaxserve import model_runner
+r = llm.llm_engine.runner
+P_ = r.pages_per_seq
+packed = jax.device_put(np.zeros(sum(model_runner._packed_sizes(16, 4, P_, 4)), np.int32), r._input_sharding)
+unpacked = r._unpack(packed, r._no_prev, T=16, B=4, P=P_, S=4)
+out["tp_inputs"] = {"replicated": r._input_sharding == r.parallel.replicated[0],
+                    "devices": [len(a.sharding.device_set) for a in unpacked],
+                    "no_copy": all(jax.device_put(a, r.parallel.replicated[0]) is a for a in unpacked)}
 # Real HF weights through the loader's re-layout: qwen2 (qkv bias, 2 kv heads) at tp=4 repeats kv heads.
 qwen = sys.argv[4]
 for tp in (1, 4):
@@ -221,6 +231,12 @@ def test_threaded_warmup_of_a_tensor_parallel_forward(tiny_run):
     assert tiny_run["threads"]["compiles_in_generate"] == 0
     # each shape's sharded program compiled once: the warm-up's runs found what the threads compiled
     assert tiny_run["threads"]["step_compiles"] == tiny_run["threads"]["shapes"]
+
+
+def test_tensor_parallel_step_inputs_are_unpacked_on_the_mesh(tiny_run):
+    # one transfer of the packed inputs to both devices, unpacked there: no per-array copy to the mesh after
+    t = tiny_run["tp_inputs"]
+    assert t["replicated"] and t["devices"] == [2] * 8 and t["no_copy"]
 
 
 @pytest.mark.parametrize("key", ["1x2", "2x2"])
