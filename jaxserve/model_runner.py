@@ -417,6 +417,7 @@ class ModelRunner:
 # everything else the compiled program depends on (jax, jaxlib, the device, XLA_FLAGS): a warm start lowers it
 # (~0.1 s) and reads the number.
 _ACTIVATION_FILE = "jaxserve_activation_bytes.json"
+_ACTIVATION_VERSION = "1: temp + output - alias bytes"  # change it when the figure's formula changes
 
 
 def _activation_key(lowered) -> str | None:
@@ -428,7 +429,7 @@ def _activation_key(lowered) -> str | None:
     if not cache_dir:
         return None
     dev = jax.devices()[0]
-    parts = [lowered.as_text(), jax.__version__, jaxlib.__version__, dev.platform, dev.device_kind,
+    parts = [_ACTIVATION_VERSION, lowered.as_text(), jax.__version__, jaxlib.__version__, dev.platform, dev.device_kind,
              getattr(getattr(dev, "client", None), "platform_version", ""), os.environ.get("XLA_FLAGS", "")]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
@@ -444,9 +445,10 @@ def _activation_cache_get(lowered) -> int | None:
     if key is None:
         return None
     try:
-        value = json.loads(_activation_file().read_text()).get(key)
+        table = json.loads(_activation_file().read_text())
     except (OSError, ValueError):
         return None
+    value = table.get(key) if isinstance(table, dict) else None
     return int(value) if isinstance(value, int) and value >= 0 else None
 
 
@@ -462,8 +464,10 @@ def _activation_cache_put(lowered, activation: int) -> None:
             table = json.loads(path.read_text())
         except (OSError, ValueError):
             table = {}
+        if not isinstance(table, dict):
+            table = {}
         table[key] = activation
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
         tmp.write_text(json.dumps(table))
         os.replace(tmp, path)  # atomic: two servers starting at once never see half a file
     except OSError as e:  # a read-only cache must not stop serving

@@ -10,7 +10,8 @@ Wire (two one-way pipes, pickled tuples):
   ("shutdown",).
 - engine -> front-end: ("config", EngineConfig) early in start-up (the front-end loads its tokenizer meanwhile),
   ("ready", info) or ("startup_error", exc, traceback); then per step ("out", deltas, stats), ("err", rid, exc,
-  stats) for a request the engine refused, ("ack", tag, error or None), ("dead", exc, traceback).
+  stats) for a request the engine refused, ("aborted", delta, stats) for an abort's last output (it ends the
+  stream; no listener sees it, as in-process), ("ack", tag, error or None), ("dead", exc, traceback).
 - Outputs travel as deltas (`OutputEncoder` / `OutputDecoder`): new token ids, new text, new logprobs per
   sample, the prompt fields once. The front-end rebuilds the cumulative `RequestOutput`s the server reads, equal
   to what the engine built. Sending whole outputs would re-send every token of every stream each step.
@@ -43,8 +44,9 @@ class OutputEncoder:
     delta = (request_id, finished, samples, head); samples = [(index, new_token_ids, keep, text_tail,
     new_logprobs, cumulative_logprob, finish_reason, stop_reason)], where the text is old_text[:keep] + text_tail
     (keep = len(old_text) when the text only grew); head = None, or a dict of the fields that are sent when they
-    change: prompt, prompt_token_ids and num_cached_tokens once, prompt_logprobs when they grew, metrics on the
-    first and the last output."""
+    change: prompt, prompt_token_ids and num_cached_tokens once, the new prompt logprobs (start, entries) when
+    there are more (a preemption's recompute replaces entries in place: not re-sent), metrics on the first and the
+    last output."""
 
     def __init__(self) -> None:
         self._sent: dict[str, dict] = {}
@@ -57,9 +59,9 @@ class OutputEncoder:
             head = dict(prompt=out.prompt, prompt_token_ids=out.prompt_token_ids,
                         num_cached_tokens=out.num_cached_tokens, metrics=out.metrics)
         plp = out.prompt_logprobs
-        if plp is not None and len(plp) != st["plp"]:
+        if plp is not None and len(plp) > st["plp"]:
             head = head or {}
-            head["prompt_logprobs"] = list(plp)
+            head["prompt_logprobs_tail"] = (st["plp"], plp[st["plp"]:])
             st["plp"] = len(plp)
         if out.finished:
             head = head or {}
@@ -89,7 +91,11 @@ class OutputDecoder:
             r = self._reqs[rid] = dict(prompt=None, prompt_token_ids=[], prompt_logprobs=None, metrics=None,
                                        num_cached_tokens=0, samples={})
         if head:
+            tail = head.pop("prompt_logprobs_tail", None)
             r.update(head)
+            if tail is not None:
+                start, entries = tail
+                r["prompt_logprobs"] = (r["prompt_logprobs"] or [])[:start] + list(entries)
         outs = []
         for index, ids, keep, tail, lps, cum_lp, finish, stop in samples:
             s = r["samples"].get(index)
@@ -108,9 +114,6 @@ class OutputDecoder:
         return RequestOutput(rid, r["prompt"], r["prompt_token_ids"], r["prompt_logprobs"], outs, finished,
                              r["metrics"], r["num_cached_tokens"])
 
-    def forget(self, rid: str) -> None:
-        self._reqs.pop(rid, None)
-
 
 # ---------------------------------------------------------------------------------------- engine process
 def _picklable(e: BaseException) -> BaseException:
@@ -122,9 +125,27 @@ def _picklable(e: BaseException) -> BaseException:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
-def engine_process_main(args, cmd_r, out_w, log_level: int) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when the front-end dies, also mid start-up (when nothing reads the pipe yet)
+    and when it dies by SIGKILL or the OOM killer, which run no cleanup."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pipe's EOF ends the loop after start-up
+        return
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(1)
+
+
+def engine_process_main(args, cmd_r, out_w, log_level: int, parent_pid: int | None = None) -> None:
     """The engine process: build the engine, then step it and stream deltas until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front-end drains us
+    # Signals to the whole process group (Ctrl-C; a systemd stop; `timeout`) are the front-end's to handle: it
+    # drains the requests in flight, then stops us over the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from jaxserve.engine import LLMEngine
@@ -134,12 +155,14 @@ def engine_process_main(args, cmd_r, out_w, log_level: int) -> None:
         out_w.send(("startup_error", _picklable(e), traceback.format_exc()))
         return
     cc = engine.config.cache
+    loop = _EngineLoop(engine, cmd_r, out_w)
     out_w.send(("ready", dict(
         generation_defaults=engine.generation_defaults, startup_times=getattr(engine, "startup_times", {}),
+        stats=loop.stats(),
         cache_config=dict(block_size=cc.block_size, num_gpu_blocks=engine.runner.num_blocks,
                           enable_prefix_caching=cc.enable_prefix_caching, swap_space=cc.swap_space,
                           gpu_memory_utilization=cc.gpu_memory_utilization))))
-    _EngineLoop(engine, cmd_r, out_w).run()
+    loop.run()
 
 
 class _EngineLoop:
@@ -191,7 +214,10 @@ class _EngineLoop:
         elif kind == "abort":
             out = self.engine.abort_request(cmd[1])
             if out is not None:
-                self.out_w.send(("out", [self.encoder.encode(out)], self.stats()))
+                # The request's last output, also for an n > 1 request aborted before it forked (the engine
+                # reports only the samples it has, so `finished` is not set): it ends the stream.
+                out.finished = True
+                self.out_w.send(("aborted", self.encoder.encode(out), self.stats()))
         elif kind == "profile":
             _, tag, folder = cmd
             err = None
@@ -221,7 +247,7 @@ class MPAsyncLLMEngine(AsyncLLMEngine):
         cmd_r, self._cmd_w = ctx.Pipe(duplex=False)
         self._out_r, out_w = ctx.Pipe(duplex=False)
         self.proc = ctx.Process(target=engine_process_main, name="jaxserve-engine-core", daemon=True,
-                                args=(args, cmd_r, out_w, logging.getLogger().getEffectiveLevel()))
+                                args=(args, cmd_r, out_w, logging.getLogger().getEffectiveLevel(), os.getpid()))
         self.proc.start()
         cmd_r.close()
         out_w.close()
@@ -245,11 +271,12 @@ class MPAsyncLLMEngine(AsyncLLMEngine):
         self._listeners = []
         self._stop = False
         self._profiling = False
-        self._stats: dict = {}
+        self._stats: dict = info.get("stats", {})
         self._adds_sent = 0
         self._decoder = OutputDecoder()
         self._acks: dict[int, list] = {}
         self._ack_tag = 0
+        self._ack_lock = threading.Lock()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="jaxserve-engine-send", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="jaxserve-engine-recv", daemon=True)
@@ -318,6 +345,13 @@ class MPAsyncLLMEngine(AsyncLLMEngine):
                 self._cmd_w.send(cmd)
             except (OSError, BrokenPipeError):
                 return  # the engine process is gone; the reader reports it
+            except Exception as e:  # noqa: BLE001 - e.g. a payload that does not pickle: fail its request only
+                log.exception("could not send %r to the engine process", cmd[0])
+                if cmd[0] == "add":
+                    self._emit(cmd[1], ValueError(f"the request could not be sent to the engine: {e}"), final=True)
+                    self._adds_sent -= 1
+                elif cmd[0] == "profile":
+                    self._release_ack(cmd[1], f"could not send the profiler command: {e}")
 
     def _read_loop(self) -> None:
         err: BaseException | None = None
@@ -333,30 +367,37 @@ class MPAsyncLLMEngine(AsyncLLMEngine):
                             for fn in self._listeners:
                                 fn(o)
                     self._emit_step(outs)
+                elif kind == "aborted":
+                    self._stats = msg[2]
+                    self._emit_step([self._decoder.decode(msg[1])])  # no listeners: as in-process
                 elif kind == "err":
                     self._stats = msg[3]
                     self._emit(msg[1], msg[2], final=True)
                 elif kind == "ack":
-                    box = self._acks.get(msg[1])
-                    if box is not None:
-                        box.append(msg[2])
-                        box[0].set()
+                    self._release_ack(msg[1], msg[2])
                 elif kind == "dead":
                     log.error("the engine process died:\n%s", msg[2])
                     err = msg[1]
                     break
         except (EOFError, OSError) as e:
             if self._stop:
-                return
-            err = RuntimeError(f"the engine process exited ({type(e).__name__}; exit code {self.proc.exitcode})")
+                err = RuntimeError("the engine has shut down")
+            else:
+                err = RuntimeError(f"the engine process exited ({type(e).__name__}; exit code {self.proc.exitcode})")
         except BaseException as e:  # noqa: BLE001 - a front-end bug must not leave streams hanging
             log.exception("engine reader died")
             err = e
+        # Whatever ended the pipe, nothing may wait on it any more: open streams and profiler calls fail now.
         self.dead_error, self.errored = err, True
         for rid in list(self._streams):
             self._emit(rid, err, final=True)
-        for box in list(self._acks.values()):
-            box.append(f"the engine process died: {err!r}")
+        for tag in list(self._acks):
+            self._release_ack(tag, f"the engine process is gone: {err!r}")
+
+    def _release_ack(self, tag: int, error: str | None) -> None:
+        box = self._acks.get(tag)
+        if box is not None and not box[0].is_set():
+            box.append(error)
             box[0].set()
 
     def _has_requests(self) -> bool:
@@ -366,7 +407,7 @@ class MPAsyncLLMEngine(AsyncLLMEngine):
     def stats(self) -> EngineStats:
         s = self._stats
         if not s:
-            return EngineStats(cache_config=dict(self._cache_config))
+            return EngineStats(num_waiting=self._adds_sent, cache_config=dict(self._cache_config))
         hist = TokenHistogram(list(s["iteration_counts"]), s["iteration_total"])
         return EngineStats(
             num_running=s["num_running"], num_waiting=s["num_waiting"] + max(0, self._adds_sent - s["adds_seen"]),
@@ -378,12 +419,14 @@ class MPAsyncLLMEngine(AsyncLLMEngine):
             cache_config=dict(self._cache_config))
 
     # -------------------------------------------------------------------------------------- profiling
-    def _profile(self, folder: str | None, timeout: float = 120.0) -> None:
-        if self.errored:
+    def _profile(self, folder: str | None, timeout: float = 300.0) -> None:
+        with self._ack_lock:
+            self._ack_tag += 1
+            tag, box = self._ack_tag, [threading.Event()]
+            self._acks[tag] = box
+        if self.errored:  # checked after registering: the reader's death sweep releases every box it sees
+            self._acks.pop(tag, None)
             raise RuntimeError(f"the engine process has died: {self.dead_error!r}")
-        self._ack_tag += 1
-        tag, box = self._ack_tag, [threading.Event()]
-        self._acks[tag] = box
         try:
             self._submit(("profile", tag, folder))
             if not box[0].wait(timeout):
@@ -402,8 +445,10 @@ class MPAsyncLLMEngine(AsyncLLMEngine):
     def stop_profile(self) -> None:
         if not self._profiling:
             raise RuntimeError("no profile is being recorded")
-        self._profile(None)
-        self._profiling = False
+        try:
+            self._profile(None)
+        finally:
+            self._profiling = False  # a failed stop must not leave /stop_profile refusing forever
 
     # --------------------------------------------------------------------------------------- shutdown
     async def shutdown(self, grace_s: float) -> None:
@@ -426,9 +471,6 @@ class MPAsyncLLMEngine(AsyncLLMEngine):
             self._kill()
 
     def _kill(self) -> None:
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(5)
-        if self.proc.is_alive():
+        if self.proc.is_alive():  # SIGKILL: the engine process ignores SIGTERM (see engine_process_main)
             self.proc.kill()
             self.proc.join(5)

@@ -91,14 +91,16 @@ async def send_one(client: httpx.AsyncClient, url: str, model: str | None, s: Sa
     return res
 
 
-async def run(args: argparse.Namespace, samples: list[Sample], start_at: float | None = None
+async def run(args: argparse.Namespace, samples: list[Sample], start_at: float | None = None, index: int = 0
               ) -> tuple[list[Result], float, float]:
-    """Send the samples; (results, wall seconds, CPU seconds of this process meanwhile). start_at (time.time()): fire then, after the warm-up (the
-    client processes of --client-processes start together), and measure the wall time from it."""
+    """Send the samples; (results, wall seconds, CPU seconds of this process meanwhile). start_at (time.time()):
+    fire then, after the warm-up (the client processes of --client-processes start together), and measure the wall
+    time from it. index: which client process this is (its arrival gaps)."""
     url = args.base_url.rstrip("/") + args.endpoint
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     sem = asyncio.Semaphore(args.max_concurrency or len(samples))
-    rng = np.random.default_rng(args.seed + 1)
+    # Client process `index`'s own arrival gaps; process 0 (and a lone client) draws what one client always drew.
+    rng = np.random.default_rng(args.seed + 1 if index == 0 else [args.seed + 1, index])
     limits = httpx.Limits(max_connections=args.max_concurrency or len(samples) + 8)
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
@@ -123,8 +125,8 @@ async def run(args: argparse.Namespace, samples: list[Sample], start_at: float |
         return results, time.perf_counter() - start, cpu
 
 
-def _client_process(args: argparse.Namespace, samples: list[Sample], start_at: float, conn) -> None:
-    conn.send(asyncio.run(run(args, samples, start_at)))
+def _client_process(args: argparse.Namespace, samples: list[Sample], start_at: float, index: int, conn) -> None:
+    conn.send(asyncio.run(run(args, samples, start_at, index)))
     conn.close()
 
 
@@ -132,18 +134,20 @@ def run_processes(args: argparse.Namespace, samples: list[Sample]) -> tuple[list
     """--client-processes N: sample i goes to process i % N, each its own event loop and connections, all
     firing at one start time; (results, wall from that start to the last finish, mean busy share of a process).
     A finite --request-rate r becomes r / N per process (the union of N Poisson processes of rate r / N is one
-    of rate r); --max-concurrency c becomes ceil(c / N) per process."""
+    of rate r, each process drawing its own gaps); --max-concurrency c is shared out (c // N, plus one for the
+    first c % N processes). N is capped by the prompts and by c."""
     import multiprocessing as mp
 
-    n = args.client_processes
-    sub = argparse.Namespace(**{**vars(args), "request_rate": args.request_rate / n,
-                                "max_concurrency": -(-args.max_concurrency // n) if args.max_concurrency else None})
+    n = min(args.client_processes, len(samples), args.max_concurrency or len(samples))
     ctx = mp.get_context("spawn")
     start_at = time.time() + 3.0 + 0.5 * n  # spawning, imports and the warm-up requests happen before it
     procs, conns = [], []
     for i in range(n):
         r, w = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_client_process, args=(sub, samples[i::n], start_at, w), daemon=True)
+        c = args.max_concurrency
+        sub = argparse.Namespace(**{**vars(args), "request_rate": args.request_rate / n,
+                                    "max_concurrency": c // n + (i < c % n) if c else None})
+        p = ctx.Process(target=_client_process, args=(sub, samples[i::n], start_at, i, w), daemon=True)
         p.start()
         w.close()
         procs.append(p)

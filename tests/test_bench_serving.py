@@ -51,8 +51,9 @@ def test_client_processes_share_the_prompts(tmp_path):
                 "--random-output-len", "6", "--random-range-ratio", "0.5", "--seed", "3"]
         one = bench.main(args)
         two = bench.main(args + ["--client-processes", "2"])
+        capped = bench.main(args + ["--client-processes", "20", "--max-concurrency", "3"])  # 3 processes, 1 each
     want = sum(x.output_len for x in bench.random_dataset(np.random.default_rng(3), 10, 16, 6, 0.5, 32000, 100))
-    for summary in (one, two):
+    for summary in (one, two, capped):
         assert summary["completed"] == 10 and summary["failed"] == 0
         assert summary["total_output_tokens"] == want
         assert 0 < summary["client_cpu_busy"] < 1.5

@@ -162,6 +162,32 @@ def test_bad_request_fails_only_its_stream_and_listeners_see_finished(engine):
     assert not engine.errored
 
 
+def test_abort_of_an_n2_request_before_it_forks_ends_its_stream(engine):
+    """An n = 2 request aborted while it waits (its samples not forked yet, so the engine's abort output has one
+    sample): the stream still ends, no listener sees the abort (as in-process), and no wire state is left."""
+    seen = []
+    engine.add_listener(seen.append)
+
+    async def drain(gen):
+        return [o async for o in gen]
+
+    async def main():
+        busy = [asyncio.create_task(drain(engine.generate(PROMPTS[1], greedy(60), f"busy-{i}"))) for i in range(8)]
+        await asyncio.sleep(0.05)  # the 8 running requests fill max_num_seqs: the next one waits
+        n2 = asyncio.create_task(drain(engine.generate(
+            PROMPTS[0], SamplingParams(n=2, temperature=1.0, max_tokens=20, seed=1), "n2")))
+        await asyncio.sleep(0.05)
+        await engine.abort("n2")
+        outs = await asyncio.wait_for(n2, 10)
+        await asyncio.gather(*busy)
+        return outs
+
+    outs = asyncio.run(main())
+    assert outs and outs[-1].finished and all(c.finish_reason == "abort" for c in outs[-1].outputs)
+    assert "n2" not in [o.request_id for o in seen] and len(seen) == 8
+    assert not engine._decoder._reqs
+
+
 def test_profiler_runs_in_the_engine_process(engine, tmp_path):
     engine.start_profile(str(tmp_path))
     with pytest.raises(RuntimeError):
@@ -181,8 +207,19 @@ def test_startup_error_reaches_the_caller():
         MPAsyncLLMEngine.from_engine_args(EngineArgs(**{**ARGS, "num_gpu_blocks_override": 2}))
 
 
-def test_killed_engine_process_fails_open_streams():
+def test_killed_engine_process_fails_open_streams(tmp_path):
+    """Also: stats are there before the first step (the ready message carries them, and adds not yet seen by the
+    engine count as waiting); SIGTERM to the engine process alone is ignored (the front-end drains it); after the
+    death, profiler calls and new requests fail at once."""
     eng = MPAsyncLLMEngine.from_engine_args(EngineArgs(**ARGS))
+    st = eng.stats()
+    assert (st.num_running, st.num_waiting, st.kv_cache_usage, st.cache_config["num_gpu_blocks"]) == (0, 0, 0.0, 64)
+    eng._adds_sent += 2  # as if two adds were still in the pipe
+    assert eng.stats().num_waiting == 2
+    eng._adds_sent -= 2
+    os.kill(eng.proc.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert eng.proc.is_alive()
 
     async def main():
         gen = eng.generate(PROMPTS[1], greedy(90), "long")
@@ -198,7 +235,50 @@ def test_killed_engine_process_fails_open_streams():
                 pass
 
     asyncio.run(asyncio.wait_for(main(), 60))
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="engine process"):
+        eng.start_profile(str(tmp_path))
+    assert time.monotonic() - t0 < 5
     asyncio.run(eng.shutdown(0.1))
+
+
+def test_engine_process_dies_with_its_front_end(tmp_path):
+    """A front-end killed outright mid start-up (SIGKILL, the OOM killer: no cleanup runs, and the engine process
+    reads no pipe until it is ready) takes its engine process with it at once, not after the engine's start-up
+    (seconds here: this engine compiles its step shapes; minutes for a large model on a GPU)."""
+    import json
+    cfg = json.loads((REPO / ARGS["model"] / "config.json").read_text())
+    (tmp_path / "deep.json").write_text(json.dumps({**cfg, "num_hidden_layers": 16}))  # ~1.5 s per shape to compile
+    script = tmp_path / "front.py"
+    args = {**ARGS, "model": str(tmp_path / "deep.json"), "load_format": "dummy", "enforce_eager": False}
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from jaxserve.config import EngineArgs\n"
+        "from jaxserve.mp_engine import MPAsyncLLMEngine\n"
+        "def die():  # once the engine process has sent its config and is compiling\n"
+        "    time.sleep(3)\n"
+        "    import multiprocessing\n"
+        "    print('ENGINE PID', multiprocessing.active_children()[0].pid, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "if __name__ == '__main__':  # spawn re-imports the main module\n"
+        f"    MPAsyncLLMEngine.from_engine_args(EngineArgs(**{args!r}), while_starting=die)\n")
+    front = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    line = ""
+    try:
+        while not line.startswith("ENGINE PID"):  # the engine process prints to the same stdout
+            line = front.stdout.readline()
+            assert line, "the front-end exited before naming its engine process"
+        engine_pid = int(line.split()[-1])
+        front.wait(10)
+        deadline = time.monotonic() + 2
+        while _alive(engine_pid):
+            assert time.monotonic() < deadline, "the engine process outlived its front-end"
+            time.sleep(0.05)
+    finally:
+        if front.poll() is None:
+            front.kill()
+        if line.startswith("ENGINE PID") and _alive(int(line.split()[-1])):
+            os.kill(int(line.split()[-1]), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------- the real server
