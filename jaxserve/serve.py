@@ -85,8 +85,8 @@ def _make_server(config: Any, state: Any) -> Any:
 def _set_gil_switch_interval() -> None:
     """With --disable-frontend-multiprocessing (or several hosts) the server runs the event loop, the engine
     thread and its dispatch thread in one interpreter; otherwise this sets the front-end process's interval
-    only. A thread that wants the GIL back waits up to `sys.getswitchinterval()` (5 ms by default) while another one runs
-    Python, and the engine thread asks for it several times a step. JAXSERVE_GIL_SWITCH_MS sets it (an
+    only. A thread that wants the GIL back waits up to `sys.getswitchinterval()` (5 ms by default) while
+    another one runs Python, and the engine thread asks for it several times a step. JAXSERVE_GIL_SWITCH_MS sets it (an
     experiment knob: 0.5 ms measured worse on an H100 server, docs/PERF.md). Read before the engine is
     built, so a bad value costs no start-up; it is then ignored with a warning."""
     ms = os.environ.get("JAXSERVE_GIL_SWITCH_MS")
