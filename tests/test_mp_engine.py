@@ -281,6 +281,65 @@ def test_engine_process_dies_with_its_front_end(tmp_path):
             os.kill(int(line.split()[-1]), signal.SIGKILL)
 
 
+@pytest.mark.slow
+def test_engine_process_equals_the_engine_thread_on_smollm2():
+    """The default SmolLM2 (real tokenizer) with the requests that exercise every field of the wire: stop strings
+    (text cut, holdback while streaming), n = 2 with a seed (samples forking), logprobs and prompt logprobs, a
+    stop token id. The engine process and the in-process engine thread give equal streams' last outputs."""
+    from conftest import SMOL_FLAGS
+
+    from jaxserve.async_engine import AsyncLLMEngine
+    args = EngineArgs(**SMOL_FLAGS)
+    requests = [
+        ("Write a list of three fruits:", SamplingParams(temperature=0.0, max_tokens=24, stop=["orange"])),
+        ("The capital of France is", SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=12, logprobs=2)),
+        ("Count: one, two,", SamplingParams(temperature=0.0, max_tokens=10, prompt_logprobs=1, logprobs=1,
+                                            stop=[" five"], include_stop_str_in_output=True)),
+    ]
+
+    async def run(engine):
+        async def one(i, prompt, sp):
+            outs = [o async for o in engine.generate(prompt, sp, f"r{i}")]
+            texts = [c.text for o in outs for c in o.outputs]
+            return outs[-1], texts
+        return await asyncio.gather(*(one(i, p, sp) for i, (p, sp) in enumerate(requests)))
+
+    mp_eng = MPAsyncLLMEngine.from_engine_args(args)
+    try:
+        got = asyncio.run(run(mp_eng))
+    finally:
+        asyncio.run(mp_eng.shutdown(1.0))
+    thread_eng = AsyncLLMEngine.from_engine_args(args)
+    thread_eng.start()
+    try:
+        want = asyncio.run(run(thread_eng))
+    finally:
+        asyncio.run(thread_eng.shutdown(1.0))
+    for (g, g_texts), (w, w_texts) in zip(got, want):
+        assert g.finished and w.finished
+        assert g.prompt == w.prompt and g.prompt_token_ids == w.prompt_token_ids
+        for a, b in zip(g.prompt_logprobs or [], w.prompt_logprobs or []):
+            assert (a is None and b is None) or {t: round(lp.logprob, 4) for t, lp in a.items()} == \
+                {t: round(lp.logprob, 4) for t, lp in b.items()}
+        assert (g.prompt_logprobs is None) == (w.prompt_logprobs is None)
+        assert len(g.outputs) == len(w.outputs)
+        for a, b in zip(g.outputs, w.outputs):
+            assert (a.index, a.text, a.token_ids, a.finish_reason, a.stop_reason) == \
+                (b.index, b.text, b.token_ids, b.finish_reason, b.stop_reason)
+            assert (a.logprobs is None) == (b.logprobs is None)
+            if a.logprobs is not None:
+                assert len(a.logprobs) == len(a.token_ids)
+                assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-4)
+        # every streamed text was a prefix of the final one: nothing shown and then taken back
+        final = {c.index: c.text for c in g.outputs}
+        assert all(any(final[k].startswith(t) for k in final) for t in g_texts)
+    # greedy: " apple, banana, and orange. ..." cut before the stop string; " three, four, five" kept with it
+    assert got[0][0].outputs[0].finish_reason == "stop" and got[0][0].outputs[0].stop_reason == "orange"
+    assert got[0][0].outputs[0].text == " apple, banana, and "
+    assert got[2][0].outputs[0].text == " three, four, five" and got[2][0].outputs[0].stop_reason == " five"
+    assert len(got[1][0].outputs) == 2 and got[2][0].prompt_logprobs is not None
+
+
 # ---------------------------------------------------------------------------------------- the real server
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
