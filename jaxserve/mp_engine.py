@@ -32,7 +32,7 @@ import traceback
 
 from jaxserve.async_engine import AsyncLLMEngine
 from jaxserve.engine_protocol import EngineStats, TokenHistogram
-from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 
 log = logging.getLogger("jaxserve")
 
@@ -42,7 +42,8 @@ class OutputEncoder:
     """Engine side: RequestOutput (cumulative) -> delta tuple, remembering what each request was sent.
 
     delta = (request_id, finished, samples, head); samples = [(index, new_token_ids, keep, text_tail,
-    new_logprobs, cumulative_logprob, finish_reason, stop_reason)], where the text is old_text[:keep] + text_tail
+    new_logprobs (as _lp_out tuples), cumulative_logprob, finish_reason, stop_reason)], where the text is
+    old_text[:keep] + text_tail
     (keep = len(old_text) when the text only grew); head = None, or a dict of the fields that are sent when they
     change: prompt, prompt_token_ids and num_cached_tokens once, the new prompt logprobs (start, entries) when
     there are more (a preemption's recompute replaces entries in place: not re-sent), metrics on the first and the
@@ -61,7 +62,7 @@ class OutputEncoder:
         plp = out.prompt_logprobs
         if plp is not None and len(plp) > st["plp"]:
             head = head or {}
-            head["prompt_logprobs_tail"] = (st["plp"], plp[st["plp"]:])
+            head["prompt_logprobs_tail"] = (st["plp"], [_lp_out(d) for d in plp[st["plp"]:]])
             st["plp"] = len(plp)
         if out.finished:
             head = head or {}
@@ -71,11 +72,21 @@ class OutputEncoder:
         for c in out.outputs:
             n_ids, text, n_lp = st["samples"].get(c.index, (0, "", 0))
             keep = len(text) if c.text.startswith(text) else 0
-            lps = None if c.logprobs is None else c.logprobs[n_lp:]
+            lps = None if c.logprobs is None else [_lp_out(d) for d in c.logprobs[n_lp:]]
             samples.append((c.index, c.token_ids[n_ids:], keep, c.text[keep:], lps, c.cumulative_logprob,
                             c.finish_reason, c.stop_reason))
             st["samples"][c.index] = (len(c.token_ids), c.text, len(c.logprobs) if c.logprobs is not None else 0)
         return out.request_id, out.finished, samples, head
+
+
+def _lp_out(d):
+    """{token: Logprob} -> ((token, logprob, rank, decoded), ...) in order: tuples pickle ~5x faster than the
+    dataclasses (512 streams x 21 logprobs: 2.5 against 12.6 ms a step, measured on CPU)."""
+    return None if d is None else tuple((t, lp.logprob, lp.rank, lp.decoded_token) for t, lp in d.items())
+
+
+def _lp_in(e):
+    return None if e is None else {t: Logprob(v, r, dt) for t, v, r, dt in e}
 
 
 class OutputDecoder:
@@ -95,7 +106,7 @@ class OutputDecoder:
             r.update(head)
             if tail is not None:
                 start, entries = tail
-                r["prompt_logprobs"] = (r["prompt_logprobs"] or [])[:start] + list(entries)
+                r["prompt_logprobs"] = (r["prompt_logprobs"] or [])[:start] + [_lp_in(e) for e in entries]
         outs = []
         for index, ids, keep, tail, lps, cum_lp, finish, stop in samples:
             s = r["samples"].get(index)
@@ -106,7 +117,7 @@ class OutputDecoder:
             if lps is not None:
                 if s["lps"] is None:
                     s["lps"] = []
-                s["lps"].extend(lps)
+                s["lps"].extend(_lp_in(e) for e in lps)
             outs.append(CompletionOutput(index, s["text"], list(s["ids"]), cum_lp, s["lps"] if lps is not None
                                          else None, finish, stop))
         if finished:
