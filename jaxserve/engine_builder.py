@@ -225,7 +225,10 @@ def build_engine(cls, args: EngineArgs, on_config=None):
     if cc.num_gpu_blocks_override:
         num_blocks, why = cc.num_gpu_blocks_override, "--num-gpu-blocks-override"
     else:
+        t_prof = time.perf_counter()
         activation = runner.profile_run()
+        log.info("profile run: %s in %.1f s", "no memory analysis" if activation is None else
+                 f"{activation / 2**30:.2f} GiB of activations", time.perf_counter() - t_prof)
         devices = plan.local_devices() if plan else jax.devices()[:1]
         budget, why = kv_memory_budget(devices, cc.gpu_memory_utilization, cc.kv_cache_memory, activation)
         num_blocks = budget // per_block
