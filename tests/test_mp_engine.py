@@ -399,3 +399,74 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.slow
+def test_real_server_under_concurrent_streams_with_disconnects_leaks_nothing(tmp_path):
+    """48 streams at once through the real server and its engine process (tiny checkpoint): a third of the clients
+    hang up after two chunks, the rest read to the end. Every finished stream has all its tokens, and once the
+    last one ends the engine reports no running request and no used KV block (/metrics)."""
+    import json
+
+    import httpx as hx
+    from server_harness import free_port
+
+    port = free_port()
+    flags = ["--model", ARGS["model"], "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "128",
+             "--num-gpu-blocks-override", "64", "--max-num-batched-tokens", "32", "--max-num-seqs", "8"]
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxserve.serve", "--port", str(port), "--log-stats-interval", "0",
+                             "--disable-log-requests", *flags], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def metric(text, name):
+        return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"jaxserve:{name}{{"))
+
+    async def client(i, c):
+        body = {"prompt": [3 + i, 17, 42, 99, 5 + i], "max_tokens": 16, "temperature": 0.0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        chunks, tokens = 0, None
+        async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    chunks += 1
+                    if i % 3 == 0 and chunks == 2:
+                        return None  # hang up mid-stream
+                    usage = json.loads(line[6:]).get("usage")
+                    if usage:
+                        tokens = usage["completion_tokens"]
+        return tokens
+
+    async def main():
+        async with hx.AsyncClient(timeout=120, limits=hx.Limits(max_connections=64)) as c:
+            return await asyncio.gather(*(client(i, c) for i in range(48)))
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server did not start"
+            try:
+                if hx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except hx.HTTPError:
+                pass
+            time.sleep(0.2)
+        done = asyncio.run(main())
+        assert all(n is None for n in done[::3])
+        assert all(n == 16 for i, n in enumerate(done) if i % 3)  # usage of every stream read to the end
+        deadline = time.monotonic() + 20
+        while True:
+            m = hx.get(f"{url}/metrics").text
+            if metric(m, "num_requests_running") == 0 and metric(m, "kv_cache_usage_perc") == 0:
+                break
+            assert time.monotonic() < deadline, "requests or KV blocks left after every client ended"
+            time.sleep(0.1)
+        assert hx.get(f"{url}/health").status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
