@@ -69,18 +69,26 @@ class ServerThread:
         self.sock.close()
 
 
-def start_subprocess(*flags: str, factory: str = "mock_engine:make", env: dict | None = None) -> tuple:
-    """(Popen, port) of `python -m jaxserve.serve --engine-factory <factory> --port P <flags>`, once /health is 200."""
+def start_subprocess(*flags: str, factory: str | None = "mock_engine:make", env: dict | None = None,
+                     timeout: float = 30, log_path=None) -> tuple:
+    """(Popen, port) of `python -m jaxserve.serve --engine-factory <factory> --port P <flags>`, once /health is 200.
+    factory None: the real engine. log_path: the server's output goes to that file (a real engine logs more than
+    an unread pipe holds) instead of a pipe."""
     port = free_port()
     e = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
     e.update(env or {})
-    cmd = [PYTHON, "-m", "jaxserve.serve", "--engine-factory", factory, "--port", str(port),
+    cmd = [PYTHON, "-m", "jaxserve.serve", *(["--engine-factory", factory] if factory else []), "--port", str(port),
            "--log-stats-interval", "0", *flags]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
+    if log_path is None:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    else:
+        with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {proc.stdout.read()}")
+            out = proc.stdout.read() if log_path is None else Path(log_path).read_text()[-3000:]
+            raise RuntimeError(f"server exited {proc.returncode}: {out}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc, port

@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from jaxserve.config import EngineArgs
@@ -346,30 +345,22 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+def _start_server(tmp_path, flags: list[str], timeout: float = 240):
+    """(Popen, port) of `python -m jaxserve.serve` with the real engine (its own process), once /health is 200."""
+    from server_harness import start_subprocess
+    return start_subprocess(*flags, factory=None, timeout=timeout, log_path=tmp_path / "server.log")
+
+
 @pytest.mark.slow
 def test_real_server_answers_from_an_engine_process_and_sigterm_leaves_none(tmp_path):
     """The default SmolLM2 behind `python -m jaxserve.serve`: the openai client's greedy chat answer (streamed
     and not) comes through the engine process, and SIGTERM ends both processes with status 0."""
     import openai
     from conftest import SMOL_FLAGS
-    from server_harness import free_port
 
-    port = free_port()
-    flags = [x for k, v in SMOL_FLAGS.items() for x in ("--" + k.replace("_", "-"), str(v))]
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "jaxserve.serve", "--port", str(port), "--log-stats-interval", "0",
-                             *flags], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc, port = _start_server(tmp_path, [x for k, v in SMOL_FLAGS.items() for x in ("--" + k.replace("_", "-"),
+                                                                                       str(v))])
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server did not start"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
         kids = _children(proc.pid)
         assert kids, "no engine process"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
@@ -390,7 +381,6 @@ def test_real_server_answers_from_an_engine_process_and_sigterm_leaves_none(tmp_
     finally:
         if proc.poll() is None:
             proc.kill()
-        log.close()
 
 
 def _alive(pid: int) -> bool:
@@ -409,14 +399,11 @@ def test_real_server_under_concurrent_streams_with_disconnects_leaks_nothing(tmp
     import json
 
     import httpx as hx
-    from server_harness import free_port
 
-    port = free_port()
-    flags = ["--model", ARGS["model"], "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "128",
-             "--num-gpu-blocks-override", "64", "--max-num-batched-tokens", "32", "--max-num-seqs", "8"]
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "jaxserve.serve", "--port", str(port), "--log-stats-interval", "0",
-                             "--disable-log-requests", *flags], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc, port = _start_server(tmp_path, [
+        "--model", ARGS["model"], "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "128",
+        "--num-gpu-blocks-override", "64", "--max-num-batched-tokens", "32", "--max-num-seqs", "8",
+        "--disable-log-requests"], timeout=120)
     url = f"http://127.0.0.1:{port}"
 
     def metric(text, name):
@@ -443,16 +430,6 @@ def test_real_server_under_concurrent_streams_with_disconnects_leaks_nothing(tmp
             return await asyncio.gather(*(client(i, c) for i in range(48)))
 
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server did not start"
-            try:
-                if hx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except hx.HTTPError:
-                pass
-            time.sleep(0.2)
         done = asyncio.run(main())
         assert all(n is None for n in done[::3])
         assert all(n == 16 for i, n in enumerate(done) if i % 3)  # usage of every stream read to the end
@@ -469,4 +446,3 @@ def test_real_server_under_concurrent_streams_with_disconnects_leaks_nothing(tmp
     finally:
         if proc.poll() is None:
             proc.kill()
-        log.close()
