@@ -1,7 +1,8 @@
-"""The real AsyncLLMEngine (engine thread + asyncio streams) on a tiny checkpoint: concurrent streams give the
-same tokens as the offline engine, a consumer that goes away aborts its request and frees its blocks, and a bad
-request fails only its own stream."""
+"""The server's real engine on a tiny checkpoint, as a thread (AsyncLLMEngine) and as its own process
+(MPAsyncLLMEngine): concurrent streams give the offline engine's tokens and logprobs, a consumer that goes away
+aborts its request and frees its blocks, and a bad request fails only its own stream."""
 import asyncio
+import time
 
 import pytest
 
@@ -15,25 +16,49 @@ ARGS = dict(model="tests/data/tiny/llama", skip_tokenizer_init=True, enforce_eag
 PROMPTS = [[3, 17, 42, 99, 5], list(range(10, 40)), [7] * 17]
 
 
-def greedy(n):
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+def greedy(n, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)
 
 
-@pytest.fixture(scope="module")
-def engine():
-    eng = AsyncLLMEngine.from_engine_args(EngineArgs(**ARGS))
+def start_engine(kind: str):
+    """The server's engine on the tiny checkpoint: "thread" in this process (--disable-frontend-multiprocessing) or
+    "process", its own (jaxserve/mp_engine.py, the default)."""
+    if kind == "thread":
+        eng = AsyncLLMEngine.from_engine_args(EngineArgs(**ARGS))
+    else:
+        from jaxserve.mp_engine import MPAsyncLLMEngine
+        eng = MPAsyncLLMEngine.from_engine_args(EngineArgs(**ARGS))
     eng.start()
-    yield eng
+    return eng
+
+
+def stop_engine(eng) -> None:
     asyncio.run(eng.shutdown(1.0))
+    if hasattr(eng, "proc"):
+        assert eng.proc.exitcode == 0  # it stopped when told to, not killed
 
 
-def test_streams_match_offline_and_abort_frees_blocks(engine):
-    offline = LLM(**ARGS).generate([{"prompt_token_ids": p} for p in PROMPTS], greedy(12), use_tqdm=False)
-    free = engine.engine.block_manager.num_free_blocks
+@pytest.fixture(scope="module", params=["thread", "process"])
+def engine(request):
+    eng = start_engine(request.param)
+    yield eng
+    stop_engine(eng)
+
+
+async def _wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_streams_match_offline_with_logprobs_and_abort_frees_blocks(engine):
+    offline = LLM(**ARGS).generate([{"prompt_token_ids": p} for p in PROMPTS], greedy(12, logprobs=2),
+                                   use_tqdm=False)
 
     async def consume(i, p, stop_after=None):
         last, seen = None, 0
-        async for out in engine.generate(p, greedy(12), f"req-{i}"):
+        async for out in engine.generate(p, greedy(12, logprobs=2), f"req-{i}"):
             assert len(out.outputs[0].token_ids) >= seen  # cumulative outputs only grow
             seen = len(out.outputs[0].token_ids)
             last = out
@@ -44,27 +69,36 @@ def test_streams_match_offline_and_abort_frees_blocks(engine):
     async def main():
         outs = await asyncio.gather(*(consume(i, p) for i, p in enumerate(PROMPTS)),
                                     consume(9, PROMPTS[1] + [1, 2], stop_after=3))
-        for _ in range(100):  # the abort travels to the engine thread
-            if engine.engine.block_manager.num_free_blocks == free:
-                break
-            await asyncio.sleep(0.02)
+        # the abort travels to the engine, which frees the blocks and reports it in its stats
+        await _wait_for(lambda: engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0)
         return outs
 
     outs = asyncio.run(main())
-    assert [o.outputs[0].token_ids for o in outs[:3]] == [o.outputs[0].token_ids for o in offline]
-    assert all(o.finished for o in outs[:3])
-    assert engine.engine.block_manager.num_free_blocks == free
+    for got, want in zip(outs[:3], offline):
+        g, w = got.outputs[0], want.outputs[0]
+        assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason == "length"
+        assert g.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-5)
+        assert [sorted(d) for d in g.logprobs] == [sorted(d) for d in w.logprobs]
+        assert got.finished and got.prompt_token_ids == want.prompt_token_ids
+    st = engine.stats()
+    assert st.generation_tokens_total >= 3 * 12 + 3 and st.num_waiting == 0
+    assert sum(st.iteration_tokens.counts) > 0
     assert not engine.errored
 
 
-def test_bad_request_fails_only_its_stream(engine):
+def test_bad_request_fails_only_its_stream_and_listeners_see_finished(engine):
+    seen = []
+    engine.add_listener(seen.append)
+
     async def main():
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="prompt token ids"):
             async for _ in engine.generate([10**6], greedy(4), "bad"):
                 pass
-        got = [o async for o in engine.generate(PROMPTS[0], greedy(4), "good")]
-        return got[-1]
+        return [o async for o in engine.generate(PROMPTS[0], greedy(4), "good")][-1]
 
     last = asyncio.run(main())
     assert last.finished and len(last.outputs[0].token_ids) == 4
+    assert [o.request_id for o in seen] == ["good"]
+    m = seen[0].metrics
+    assert m.arrival_time <= m.first_token_time <= m.finished_time  # the engine's clock, also across the pipe
     assert not engine.errored
