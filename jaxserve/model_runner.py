@@ -14,9 +14,13 @@ pp) and each layer's pages carry the plan's sharding; nothing else here changes.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -421,9 +425,6 @@ _ACTIVATION_VERSION = "1: temp + output - alias bytes"  # change it when the fig
 
 
 def _activation_key(lowered) -> str | None:
-    import hashlib
-    import os
-
     import jaxlib
     cache_dir = jax.config.jax_compilation_cache_dir
     if not cache_dir:
@@ -434,13 +435,11 @@ def _activation_key(lowered) -> str | None:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def _activation_file():
-    from pathlib import Path
+def _activation_file() -> Path:
     return Path(jax.config.jax_compilation_cache_dir) / _ACTIVATION_FILE
 
 
 def _activation_cache_get(lowered) -> int | None:
-    import json
     key = _activation_key(lowered)
     if key is None:
         return None
@@ -453,8 +452,6 @@ def _activation_cache_get(lowered) -> int | None:
 
 
 def _activation_cache_put(lowered, activation: int) -> None:
-    import json
-    import os
     key = _activation_key(lowered)
     if key is None:
         return
