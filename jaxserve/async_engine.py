@@ -24,6 +24,25 @@ log = logging.getLogger("jaxserve")
 _END = object()
 
 
+def cache_config(engine: LLMEngine) -> dict:
+    """The static cache facts of the `cache_config_info` metric."""
+    cc = engine.config.cache
+    return dict(block_size=cc.block_size, num_gpu_blocks=engine.runner.num_blocks,
+                enable_prefix_caching=cc.enable_prefix_caching, swap_space=cc.swap_space,
+                gpu_memory_utilization=cc.gpu_memory_utilization)
+
+
+def engine_stats(s: dict, hist: TokenHistogram, unseen_adds: int, cache: dict) -> EngineStats:
+    """LLMEngine.stats() -> EngineStats; unseen_adds: requests sent but not yet taken by the engine (waiting)."""
+    return EngineStats(
+        num_running=s["num_running"], num_waiting=s["num_waiting"] + unseen_adds,
+        num_swapped=s["num_swapped"], kv_cache_usage=s["kv_cache_usage"],
+        num_preemptions_total=s["num_preemptions_total"], prompt_tokens_total=s["prompt_tokens_total"],
+        generation_tokens_total=s["generation_tokens_total"],
+        prefix_cache_queries_total=s["prefix_cache_queries_total"],
+        prefix_cache_hits_total=s["prefix_cache_hits_total"], iteration_tokens=hist, cache_config=dict(cache))
+
+
 def _deliver(items) -> None:
     """On the event loop: put each output on its stream; a finished one also ends the stream."""
     for q, out in items:
@@ -176,18 +195,7 @@ class AsyncLLMEngine:
         self._listeners.append(fn)
 
     def stats(self) -> EngineStats:
-        s = self.engine.stats()
-        cc = self.engine.config.cache
-        return EngineStats(
-            num_running=s["num_running"], num_waiting=s["num_waiting"] + self._commands.qsize(),
-            num_swapped=s["num_swapped"], kv_cache_usage=s["kv_cache_usage"],
-            num_preemptions_total=s["num_preemptions_total"], prompt_tokens_total=s["prompt_tokens_total"],
-            generation_tokens_total=s["generation_tokens_total"],
-            prefix_cache_queries_total=s["prefix_cache_queries_total"],
-            prefix_cache_hits_total=s["prefix_cache_hits_total"], iteration_tokens=self._hist,
-            cache_config=dict(block_size=cc.block_size, num_gpu_blocks=self.engine.runner.num_blocks,
-                              enable_prefix_caching=cc.enable_prefix_caching, swap_space=cc.swap_space,
-                              gpu_memory_utilization=cc.gpu_memory_utilization))
+        return engine_stats(self.engine.stats(), self._hist, self._commands.qsize(), cache_config(self.engine))
 
     # ---------------------------------------------------------------------------------- profiling
     def start_profile(self, dir: str) -> None:

@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 
-from jaxserve.async_engine import AsyncLLMEngine
+from jaxserve.async_engine import AsyncLLMEngine, cache_config, engine_stats
 from jaxserve.engine_protocol import EngineStats, TokenHistogram
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 
@@ -165,14 +165,10 @@ def engine_process_main(args, cmd_r, out_w, log_level: int, parent_pid: int | No
     except BaseException as e:  # noqa: BLE001 - the front-end re-raises it
         out_w.send(("startup_error", _picklable(e), traceback.format_exc()))
         return
-    cc = engine.config.cache
     loop = _EngineLoop(engine, cmd_r, out_w)
-    out_w.send(("ready", dict(
-        generation_defaults=engine.generation_defaults, startup_times=getattr(engine, "startup_times", {}),
-        stats=loop.stats(),
-        cache_config=dict(block_size=cc.block_size, num_gpu_blocks=engine.runner.num_blocks,
-                          enable_prefix_caching=cc.enable_prefix_caching, swap_space=cc.swap_space,
-                          gpu_memory_utilization=cc.gpu_memory_utilization))))
+    out_w.send(("ready", dict(generation_defaults=engine.generation_defaults,
+                              startup_times=getattr(engine, "startup_times", {}), stats=loop.stats(),
+                              cache_config=cache_config(engine))))
     loop.run()
 
 
@@ -183,7 +179,6 @@ class _EngineLoop:
         self.hist = TokenHistogram()
         self.adds_seen = 0
         self.stop = False
-        self.profiling = False
 
     def stats(self) -> dict:
         return dict(self.engine.stats(), iteration_counts=list(self.hist.counts), iteration_total=self.hist.total,
@@ -420,14 +415,7 @@ class MPAsyncLLMEngine(AsyncLLMEngine):
         if not s:
             return EngineStats(num_waiting=self._adds_sent, cache_config=dict(self._cache_config))
         hist = TokenHistogram(list(s["iteration_counts"]), s["iteration_total"])
-        return EngineStats(
-            num_running=s["num_running"], num_waiting=s["num_waiting"] + max(0, self._adds_sent - s["adds_seen"]),
-            num_swapped=s["num_swapped"], kv_cache_usage=s["kv_cache_usage"],
-            num_preemptions_total=s["num_preemptions_total"], prompt_tokens_total=s["prompt_tokens_total"],
-            generation_tokens_total=s["generation_tokens_total"],
-            prefix_cache_queries_total=s["prefix_cache_queries_total"],
-            prefix_cache_hits_total=s["prefix_cache_hits_total"], iteration_tokens=hist,
-            cache_config=dict(self._cache_config))
+        return engine_stats(s, hist, max(0, self._adds_sent - s["adds_seen"]), self._cache_config)
 
     # -------------------------------------------------------------------------------------- profiling
     def _profile(self, folder: str | None, timeout: float = 300.0) -> None:
