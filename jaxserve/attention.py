@@ -90,8 +90,8 @@ class PallasBackend:
     """Pallas GPU kernels: paged decode for decode-only steps, ragged prefill over pages otherwise.
 
     "pallas_mosaic" runs decode steps with the Mosaic GPU kernel (Hopper, bf16/f16), and prefill steps with the
-    Mosaic prefill kernel when prefill_warpgroups > 0 (1 or 2 compute warpgroups per tile), else with the Triton
-    one; "pallas_triton" uses the Triton kernels throughout."""
+    Mosaic prefill kernel when prefill_warpgroups > 0 (1 or 2 compute warpgroups per tile; 3: FA3's layout), else
+    with the Triton one; "pallas_triton" uses the Triton kernels throughout."""
 
     name: str = "pallas_triton"
     has_decode_kernel: bool = True
@@ -155,7 +155,7 @@ class PallasBackend:
             if mgpu.supports(q, k_cache):
                 return pmgpu.ragged_prefill_mgpu(
                     q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale=scale,
-                    tuning=pmgpu.MosaicPrefillTuning(warpgroups=self.prefill_warpgroups), interpret=self.interpret)
+                    tuning=pmgpu.prefill_tuning(self.prefill_warpgroups), interpret=self.interpret)
         return ragged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                               scale=scale, interpret=self.interpret)
 
@@ -163,11 +163,13 @@ class PallasBackend:
 def get_backend(name: str = "auto", prefill_warpgroups: int | None = None) -> AttentionBackend:
     """`auto`: the platform's best (pallas_kernels.select); `xla`, `pallas_triton`, `pallas_mosaic` force one.
     prefill_warpgroups (pallas_mosaic): 0 = Triton prefill, 1 or 2 = the Mosaic prefill kernel with that many
-    compute warpgroups per tile; None = the measured default (select.MOSAIC_PREFILL_WARPGROUPS)."""
+    compute warpgroups per tile, 3 = its FA3 layout (ragged_prefill_mgpu.prefill_tuning); None = the measured
+    default (select.MOSAIC_PREFILL_WARPGROUPS)."""
     from jaxserve.pallas_kernels import select
     choice = select.device_attention_backend(override=None if name == "auto" else name)
     if prefill_warpgroups is not None and prefill_warpgroups not in select.MOSAIC_PREFILL_CHOICES:
-        raise ValueError(f"mosaic prefill warpgroups must be 0, 1 or 2, got {prefill_warpgroups}")
+        raise ValueError(f"mosaic prefill warpgroups must be one of {select.MOSAIC_PREFILL_CHOICES}, "
+                         f"got {prefill_warpgroups}")
     if choice == "xla":
         return XlaBackend()
     fuse = os.environ.get("JAXSERVE_FUSE_SMALL_OPS", "1") != "0"

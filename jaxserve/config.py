@@ -148,8 +148,9 @@ class EngineArgs:
         "attention_backend": "auto (the device's fastest: Pallas kernels on GPU, XLA on CPU), xla, pallas_triton, "
                              "pallas_mosaic (Hopper).",
         "mosaic_prefill_warpgroups": "With pallas_mosaic: 0 runs prefill with the Triton kernel, 1 or 2 with the "
-                                     "Mosaic prefill kernel and that many warpgroups per tile. Default: the "
-                                     "measured best (docs/PERF.md).",
+                                     "Mosaic prefill kernel and that many warpgroups per tile, 3 with FA3's "
+                                     "layout (two compute warpgroups taking turns and a producer warpgroup). "
+                                     "Default: the measured best (docs/PERF.md).",
     }
 
     @classmethod

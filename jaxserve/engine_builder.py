@@ -114,7 +114,7 @@ def make_config(args: EngineArgs, path: Path, arch) -> EngineConfig:
         raise StartupError(f"--max-model-len {max_len} exceeds the model's max_position_embeddings "
                            f"({arch.max_position_embeddings})")
     if args.mosaic_prefill_warpgroups is not None and args.mosaic_prefill_warpgroups not in MOSAIC_PREFILL_CHOICES:
-        raise StartupError(f"--mosaic-prefill-warpgroups must be 0 (Triton prefill), 1 or 2 "
+        raise StartupError(f"--mosaic-prefill-warpgroups must be 0 (Triton prefill), 1, 2 or 3 (FA3 layout) "
                            f"(got {args.mosaic_prefill_warpgroups})")
     if args.block_size not in (8, 16, 32, 64, 128):
         raise StartupError(f"--block-size must be one of 8, 16, 32, 64, 128 (got {args.block_size})")

@@ -96,20 +96,92 @@ class PageRing:
         self.S = k_ref.shape[2]
         self.T = k_smem.shape[1]
 
-    def issue(self, c, slot):
+    def issue(self, c, slot, k=True, v=True):
+        """Step c's page copies into `slot`: keys, values or both (a producer warpgroup refills K and V apart,
+        as each is released)."""
         S = self.S
         for j in range(self.ppcb):
             page = self.page(c * self.ppcb + j)
-            plgpu.copy_gmem_to_smem(self.k_ref.at[self.h, page], self.k_smem.at[slot, pl.ds(j * S, S)],
-                                    self.k_bar.at[slot])
-            plgpu.copy_gmem_to_smem(self.v_ref.at[self.h, page], self.v_smem.at[slot, pl.ds(j * S, S)],
-                                    self.v_bar.at[slot])
+            if k:
+                plgpu.copy_gmem_to_smem(self.k_ref.at[self.h, page], self.k_smem.at[slot, pl.ds(j * S, S)],
+                                        self.k_bar.at[slot])
+            if v:
+                plgpu.copy_gmem_to_smem(self.v_ref.at[self.h, page], self.v_smem.at[slot, pl.ds(j * S, S)],
+                                        self.v_bar.at[slot])
 
     def prime(self):
         for i in range(self.stages):
             @pl.when(self.c0 + i < self.c1)
             def _():
                 self.issue(self.c0 + i, i)
+
+
+def online_softmax(s, c, T, m_i, l_i, acc, *, qk_scale: float, mask=None):
+    """One step of the online softmax in base 2: s f32[64, T] raw logits of step c (keys c*T ..), m_i/l_i f32[64]
+    (m in log2 units), acc f32[64, D] -> (p f32[64, T], m_new, l_new, acc rescaled). mask(s, key) masks the
+    scaled logits given the keys' positions (None: every key is seen)."""
+    s = s * qk_scale  # (64, T) in log2 units
+    if mask is not None:
+        key = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + c * T
+        s = mask(s, key)
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    l_i = l_i * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    return p, m_new, l_i, acc
+
+
+def zero_v_tail(ring: PageRing, c, slot, kv_len):
+    """On the step that holds key kv_len - 1, zero the V rows at or past kv_len in the slot: they may be NaN, and
+    0 * NaN would poison the PV product."""
+    T, D = ring.T, ring.v_smem.shape[2]
+
+    @pl.when((c + 1) * T > kv_len)
+    def _():
+        row = plgpu.broadcasted_iota(jnp.int32, (T, D), 0, layout=plgpu.Layout.WGMMA) + c * T
+        v = ring.v_smem.at[slot]
+        v[...] = jnp.where(row < kv_len, v[...], jnp.zeros((T, D), v.dtype))
+        plgpu.commit_smem()
+
+
+def qk_product(q_smem, k_slot, *, interpret: bool, during=None):
+    """q_smem [64, D] x k_slot [T, D]^T -> f32[64, T] (wgmma). during() runs while the wgmma is in flight (FA3's
+    schedule barrier). The CPU interpreter has no wgmma: there the same product is a jnp dot."""
+    if interpret:
+        s = lax.dot_general(q_smem[...], k_slot[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if during is not None:
+            during()
+        return s
+
+    def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_slot.transpose((1, 0)))
+        if during is not None:
+            during()
+        return acc_ref[...]
+    return pl.run_scoped(qk, plgpu.ACC((q_smem.shape[0], k_slot.shape[0]), jnp.float32))
+
+
+def pv_product(acc, p, v_slot, *, interpret: bool, during=None):
+    """acc f32[64, D] + p [64, T] x v_slot [T, D] (wgmma). during() runs while the wgmma is in flight."""
+    if interpret:
+        acc = acc + jnp.dot(p, v_slot[...], preferred_element_type=jnp.float32)
+        if during is not None:
+            during()
+        return acc
+
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_slot)
+        if during is not None:
+            during()
+    return pl.run_state(pv)(plgpu.ACC.init(acc))
+
+
+def softmax_init(head_dim: int):
+    """(acc, m, l) before the first step, in the wgmma register layouts."""
+    return (plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+            plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
 
 
 def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, interpret: bool, release=None,
@@ -131,39 +203,12 @@ def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, inter
         acc, m_i, l_i = carry
         slot = lax.rem(c - c0, stages)
         plgpu.barrier_wait(ring.k_bar.at[slot])
-        if interpret:  # the CPU interpreter has no wgmma: the same product in jnp
-            s = lax.dot_general(q_smem[...], ring.k_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32)
-        else:
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, ring.k_smem.at[slot].transpose((1, 0)))
-                return acc_ref[...]
-            s = pl.run_scoped(qk, plgpu.ACC((_ROWS, T), jnp.float32))
-        s = s * qk_scale  # (64, T) in log2 units
-        if masked:
-            key = plgpu.broadcasted_iota(jnp.int32, (_ROWS, T), 1, layout=plgpu.Layout.WGMMA) + c * T
-            s = mask(s, key)
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        s = qk_product(q_smem, ring.k_smem.at[slot], interpret=interpret)
+        p, m_new, l_i, acc = online_softmax(s, c, T, m_i, l_i, acc, qk_scale=qk_scale, mask=mask if masked else None)
         plgpu.barrier_wait(ring.v_bar.at[slot])
-
         if masked:
-            @pl.when((c + 1) * T > kv_len)  # last step: zero V rows past the keys (may hold NaN)
-            def _():
-                row = plgpu.broadcasted_iota(jnp.int32, (T, D), 0, layout=plgpu.Layout.WGMMA) + c * T
-                v = ring.v_smem.at[slot]
-                v[...] = jnp.where(row < kv_len, v[...], jnp.zeros((T, D), dtype))
-                plgpu.commit_smem()
-
-        if interpret:
-            acc = acc + jnp.dot(p.astype(dtype), ring.v_smem.at[slot][...], preferred_element_type=jnp.float32)
-        else:
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p.astype(dtype), ring.v_smem.at[slot])
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            zero_v_tail(ring, c, slot, kv_len)
+        acc = pv_product(acc, p.astype(dtype), ring.v_smem.at[slot], interpret=interpret)
 
         if release is None:
             @pl.when(c + stages < ring.c1)  # the slot is free again: refill it
@@ -173,9 +218,7 @@ def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, inter
             release(c, slot)
         return acc, m_new, l_i
 
-    init = (plgpu.layout_cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA),
-            plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-            plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
+    init = softmax_init(D)
     if unmasked_until is None:
         return lax.fori_loop(c0, ring.c1, step, init)
     split = jnp.clip(unmasked_until, c0, ring.c1)

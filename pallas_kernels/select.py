@@ -32,7 +32,7 @@ MOSAIC_FASTEST = True
 # identical on all six prompts (top-5 logprobs within 0.016); Llama-3-8B shape like Triton's (near-flat random
 # weights flip argmaxes after 3-27 tokens; within 0.22).
 MOSAIC_PREFILL_WARPGROUPS = 1
-MOSAIC_PREFILL_CHOICES = (0, 1, 2)  # what --mosaic-prefill-warpgroups takes
+MOSAIC_PREFILL_CHOICES = (0, 1, 2, 3)  # what --mosaic-prefill-warpgroups takes (3: FA3 layout, 2 + a producer)
 
 
 def attention_backend(platform: str, compute_capability: tuple[int, int] | None = None,

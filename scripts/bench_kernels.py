@@ -33,7 +33,7 @@ from jaxserve.pallas_kernels import (kv_write, kv_write_pallas, paged_decode, pa
                                      ragged_attention_reference, ragged_prefill)
 from jaxserve.pallas_kernels import kv_write_triton as kvt
 from jaxserve.pallas_kernels.paged_decode_mgpu import MosaicDecodeTuning, paged_decode_mgpu
-from jaxserve.pallas_kernels.ragged_prefill_mgpu import MosaicPrefillTuning, ragged_prefill_mgpu
+from jaxserve.pallas_kernels.ragged_prefill_mgpu import FA3_TUNING, MosaicPrefillTuning, ragged_prefill_mgpu
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16  # Llama-3-8B attention
 DTYPE = jnp.bfloat16
@@ -220,12 +220,12 @@ def _tokamax_impls(q, ctx_lens, q_lens, args, scale) -> dict:
     return out
 
 
-def _kernel_only(q, k, tables, lens, cu, scale, warpgroups):
+def _kernel_only(q, k, tables, lens, cu, scale, tuning):
     """The Mosaic prefill kernel without the wrapper's work around it (q laid out once, outside the timing).
     Its output is in token order for Gp <= 8 (tile-major otherwise): `.check` zeroes padding tokens' rows, or
     puts rows in order, for the error column (untimed)."""
     from jaxserve.pallas_kernels import ragged_prefill_mgpu as pm
-    q_in, items, static = pm.tile_queries(q, k, lens, cu, MosaicPrefillTuning(warpgroups=warpgroups))
+    q_in, items, static = pm.tile_queries(q, k, lens, cu, tuning)
     q_in = jax.block_until_ready(q_in)
 
     def fn(q_, k_, v_):
@@ -250,9 +250,14 @@ def bench_prefill(args, interpret: bool):
                 q, k, v, tables, lens, cu, scale=scale, tuning=MosaicPrefillTuning(warpgroups=2))}),
             # the same kernels alone (q laid out for them beforehand, output not put back in token order)
             **({} if args.no_mosaic or interpret else {"ours_mosaic_kernel_only": _kernel_only(
-                q, k, tables, lens, cu, scale, 1)}),
+                q, k, tables, lens, cu, scale, MosaicPrefillTuning())}),
             **({} if not args.mosaic_2wg or interpret else {"ours_mosaic_2wg_kernel_only": _kernel_only(
-                q, k, tables, lens, cu, scale, 2)}),
+                q, k, tables, lens, cu, scale, MosaicPrefillTuning(warpgroups=2))}),
+            # FA3's layout: two compute warpgroups taking turns on the tensor cores, a producer warpgroup
+            **({} if not args.mosaic_fa3 or interpret else {
+                "ours_mosaic_fa3": lambda q, k, v: ragged_prefill_mgpu(q, k, v, tables, lens, cu, scale=scale,
+                                                                       tuning=FA3_TUNING),
+                "ours_mosaic_fa3_kernel_only": _kernel_only(q, k, tables, lens, cu, scale, FA3_TUNING)}),
             "xla": lambda q, k, v: ragged_attention_reference(q, k, v, tables, lens, cu, seq_ids, pos, scale=scale,
                                                               pages_per_iter=args.xla_pages_per_iter),
         }
@@ -286,17 +291,25 @@ def sweep_prefill(args, interpret: bool):
     if args.no_mosaic:
         return rows
     scale = 1 / math.sqrt(args.head_dim)
-    wgs = (1, 2) if args.mosaic_2wg and not interpret else (1,)
+    layouts = [(1, False)]  # (compute warpgroups, producer warpgroup)
+    if args.mosaic_2wg and not interpret:
+        layouts.append((2, False))
+    if args.mosaic_fa3 and not interpret:
+        layouts += [(1, True), (2, True)]
     for name, (ctx_lens, q_lens) in args.prefill_cases.items():
         q, k, v, (tables, lens, cu, _, _), flops = _prefill_batch(
             jax.random.PRNGKey(len(name)), ctx_lens, q_lens, args.q_heads, args.kv_heads, args.head_dim)
         want = ragged_prefill(q, k, v, tables, lens, cu, scale=scale, interpret=interpret).astype(jnp.float32)
         case_rows = []
-        for wg in wgs:
+        for wg, producer in layouts:
             for keys in (64, 128):
                 for stages in (2, 3, 4):
-                    tune = MosaicPrefillTuning(keys_per_step=keys, num_stages=stages, warpgroups=wg)
-                    row = dict(kind="prefill_sweep_mosaic", case=name, warpgroups=wg, keys=keys, stages=stages)
+                    tune = MosaicPrefillTuning(keys_per_step=keys, num_stages=stages, warpgroups=wg,
+                                               producer=producer)
+                    if tune.resolve(16, args.head_dim, 2).num_stages < stages:
+                        continue  # trimmed to fit shared memory: the same as a shallower ring
+                    row = dict(kind="prefill_sweep_mosaic", case=name, warpgroups=wg, producer=producer, keys=keys,
+                               stages=stages)
                     try:
                         row["stages_used"] = tune.resolve(16, args.head_dim, 2).num_stages
                         jf = jax.jit(lambda q, k, v, tune=tune: ragged_prefill_mgpu(
@@ -311,7 +324,7 @@ def sweep_prefill(args, interpret: bool):
         if ok:
             best = min(ok, key=lambda r: r["us"])
             print(f"mosaic prefill sweep {name}: best {best} | all " +
-                  " ".join(f"wg{r['warpgroups']}/k{r['keys']}/s{r['stages_used']}:"
+                  " ".join(f"wg{r['warpgroups']}{'p' if r['producer'] else ''}/k{r['keys']}/s{r['stages_used']}:"
                            + (f"{r['frac_matmul']:.1%}" if "us" in r else "ERR") for r in case_rows), flush=True)
         rows += case_rows
     return rows
@@ -439,6 +452,8 @@ def main():
     p.add_argument("--sweep-cells", dest="cells", nargs="*", default=None, help="B:ctx cells for --sweep (default: 5 cells)")
     p.add_argument("--sweep-kernels", nargs="*", default=["triton", "mosaic"], choices=["triton", "mosaic"])
     p.add_argument("--mosaic-2wg", action="store_true", help="also time the two-warpgroup Mosaic prefill (GPU)")
+    p.add_argument("--mosaic-fa3", action="store_true",
+                   help="also time the Mosaic prefill with a producer warpgroup (FA3's layout; GPU)")
     p.add_argument("--no-mosaic", action="store_true", help="leave out the Mosaic GPU decode kernel")
     p.add_argument("--kv-write", action="store_true",
                    help="only the KV-cache write benchmark (the default run includes it: ~20 s on an H100)")

@@ -63,5 +63,13 @@ def test_get_backend_prefill_warpgroups(monkeypatch):
     assert attention.get_backend("pallas_mosaic", 0).prefill_warpgroups == 0
     assert attention.get_backend("pallas_triton", 2).prefill_warpgroups == 0  # Triton throughout
     assert attention.get_backend("xla", 2).name == "xla"
+    assert attention.get_backend("pallas_mosaic", 3).prefill_warpgroups == 3  # FA3's layout
     with pytest.raises(ValueError, match="warpgroups"):
-        attention.get_backend("pallas_mosaic", 3)
+        attention.get_backend("pallas_mosaic", 4)
+
+
+def test_prefill_tuning_choices():
+    from jaxserve.pallas_kernels.ragged_prefill_mgpu import FA3_TUNING, prefill_tuning
+    assert prefill_tuning(1).warpgroups == 1 and not prefill_tuning(1).producer
+    assert prefill_tuning(2).warpgroups == 2 and not prefill_tuning(2).producer
+    assert prefill_tuning(3) == FA3_TUNING and FA3_TUNING.warpgroups == 2 and FA3_TUNING.producer

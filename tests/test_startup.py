@@ -53,7 +53,7 @@ def test_bad_block_size(block_size):
         make(block_size=block_size, num_gpu_blocks_override=64)
 
 
-@pytest.mark.parametrize("wg", [-1, 3])
+@pytest.mark.parametrize("wg", [-1, 4])
 def test_bad_mosaic_prefill_warpgroups(wg):
     with pytest.raises(StartupError, match="--mosaic-prefill-warpgroups must be 0"):
         make(mosaic_prefill_warpgroups=wg, num_gpu_blocks_override=64)
