@@ -97,7 +97,9 @@ def work_items(cu_q_lens, seq_lens, *, block_q: int, num_items: int):
     tiles = (q_lens + block_q - 1) // block_q  # (B,)
     tile_end = jnp.cumsum(tiles)  # (B,)
     w = jnp.arange(num_items, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(tile_end, w, side="right"), B - 1).astype(jnp.int32)
+    # compare_all: one fusion. The default method is a loop of log2(B) steps, a while loop on the GPU whose trip
+    # count goes back to the host at every step (and this runs once per layer).
+    seq = jnp.minimum(jnp.searchsorted(tile_end, w, side="right", method="compare_all"), B - 1).astype(jnp.int32)
     j = w - (tile_end[seq] - tiles[seq])  # tile index within its sequence
     live = w < tile_end[-1]
     nq = jnp.where(live, jnp.clip(q_lens[seq] - j * block_q, 0, block_q), 0)

@@ -454,7 +454,7 @@ def untile_outputs(o, cu_q_lens, q_shape, static: _Static):
     B = cu_q_lens.shape[0] - 1
     # Token t is tile w(t)'s token t - q0[w(t)].
     t = jnp.arange(T, dtype=jnp.int32)
-    seq_of = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, B - 1)
+    seq_of = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right", method="compare_all"), 0, B - 1)
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     tiles = (q_lens + bq - 1) // bq
     first_tile = jnp.cumsum(tiles) - tiles

@@ -31,7 +31,11 @@ MOSAIC_FASTEST = True
 # 32.0%, two 35.7% / 30.8%. Engine end to end against XLA on the same GPU: SmolLM2 shape 32/32 greedy tokens
 # identical on all six prompts (top-5 logprobs within 0.016); Llama-3-8B shape like Triton's (near-flat random
 # weights flip argmaxes after 3-27 tokens; within 0.22).
-MOSAIC_PREFILL_WARPGROUPS = 1
+# Session 8 (H100, docs/PERF.md "Session 8"): 3 = FA3's layout (two compute warpgroups taking turns on the tensor
+# cores, a producer warpgroup, 128 keys per step): 53.4% / 42.2% of the matmul rate against one warpgroup's 46.3% /
+# 35.1% in the same run (padding rows now zeroed by the kernel in both); SmolLM2 shape 32/32 greedy tokens
+# identical against XLA on all six prompts (within 0.016), Llama-3-8B shape within 0.16.
+MOSAIC_PREFILL_WARPGROUPS = 3
 MOSAIC_PREFILL_CHOICES = (0, 1, 2, 3)  # what --mosaic-prefill-warpgroups takes (3: FA3 layout, 2 + a producer)
 
 
