@@ -149,7 +149,8 @@ class EngineArgs:
                              "pallas_mosaic (Hopper).",
         "mosaic_prefill_warpgroups": "With pallas_mosaic: 0 runs prefill with the Triton kernel, 1 or 2 with the "
                                      "Mosaic prefill kernel and that many warpgroups per tile, 3 with FA3's "
-                                     "layout (two compute warpgroups taking turns and a producer warpgroup). "
+                                     "layout (two compute warpgroups taking turns and a producer warpgroup) "
+                                     "for steps of 2048 tokens or more, one warpgroup below. "
                                      "Default: the measured best (docs/PERF.md).",
     }
 

@@ -91,10 +91,18 @@ class MosaicPrefillTuning:
 # 128 keys per step in a 2-deep ring): --mosaic-prefill-warpgroups 3 in the engine.
 FA3_TUNING = MosaicPrefillTuning(keys_per_step=128, num_stages=2, warpgroups=2, producer=True)
 
-def prefill_tuning(choice: int) -> MosaicPrefillTuning:
-    """--mosaic-prefill-warpgroups 1 or 2 (compute warpgroups per tile) or 3 (FA3_TUNING) -> the kernel's tuning."""
+# Choice 3 takes FA3_TUNING for steps of at least this many tokens and one warpgroup below. Each step shape's
+# prefill kernel is built again (ptxas) whenever its program is loaded from the persistent cache, and the FA3 kernel
+# takes longer to build: with it in all ten prefill buckets the warm start took 20.9-23.4 s against 19.9-20.2 s on
+# one H100 (docs/PERF.md, session 8), while the small steps (a 320-prompt burst's) gained nothing measurable.
+FA3_MIN_TOKENS = 2048
+
+
+def prefill_tuning(choice: int, num_tokens: int | None = None) -> MosaicPrefillTuning:
+    """--mosaic-prefill-warpgroups 1 or 2 (compute warpgroups per tile) or 3 (FA3_TUNING for steps of at least
+    FA3_MIN_TOKENS tokens, one warpgroup below; None tokens: FA3) -> the kernel's tuning."""
     if choice == 3:
-        return FA3_TUNING
+        return FA3_TUNING if num_tokens is None or num_tokens >= FA3_MIN_TOKENS else MosaicPrefillTuning()
     return MosaicPrefillTuning(warpgroups=choice)
 
 

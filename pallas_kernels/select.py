@@ -34,7 +34,8 @@ MOSAIC_FASTEST = True
 # Session 8 (H100, docs/PERF.md "Session 8"): 3 = FA3's layout (two compute warpgroups taking turns on the tensor
 # cores, a producer warpgroup, 128 keys per step): 53.4% / 42.2% of the matmul rate against one warpgroup's 46.3% /
 # 35.1% in the same run (padding rows now zeroed by the kernel in both); SmolLM2 shape 32/32 greedy tokens
-# identical against XLA on all six prompts (within 0.016), Llama-3-8B shape within 0.16.
+# identical against XLA on all six prompts (within 0.016), Llama-3-8B shape within 0.16. Steps below 2048 tokens
+# keep one warpgroup (ragged_prefill_mgpu.FA3_MIN_TOKENS: warm start).
 MOSAIC_PREFILL_WARPGROUPS = 3
 MOSAIC_PREFILL_CHOICES = (0, 1, 2, 3)  # what --mosaic-prefill-warpgroups takes (3: FA3 layout, 2 + a producer)
 

@@ -69,7 +69,9 @@ def test_get_backend_prefill_warpgroups(monkeypatch):
 
 
 def test_prefill_tuning_choices():
-    from jaxserve.pallas_kernels.ragged_prefill_mgpu import FA3_TUNING, prefill_tuning
+    from jaxserve.pallas_kernels.ragged_prefill_mgpu import FA3_MIN_TOKENS, FA3_TUNING, prefill_tuning
     assert prefill_tuning(1).warpgroups == 1 and not prefill_tuning(1).producer
     assert prefill_tuning(2).warpgroups == 2 and not prefill_tuning(2).producer
     assert prefill_tuning(3) == FA3_TUNING and FA3_TUNING.warpgroups == 2 and FA3_TUNING.producer
+    assert prefill_tuning(3, FA3_MIN_TOKENS) == FA3_TUNING  # large steps: FA3's layout
+    assert prefill_tuning(3, FA3_MIN_TOKENS - 1) == prefill_tuning(1)  # small steps: one warpgroup (warm start)
