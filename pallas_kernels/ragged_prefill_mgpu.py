@@ -281,7 +281,17 @@ def _prefill_call(q_in, k_pages, v_pages, block_tables, items, *, scale: float, 
                 @pl.when(tid < nwg)
                 def _():
                     plgpu.set_max_registers(_COMPUTE_REGS, action="increase")
-                    (zero_fill if zero else compute)(tid)
+                    if zero:
+                        zero_fill(tid)
+                    elif pingpong:
+                        # A tile of at most bw tokens (a decode row in a mixed step, a sequence's short last tile)
+                        # leaves warpgroup 1 without rows: it only keeps the barriers' counts, so that warpgroup 0
+                        # has the tensor cores to itself instead of sharing them with rows nobody reads.
+                        idle = (tid == 1) & (nq <= bw)
+                        pl.when(idle)(lambda: _idle_turns(c1, stages, k_free, v_free, sched))
+                        pl.when(jnp.logical_not(idle))(lambda: compute(tid))
+                    else:
+                        compute(tid)
             else:
                 (zero_fill if zero else compute)(tid)
 
@@ -316,6 +326,28 @@ def _prefill_call(q_in, k_pages, v_pages, block_tables, items, *, scale: float, 
     )(*items, block_tables, q_in, k_pages, v_pages)
 
 
+def _turn(sched):
+    """Give the tensor cores to the other compute warpgroup and wait for it to give them back (FA3's ping-pong)."""
+    plgpu.barrier_arrive(sched)
+    plgpu.barrier_wait(sched)
+
+
+def _idle_turns(c1, stages: int, k_free, v_free, sched):
+    """Warpgroup 1 of a tile whose tokens all fall to warpgroup 0: the same barrier arrivals and turns as
+    _attend_specialized's steps, without loads or matmuls. The turns keep it within a step of warpgroup 0, so its
+    early arrivals on a slot's k_free/v_free never count toward a later phase."""
+    turn = functools.partial(_turn, sched)
+    turn()  # warpgroup 1 starts one turn behind
+
+    @pl.loop(0, c1)
+    def _(c):
+        slot = lax.rem(c, stages)
+        turn()  # warpgroup 0's QK
+        plgpu.barrier_arrive(k_free.at[slot])
+        turn()  # warpgroup 0's softmax handover
+        plgpu.barrier_arrive(v_free.at[slot])
+
+
 def _attend_specialized(ring: PageRing, q_rows, wg, *, kv_len, mask, qk_scale: float, k_free, v_free, sched,
                         unmasked_until, interpret: bool):
     """A compute warpgroup's online softmax over steps 0..c1 when a producer warpgroup fills the ring (FA3's
@@ -327,9 +359,7 @@ def _attend_specialized(ring: PageRing, q_rows, wg, *, kv_len, mask, qk_scale: f
     T, D, stages, c1 = ring.T, q_rows.shape[1], ring.stages, ring.c1
     dtype = ring.k_smem.dtype
 
-    def turn():  # give the tensor cores to the other warpgroup and wait for it to give them back
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(sched)
+    turn = functools.partial(_turn, sched)
 
     def step(c, carry, masked=True):
         acc, m_i, l_i = carry
