@@ -13,7 +13,17 @@ Design note.
   and 4 (not of the kernel): each warpgroup runs as a thread with its own nested XLA CPU computation whose barrier
   waits block in host callbacks, and with one CPU device on a 2-core host the CPU client runs out of threads: the
   same cases hang there and pass 6 times out of 6 with 8 host devices, so the CPU tests run them in a child process
-  with 8 host devices. The default is one warpgroup (as fast on the H100, session 5).
+  with 8 host devices. Without a producer, two warpgroups were no faster than one on the H100 (session 5).
+- Producer warpgroup (`producer=True`; FA3_TUNING, session 8). A third warpgroup only issues the K/V copies and
+  gives its registers to the compute warpgroups (setmaxnreg 40 / 232). K and V are released apart (`k_free`,
+  `v_free`): the producer refills a slot's K once both compute warpgroups' QK is done with it, while their PV still
+  reads its V. With two compute warpgroups a `sched` barrier makes them take turns on the tensor cores (FA3's
+  ping-pong): one's softmax runs while the other's QK and PV run. A tile whose tokens all fall to warpgroup 0
+  (a decode row in a mixed step, a short last tile) leaves warpgroup 1 with only the barrier turns
+  (`_idle_turns`). On the H100, 8 x 2048 tokens: 54.4-56.7% of the matmul rate against one warpgroup's
+  47.0-48.1% (docs/PERF.md, session 8).
+- Padding tokens. Work items with nq < 0 (`zero_fill_items`) store zeros into the padding rows, so every row of o
+  is written by the kernel and no select pass follows it (162 us of a 1,001 us call in session 6).
 - Keys come through the same TMA ring of page copies as the decode kernel (paged_decode_mgpu.PageRing,
   attend_pages): steps of T keys from position 0 to the tile's last query position; the causal mask is
   key <= the row's query position. Rows past the tile's tokens compute garbage that nothing reads.
@@ -34,7 +44,8 @@ Design note.
   deeper ring (one tile per SM) a third slower.
 - bf16/f16 only (wgmma has no f32 operands), head dim a multiple of 64, G <= 64.
 - The engine runs it under pallas_mosaic when select.MOSAIC_PREFILL_WARPGROUPS (or --mosaic-prefill-warpgroups)
-  is 1 or 2; scripts/bench_kernels.py times it as "ours_mosaic" beside the Triton kernel (docs/PERF.md).
+  is 1, 2 or 3 (3, the default: FA3_TUNING for steps of >= FA3_MIN_TOKENS tokens, one warpgroup below);
+  scripts/bench_kernels.py times it as "ours_mosaic" and "ours_mosaic_fa3" beside the Triton kernel.
 """
 
 from __future__ import annotations
