@@ -26,13 +26,22 @@ class PlatformError(RuntimeError):
 # 6.1 ms at TP=2 on 4 x H100, more than its 8.5 ms device time left idle. In command buffers: 4.6 ms, and the
 # step went from 10.81 to 8.99 ms (docs/PERF.md, session 6). Steps without collectives are unaffected.
 COMMAND_BUFFER_FLAG = "--xla_gpu_enable_command_buffer=+COLLECTIVES"
+# Synchronous all-reduces. XLA runs a decode step's all-reduces as its own collective kernels, async on a stream of
+# their own, and those stay outside the command buffers: 65 command buffers per device per TP=2 step of Llama-3-8B
+# (the optimized thunk sequence, docs/PERF.md session 8). Made synchronous, on one 2 x H100 machine, the batch-256
+# step went from 9.14 to 8.87 ms and its enqueue from 3.42 to 2.57 ms; NCCL's all-reduce instead was slower
+# (9.94 ms). A layer's all-reduce feeds the next op at once, so async execution had nothing to overlap with.
+SYNC_ALL_REDUCE_FLAG = "--xla_gpu_disable_async_collectives=ALLREDUCE"
+DEFAULT_XLA_FLAGS = (COMMAND_BUFFER_FLAG, SYNC_ALL_REDUCE_FLAG)
 
 
 def xla_flags(current: str) -> str:
-    """XLA_FLAGS with jaxserve's defaults added, unless the user set that flag already."""
-    if "xla_gpu_enable_command_buffer" in current:
-        return current
-    return f"{current} {COMMAND_BUFFER_FLAG}".strip()
+    """XLA_FLAGS with jaxserve's defaults added, each unless the user set that flag already."""
+    flags = [current] if current else []
+    for flag in DEFAULT_XLA_FLAGS:
+        if flag.split("=")[0] not in current:
+            flags.append(flag)
+    return " ".join(flags)
 
 
 def init_platform(device: str = "auto", gpu_memory_utilization: float = 0.9,

@@ -206,11 +206,15 @@ def test_gil_switch_knob(monkeypatch, value, expect_ms):
 
 
 def test_xla_flags_put_collectives_in_command_buffers_unless_the_user_chose():
-    from jaxserve.platform import COMMAND_BUFFER_FLAG, xla_flags
-    assert xla_flags("") == COMMAND_BUFFER_FLAG
-    assert xla_flags("--xla_dump_to=/tmp/d") == "--xla_dump_to=/tmp/d " + COMMAND_BUFFER_FLAG
+    from jaxserve.platform import COMMAND_BUFFER_FLAG, SYNC_ALL_REDUCE_FLAG, xla_flags
+    both = f"{COMMAND_BUFFER_FLAG} {SYNC_ALL_REDUCE_FLAG}"
+    assert xla_flags("") == both
+    assert xla_flags("--xla_dump_to=/tmp/d") == "--xla_dump_to=/tmp/d " + both
     mine = "--xla_gpu_enable_command_buffer="  # the user's choice (here: none at all) stands
-    assert xla_flags(mine) == mine
+    assert xla_flags(mine) == f"{mine} {SYNC_ALL_REDUCE_FLAG}"
+    mine = "--xla_gpu_disable_async_collectives=REDUCESCATTER"
+    assert xla_flags(mine) == f"{mine} {COMMAND_BUFFER_FLAG}"
+    assert xla_flags(both) == both
 
 
 def test_xla_flags_reach_a_fresh_process():
@@ -220,3 +224,4 @@ def test_xla_flags_reach_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--xla_gpu_enable_command_buffer=+COLLECTIVES" in out.stdout
+    assert "--xla_gpu_disable_async_collectives=ALLREDUCE" in out.stdout
