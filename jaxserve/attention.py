@@ -155,7 +155,8 @@ class PallasBackend:
             if mgpu.supports(q, k_cache):
                 return pmgpu.ragged_prefill_mgpu(
                     q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale=scale,
-                    tuning=pmgpu.prefill_tuning(self.prefill_warpgroups, q.shape[0]), interpret=self.interpret)
+                    tuning=pmgpu.prefill_tuning(self.prefill_warpgroups, q.shape[0], k_cache),
+                    interpret=self.interpret)
         return ragged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                               scale=scale, interpret=self.interpret)
 

@@ -39,7 +39,7 @@ def xla_flags(current: str) -> str:
     """XLA_FLAGS with jaxserve's defaults added, each unless the user set that flag already."""
     flags = [current] if current else []
     for flag in DEFAULT_XLA_FLAGS:
-        if flag.split("=")[0] not in current:
+        if flag.split("=")[0].lstrip("-") not in current:
             flags.append(flag)
     return " ".join(flags)
 

@@ -21,7 +21,12 @@ Design note.
   ping-pong): one's softmax runs while the other's QK and PV run. A tile whose tokens all fall to warpgroup 0
   (a decode row in a mixed step, a short last tile) leaves warpgroup 1 with only the barrier turns
   (`_idle_turns`). On the H100, 8 x 2048 tokens: 54.4-56.7% of the matmul rate against one warpgroup's
-  47.0-48.1% (docs/PERF.md, session 8).
+  47.0-48.1% (docs/PERF.md, session 8). Why the protocol holds: each compute warpgroup arrives on `sched` 2 c1 + 1
+  times on every path (active or idle, masked or not) and waits right after each arrival, so every phase has one
+  arrival from each; a slot's K (V) is refilled only after both warpgroups' QK (PV) read it, and the V-tail
+  zeroing writes only on step c1 - 1, which is never refilled; the producer waits on every k_free/v_free phase.
+  Mosaic GPU's race detector cannot check this in jax 0.11.2: it flags every TMA refill, also in the
+  one-warpgroup kernel.
 - Padding tokens. Work items with nq < 0 (`zero_fill_items`) store zeros into the padding rows, so every row of o
   is written by the kernel and no select pass follows it (162 us of a 1,001 us call in session 6).
 - Keys come through the same TMA ring of page copies as the decode kernel (paged_decode_mgpu.PageRing,
@@ -91,12 +96,25 @@ class MosaicPrefillTuning:
             raise ValueError(f"keys_per_step {keys} must be a multiple of 64 and of block_size {block_size}")
         if self.warpgroups not in (1, 2):
             raise ValueError(f"warpgroups must be 1 or 2, got {self.warpgroups}")
-        fixed = 2 * self.warpgroups * _ROWS * head_dim * itemsize  # q tiles (later the output) + q staging
+        fixed = self._fixed_smem(head_dim, itemsize)
+        while keys > 64 and (keys // 2) % block_size == 0 and fixed + 2 * keys * head_dim * itemsize > _SMEM:
+            keys //= 2  # one stage must fit (head dim 256 with two warpgroups)
         stages = self.num_stages
-        while stages > 1 and fixed + stages * 2 * keys * head_dim * itemsize > 220 * 1024:
+        while stages > 1 and fixed + stages * 2 * keys * head_dim * itemsize > _SMEM:
             stages -= 1
         return dataclasses.replace(self, keys_per_step=keys, num_stages=stages)
 
+    def _fixed_smem(self, head_dim: int, itemsize: int) -> int:
+        return 2 * self.warpgroups * _ROWS * head_dim * itemsize  # q tiles (later the output) + q staging
+
+    def fits(self, block_size: int, head_dim: int, itemsize: int) -> bool:
+        """Whether the resolved tuning's shared memory fits an H100 SM (it may not with two warpgroups, head dim
+        256 and 128-token blocks)."""
+        t = self.resolve(block_size, head_dim, itemsize)
+        return self._fixed_smem(head_dim, itemsize) + t.num_stages * 2 * t.keys_per_step * head_dim * itemsize <= _SMEM
+
+
+_SMEM = 220 * 1024  # shared memory a tile may take (an H100 SM has 227 KB)
 
 # FA3's forward layout (two compute warpgroups of 64 rows taking turns on the tensor cores, a producer warpgroup,
 # 128 keys per step in a 2-deep ring): --mosaic-prefill-warpgroups 3 in the engine.
@@ -109,12 +127,17 @@ FA3_TUNING = MosaicPrefillTuning(keys_per_step=128, num_stages=2, warpgroups=2, 
 FA3_MIN_TOKENS = 2048
 
 
-def prefill_tuning(choice: int, num_tokens: int | None = None) -> MosaicPrefillTuning:
+def prefill_tuning(choice: int, num_tokens: int | None = None, k_pages=None) -> MosaicPrefillTuning:
     """--mosaic-prefill-warpgroups 1 or 2 (compute warpgroups per tile) or 3 (FA3_TUNING for steps of at least
-    FA3_MIN_TOKENS tokens, one warpgroup below; None tokens: FA3) -> the kernel's tuning."""
+    FA3_MIN_TOKENS tokens, one warpgroup below; None tokens: FA3) -> the kernel's tuning. With k_pages given, a
+    two-warpgroup tuning whose shared memory does not fit (head dim 256, 128-token blocks) falls back to one."""
     if choice == 3:
-        return FA3_TUNING if num_tokens is None or num_tokens >= FA3_MIN_TOKENS else MosaicPrefillTuning()
-    return MosaicPrefillTuning(warpgroups=choice)
+        tune = FA3_TUNING if num_tokens is None or num_tokens >= FA3_MIN_TOKENS else MosaicPrefillTuning()
+    else:
+        tune = MosaicPrefillTuning(warpgroups=choice)
+    if k_pages is not None and not tune.fits(k_pages.shape[2], k_pages.shape[3], k_pages.dtype.itemsize):
+        return MosaicPrefillTuning()
+    return tune
 
 
 # Registers per thread with a producer warpgroup (setmaxnreg): the producer needs few, the compute warpgroups hold
@@ -399,7 +422,9 @@ def _attend_specialized(ring: PageRing, q_rows, wg, *, kv_len, mask, qk_scale: f
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l_i
 
-    plgpu.barrier_wait(ring.k_bar.at[0])  # c1 >= 1: the tile has a token
+    @pl.when(c1 > 0)  # c1 >= 1 for valid input (the tile has a token at position >= 0)
+    def _():
+        plgpu.barrier_wait(ring.k_bar.at[0])
     if sched is not None:
         pl.when(wg == 1)(turn)
     split = jnp.clip(unmasked_until, 0, c1)

@@ -222,8 +222,8 @@ def _tokamax_impls(q, ctx_lens, q_lens, args, scale) -> dict:
 
 def _kernel_only(q, k, tables, lens, cu, scale, tuning):
     """The Mosaic prefill kernel without the wrapper's work around it (q laid out once, outside the timing).
-    Its output is in token order for Gp <= 8 (tile-major otherwise): `.check` zeroes padding tokens' rows, or
-    puts rows in order, for the error column (untimed)."""
+    Its output is in token order for Gp <= 8 (padding rows zeroed by the kernel; tile-major otherwise): `.check`
+    reshapes it, or puts rows in order, for the error column (untimed)."""
     from jaxserve.pallas_kernels import ragged_prefill_mgpu as pm
     q_in, items, static = pm.tile_queries(q, k, lens, cu, tuning)
     q_in = jax.block_until_ready(q_in)

@@ -47,16 +47,22 @@ TWO_WG_CASES = [
     (3, 64, 16, MosaicPrefillTuning(warpgroups=1, producer=True), True),
     (8, 128, 128, MosaicPrefillTuning(warpgroups=2, producer=True)),
     (4, 64, 64, MosaicPrefillTuning(keys_per_step=128, num_stages=3, warpgroups=2, producer=True), True),
+    # 100 padding tokens: zero-fill items whose second warpgroup has rows too (bw = 64 tokens at G = 1)
+    (1, 64, 16, MosaicPrefillTuning(warpgroups=2, producer=True), True, 100),
 ]
 
 
-def _two_wg_case(group, head_dim, block_size, tuning, long=False):
+def _two_wg_case(group, head_dim, block_size, tuning, long=False, pad=5):
     rng = np.random.default_rng(group * 3 + block_size)
     if long:
         c = make_case(rng, num_kv_heads=2, group=group, head_dim=head_dim, block_size=block_size,
-                      ctx_lens=[200, 0, 37, 5], q_lens=[70, 130, 9, 0], dtype=jnp.bfloat16, pad_tokens=5)
+                      ctx_lens=[200, 0, 37, 5], q_lens=[70, 130, 9, 0], dtype=jnp.bfloat16, pad_tokens=pad)
     else:
         c = mixed_prefill_case(rng, group, head_dim, block_size, jnp.bfloat16)
+    # Not with the interpreter's race detector (InterpretGPUParams(detect_races=True)): in jax 0.11.2 it reports
+    # every TMA refill of a slot against the slot's earlier reads, also in the one-warpgroup kernel, where the
+    # refill is issued by the reading warpgroup after its reads (seen in session 8). The slot protocol is
+    # checked by the results (NaN pages, refilled slots) and by the review in the design note.
     _check(c, tuning, scale=0.15)
 
 

@@ -1,5 +1,7 @@
 """attention_backend: platform / compute capability -> implementation name."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxserve.pallas_kernels import attention_backend, device_attention_backend
@@ -75,3 +77,31 @@ def test_prefill_tuning_choices():
     assert prefill_tuning(3) == FA3_TUNING and FA3_TUNING.warpgroups == 2 and FA3_TUNING.producer
     assert prefill_tuning(3, FA3_MIN_TOKENS) == FA3_TUNING  # large steps: FA3's layout
     assert prefill_tuning(3, FA3_MIN_TOKENS - 1) == prefill_tuning(1)  # small steps: one warpgroup (warm start)
+
+
+def test_prefill_tuning_falls_back_where_shared_memory_does_not_fit():
+    from jaxserve.pallas_kernels.ragged_prefill_mgpu import FA3_TUNING, MosaicPrefillTuning, prefill_tuning
+    pages = lambda d, s: jax.ShapeDtypeStruct((8, 64, s, d), jnp.bfloat16)  # noqa: E731
+    # head dim 128: FA3's 128 keys in a 2-deep ring fit (64 KB of q rows + 128 KB of K/V)
+    assert prefill_tuning(3, 4096, pages(128, 16)) == FA3_TUNING
+    # head dim 256, 16-token blocks: one stage of 128 keys would not fit; 64 keys per step do
+    assert FA3_TUNING.resolve(16, 256, 2).keys_per_step == 64 and FA3_TUNING.fits(16, 256, 2)
+    assert prefill_tuning(3, 4096, pages(256, 16)) == FA3_TUNING
+    # head dim 256, 128-token blocks: a step cannot drop below one block, so two warpgroups do not fit
+    assert not FA3_TUNING.fits(128, 256, 2)
+    assert prefill_tuning(3, 4096, pages(256, 128)) == MosaicPrefillTuning()
+    assert MosaicPrefillTuning().fits(128, 256, 2)
+
+
+def test_attend_picks_the_prefill_tuning_by_step_size(monkeypatch):
+    """PallasBackend.attend hands the step's token count to prefill_tuning: FA3's layout from FA3_MIN_TOKENS on."""
+    from jaxserve.attention import PallasBackend, dummy_metadata
+    from jaxserve.pallas_kernels import ragged_prefill_mgpu as pmgpu
+    seen = []
+    monkeypatch.setattr(pmgpu, "ragged_prefill_mgpu", lambda q, *a, tuning, **k: seen.append(tuning) or q)
+    backend = PallasBackend(name="pallas_mosaic", prefill_warpgroups=3)
+    k = jnp.zeros((2, 4, 16, 64), jnp.bfloat16)
+    for tokens in (pmgpu.FA3_MIN_TOKENS // 2, pmgpu.FA3_MIN_TOKENS):
+        q = jnp.zeros((tokens, 4, 64), jnp.bfloat16)
+        backend.attend(q, k, k, dummy_metadata(tokens, 2, 3), scale=0.125)
+    assert seen == [pmgpu.MosaicPrefillTuning(), pmgpu.FA3_TUNING]
