@@ -120,10 +120,10 @@ _SMEM = 220 * 1024  # shared memory a tile may take (an H100 SM has 227 KB)
 # 128 keys per step in a 2-deep ring): --mosaic-prefill-warpgroups 3 in the engine.
 FA3_TUNING = MosaicPrefillTuning(keys_per_step=128, num_stages=2, warpgroups=2, producer=True)
 
-# Choice 3 takes FA3_TUNING for steps of at least this many tokens and one warpgroup below. Each step shape's
-# prefill kernel is built again (ptxas) whenever its program is loaded from the persistent cache, and the FA3 kernel
-# takes longer to build: with it in all ten prefill buckets the warm start took 20.9-23.4 s against 19.9-20.2 s on
-# one H100 (docs/PERF.md, session 8), while the small steps (a 320-prompt burst's) gained nothing measurable.
+# Choice 3 takes FA3_TUNING for steps of at least this many tokens and one warpgroup below. With FA3's layout in
+# all ten prefill buckets the warm start took 20.9-23.4 s against 19.9-20.2 s on one H100 (docs/PERF.md, session 8;
+# our reading: each step shape's Mosaic kernel is built again when its cached program loads, and the FA3 kernel
+# takes longer to build), while the small steps (a 320-prompt burst's) gained nothing measurable.
 FA3_MIN_TOKENS = 2048
 
 
