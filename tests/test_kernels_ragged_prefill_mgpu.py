@@ -49,6 +49,8 @@ TWO_WG_CASES = [
     (4, 64, 64, MosaicPrefillTuning(keys_per_step=128, num_stages=3, warpgroups=2, producer=True), True),
     # 100 padding tokens: zero-fill items whose second warpgroup has rows too (bw = 64 tokens at G = 1)
     (1, 64, 16, MosaicPrefillTuning(warpgroups=2, producer=True), True, 100),
+    # G = 16 > 8: q gathered into tile-major rows by the wrapper (4 tokens per warpgroup), FA3's layout
+    (16, 64, 16, MosaicPrefillTuning(warpgroups=2, producer=True), True),
 ]
 
 
