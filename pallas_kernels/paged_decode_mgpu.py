@@ -116,13 +116,13 @@ class PageRing:
                 self.issue(self.c0 + i, i)
 
 
-def online_softmax(s, c, T, m_i, l_i, acc, *, qk_scale: float, mask=None):
+def online_softmax(s, c, m_i, l_i, acc, *, qk_scale: float, mask=None):
     """One step of the online softmax in base 2: s f32[64, T] raw logits of step c (keys c*T ..), m_i/l_i f32[64]
     (m in log2 units), acc f32[64, D] -> (p f32[64, T], m_new, l_new, acc rescaled). mask(s, key) masks the
     scaled logits given the keys' positions (None: every key is seen)."""
     s = s * qk_scale  # (64, T) in log2 units
     if mask is not None:
-        key = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + c * T
+        key = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + c * s.shape[1]
         s = mask(s, key)
     m_new = jnp.maximum(m_i, s.max(axis=1))
     alpha = jnp.exp2(m_i - m_new)
@@ -196,7 +196,7 @@ def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, inter
     unmasked_until: steps c < unmasked_until hold only keys that every row sees (and none at or past kv_len);
     they run in a first loop without the mask's iota/select and the V zeroing (FA3 splits its loop the same
     way). None: every step is masked."""
-    T, D, stages, c0 = ring.T, q_smem.shape[1], ring.stages, ring.c0
+    D, stages, c0 = q_smem.shape[1], ring.stages, ring.c0
     dtype = ring.k_smem.dtype
 
     def step(c, carry, masked=True):
@@ -204,7 +204,7 @@ def attend_pages(ring: PageRing, q_smem, *, kv_len, mask, qk_scale: float, inter
         slot = lax.rem(c - c0, stages)
         plgpu.barrier_wait(ring.k_bar.at[slot])
         s = qk_product(q_smem, ring.k_smem.at[slot], interpret=interpret)
-        p, m_new, l_i, acc = online_softmax(s, c, T, m_i, l_i, acc, qk_scale=qk_scale, mask=mask if masked else None)
+        p, m_new, l_i, acc = online_softmax(s, c, m_i, l_i, acc, qk_scale=qk_scale, mask=mask if masked else None)
         plgpu.barrier_wait(ring.v_bar.at[slot])
         if masked:
             zero_v_tail(ring, c, slot, kv_len)

@@ -390,7 +390,7 @@ def _attend_specialized(ring: PageRing, q_rows, wg, *, kv_len, mask, qk_scale: f
     end, so that the tensor cores and the exp units are busy at once: warpgroup 1 starts one turn behind, and
     warpgroup 0 takes one more turn after its loop so that both pass the barrier equally often.
     -> (acc f32[64, D], m f32[64], l f32[64])."""
-    T, D, stages, c1 = ring.T, q_rows.shape[1], ring.stages, ring.c1
+    D, stages, c1 = q_rows.shape[1], ring.stages, ring.c1
     dtype = ring.k_smem.dtype
 
     turn = functools.partial(_turn, sched)
@@ -400,7 +400,7 @@ def _attend_specialized(ring: PageRing, q_rows, wg, *, kv_len, mask, qk_scale: f
         slot = lax.rem(c, stages)
         s = qk_product(q_rows, ring.k_smem.at[slot], interpret=interpret, during=turn if sched is not None else None)
         plgpu.barrier_arrive(k_free.at[slot])
-        p, m_new, l_i, acc = online_softmax(s, c, T, m_i, l_i, acc, qk_scale=qk_scale, mask=mask if masked else None)
+        p, m_new, l_i, acc = online_softmax(s, c, m_i, l_i, acc, qk_scale=qk_scale, mask=mask if masked else None)
         p16 = p.astype(dtype)
         if sched is not None:
             # The order of these barriers against the softmax's last ops matters for the schedule that ptxas
