@@ -101,6 +101,10 @@ class PallasBackend:
     # (pallas_kernels/rope_kv_write.py, add_rms_norm.py); False keeps XLA's small kernels (an A/B switch,
     # JAXSERVE_FUSE_SMALL_OPS=0).
     fuse_small_ops: bool = True
+    # Decode steps of at least this many (sequence, kv head) items take the persistent Mosaic decode kernel
+    # (select.MOSAIC_DECODE_PERSISTENT_MIN_ITEMS; JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS overrides it for A/B runs,
+    # 0 = never).
+    decode_persistent_min_items: int = 0
 
     def write_kv(self, k_cache, v_cache, k, v, meta):
         from jaxserve.pallas_kernels.kv_write import kv_write_pallas
@@ -129,8 +133,12 @@ class PallasBackend:
             kernel, rows = paged_decode, decode_group_rows(G)
         q4, k_cache, v_cache = rope_kv_write(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
                                              group_padded=rows, interpret=self.interpret)
+        extra = {}
+        if kernel is mgpu.paged_decode_mgpu:
+            from jaxserve.pallas_kernels.select import mosaic_decode_tuning
+            extra["tuning"] = mosaic_decode_tuning(T, Hkv, self.decode_persistent_min_items)
         out = kernel(q4, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale, group=G,
-                     interpret=self.interpret)
+                     interpret=self.interpret, **extra)
         return out, k_cache, v_cache
 
     def add_rms_norm(self, x, d, w, eps):
@@ -144,7 +152,10 @@ class PallasBackend:
         if meta.decode_only and self.name == "pallas_mosaic":
             from jaxserve.pallas_kernels import paged_decode_mgpu as mgpu
             if mgpu.supports(q, k_cache):  # bf16/f16, head dim a multiple of 64; else the Triton kernel
+                from jaxserve.pallas_kernels.select import mosaic_decode_tuning
                 return mgpu.paged_decode_mgpu(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale,
+                                              tuning=mosaic_decode_tuning(q.shape[0], k_cache.shape[0],
+                                                                          self.decode_persistent_min_items),
                                               interpret=self.interpret)
         if meta.decode_only:
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale=scale,
@@ -174,10 +185,12 @@ def get_backend(name: str = "auto", prefill_warpgroups: int | None = None) -> At
     if choice == "xla":
         return XlaBackend()
     fuse = os.environ.get("JAXSERVE_FUSE_SMALL_OPS", "1") != "0"
+    persistent = int(os.environ.get("JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS", select.MOSAIC_DECODE_PERSISTENT_MIN_ITEMS))
     if choice != "pallas_mosaic":
         return PallasBackend(name=choice, fuse_small_ops=fuse)
     wg = select.MOSAIC_PREFILL_WARPGROUPS if prefill_warpgroups is None else prefill_warpgroups
-    return PallasBackend(name=choice, prefill_warpgroups=wg, fuse_small_ops=fuse)
+    return PallasBackend(name=choice, prefill_warpgroups=wg, fuse_small_ops=fuse,
+                         decode_persistent_min_items=persistent)
 
 
 def dummy_metadata(num_tokens: int, num_seqs: int, pages_per_seq: int, decode_only: bool = False) -> AttentionMetadata:

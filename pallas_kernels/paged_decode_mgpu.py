@@ -36,6 +36,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxserve.pallas_kernels.checks import check_paged_args
 from jaxserve.pallas_kernels.paged_decode import grouped_decode, ungrouped_shape
+from jaxserve.pallas_kernels.reference import default_scale
 
 _ROWS = 64  # wgmma's M
 _LOG2E = math.log2(math.e)
@@ -49,12 +50,15 @@ class MosaicDecodeTuning:
     """keys_per_step: keys per wgmma step (multiple of 64 and of the block size); 0 = 128 (64 when batch x kv
     heads < 32), or the block size if larger. num_stages: depth of the TMA ring (trimmed to fit shared memory).
     num_splits: split-K partitions; 0 = fill the SMs.
+    workers: 0 = one CUDA block per (kv head, sequence, split); else the persistent kernel, whose blocks each take
+    a run of (sequence, kv head) items with one TMA ring across them (-1: one block per SM). See `_persistent_call`.
 
     The auto choices come from the H100 sweep (docs/PERF.md, session 3): 128 keys per step was the best tuning
     at B=8, 64 and 256 (ctx 2048) and at B=8 ctx 8192, by 1-6%; at B=1 64 keys and more splits did better."""
     keys_per_step: int = 0
     num_stages: int = 4
     num_splits: int = 0
+    workers: int = 0
 
     def resolve(self, batch: int, num_kv_heads: int, pages_per_seq: int, block_size: int,
                 head_dim: int, itemsize: int) -> "MosaicDecodeTuning":
@@ -63,15 +67,27 @@ class MosaicDecodeTuning:
             raise ValueError(f"keys_per_step {keys} must be a multiple of 64 and of block_size {block_size}")
         ppcb = keys // block_size
         steps_per_seq = -(-pages_per_seq // ppcb)
-        splits = self.num_splits
-        if splits == 0:
-            want = max(1, _TARGET_BLOCKS // max(1, batch * num_kv_heads))
-            splits = max(1, min(want, steps_per_seq // 2, 16))
-        fixed = _ROWS * head_dim * (itemsize + 4) + 4 * _ROWS  # q tile + f32 output tile + lse
+        splits, workers = self.num_splits, self.workers
+        if workers:  # persistent: no split; a worker's items share one ring
+            splits = 1
+            workers = min(_num_sms() if workers < 0 else workers, batch * num_kv_heads)
+            fixed = 4 * _ROWS * head_dim * itemsize  # two q tiles + two output tiles
+        else:
+            if splits == 0:
+                want = max(1, _TARGET_BLOCKS // max(1, batch * num_kv_heads))
+                splits = max(1, min(want, steps_per_seq // 2, 16))
+            fixed = _ROWS * head_dim * (itemsize + 4) + 4 * _ROWS  # q tile + f32 output tile + lse
         stages = self.num_stages
         while stages > 1 and fixed + stages * 2 * keys * head_dim * itemsize > _SMEM_BUDGET:
             stages -= 1
-        return dataclasses.replace(self, keys_per_step=keys, num_stages=stages, num_splits=splits)
+        return dataclasses.replace(self, keys_per_step=keys, num_stages=stages, num_splits=splits, workers=workers)
+
+
+def _num_sms() -> int:
+    """Streaming multiprocessors of the default device (an H100's 132 where jax does not say, e.g. on CPU)."""
+    dev = jax.devices()[0]
+    n = getattr(dev, "core_count", 0) if dev.platform == "gpu" else 0
+    return n or _TARGET_BLOCKS
 
 
 DEFAULT_MOSAIC_DECODE = MosaicDecodeTuning()
@@ -302,6 +318,166 @@ def _decode_call(q4, k_pages, v_pages, block_tables, seq_lens, *, scale: float, 
     )(block_tables, seq_lens, q4, k_pages, v_pages)
 
 
+def work_starts(seq_lens, num_kv_heads: int, keys_per_step: int, workers: int):
+    """i32[workers + 1]: worker w of the persistent kernel takes items starts[w] .. starts[w + 1] - 1, where item
+    i is (sequence i // Hkv, kv head i % Hkv). Runs are cut where the items' running cost (steps + 1, the one
+    for each item's q load and output store) crosses w / workers of the total, so long and short sequences
+    spread evenly. searchsorted by compare_all: its default method is a loop (a GPU while loop)."""
+    cost = jnp.repeat((seq_lens + keys_per_step - 1) // keys_per_step + 1, num_kv_heads)  # (B * Hkv,), >= 1
+    before = jnp.cumsum(cost) - cost  # each item's exclusive running cost
+    bounds = jnp.arange(workers + 1, dtype=jnp.int32) * jnp.sum(cost) // workers
+    return jnp.searchsorted(before, bounds, side="left", method="compare_all").astype(jnp.int32)
+
+
+def _persistent_call(q4, k_pages, v_pages, block_tables, seq_lens, *, G: int, scale: float,
+                     tune: MosaicDecodeTuning, interpret: bool):
+    """q4 [B, Hkv, Gp, D] -> o [B, Hkv * G, D] in q's dtype, by `tune.workers` persistent CUDA blocks.
+
+    Why. With one block per (sequence, kv head), a short context is 2-4 steps of keys: the block's ring of page
+    copies never fills, and each block pays its own start (q load, ring prime) and end (store) with the memory
+    pipe idle (the grid kernel read KV at 2.0-2.4 TB/s at the serving benchmark's contexts, docs/PERF.md).
+    Here a block walks a run of items (work_starts) and its ring runs across them: while it computes one
+    item's last steps, the copies of the next item's first steps are in flight. A cursor (pi, pc) names the
+    next step to copy; releasing a slot copies the cursor's step into it and moves the cursor on, past items
+    with no steps (padding rows). K is refilled as soon as QK is done with its slot, V after PV. q is
+    double-buffered (the next item's q is loaded while this one runs) and so is the output tile, whose TMA
+    store to o[b, h*G:(h+1)*G] (q's dtype, the caller's layout) may still be reading when the next item starts.
+    One split per item, so this is for batches whose items fill the GPU; the grid kernel keeps small ones."""
+    B, Hkv, Gp, D = q4.shape
+    _, _, S, _ = k_pages.shape
+    dtype = k_pages.dtype
+    T, stages, W = tune.keys_per_step, tune.num_stages, tune.workers
+    ppcb = T // S
+    n_items = B * Hkv
+    P = block_tables.shape[1]
+    block_tables = jnp.pad(block_tables, ((0, 0), (0, -P % ppcb)))  # the last step may run past P; pads = page 0
+    starts = work_starts(seq_lens, Hkv, T, W)
+    qk_scale = scale * _LOG2E
+
+    def kernel(bt_ref,  # i32[B, P']          block tables (GMEM; scalars read per page)
+               len_ref,  # i32[B]             context lengths
+               start_ref,  # i32[W + 1]       each worker's first item
+               q_ref,  # [B, Hkv, Gp, D]       query groups
+               k_ref,  # [Hkv, N, S, D]        key pages
+               v_ref,  # [Hkv, N, S, D]        value pages
+               o_ref,  # [B, Hkv * G, D]       output, q's dtype
+               q_smem,  # [2, 64, D]           double-buffered q tiles; rows >= Gp stay zero
+               k_smem,  # [stages, T, D]
+               v_smem,  # [stages, T, D]
+               o_smem,  # [2, 64, D]           double-buffered output tiles (untiled: G rows go out by TMA)
+               q_bar, k_bar, v_bar):
+        w = lax.axis_index("w")
+        i0, i1 = start_ref[w], start_ref[w + 1]
+
+        def steps_of(i):
+            return (len_ref[jnp.minimum(i, n_items - 1) // Hkv] + T - 1) // T
+
+        def advance(i, c):
+            """(i, c) if item i has a step c, else the first step of the next item with steps (i1: none left)."""
+            return lax.while_loop(lambda ic: (ic[0] < i1) & (ic[1] >= steps_of(ic[0])),
+                                  lambda ic: (ic[0] + 1, jnp.int32(0)), (i, c))
+
+        def issue(i, c, slot, k, v):
+            b, h = i // Hkv, lax.rem(i, Hkv)
+            for j in range(ppcb):
+                page = bt_ref[b, c * ppcb + j]
+                if k:
+                    plgpu.copy_gmem_to_smem(k_ref.at[h, page], k_smem.at[slot, pl.ds(j * S, S)], k_bar.at[slot])
+                if v:
+                    plgpu.copy_gmem_to_smem(v_ref.at[h, page], v_smem.at[slot, pl.ds(j * S, S)], v_bar.at[slot])
+
+        def load_q(i, buf):
+            plgpu.copy_gmem_to_smem(q_ref.at[i // Hkv, lax.rem(i, Hkv)], q_smem.at[buf, pl.ds(0, Gp)], q_bar.at[buf])
+
+        for buf in range(2):
+            q_smem.at[buf][...] = plgpu.layout_cast(jnp.zeros((_ROWS, D), dtype), plgpu.Layout.WGMMA)
+        plgpu.commit_smem()  # the zeros land before the TMA writes rows 0..Gp-1
+
+        @pl.when(i0 < i1)
+        def _():
+            load_q(i0, 0)
+
+        pi, pc = advance(i0, jnp.int32(0))
+        for slot in range(stages):  # prime the ring: the first `stages` steps of the run, across items
+            @pl.when(pi < i1)
+            def _():
+                issue(pi, pc, slot, True, True)
+            pi, pc = advance(pi, pc + 1)
+        tail = PageRing(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, None, None, ppcb, stages, 0, 0)
+
+        def item(i, carry):
+            g, pi, pc = carry  # g: steps consumed so far (step g + c uses slot (g + c) % stages)
+            b, h = i // Hkv, lax.rem(i, Hkv)
+            seq_len = len_ref[b]
+            n = (seq_len + T - 1) // T
+            buf = lax.rem(i - i0, 2)
+
+            @pl.when(i + 1 < i1)
+            def _():
+                load_q(i + 1, 1 - buf)  # item i - 1, the last reader of that buffer, is done
+            plgpu.barrier_wait(q_bar.at[buf])
+            q_tile = q_smem.at[buf]
+
+            def mask(s, key):
+                return jnp.where(key < seq_len, s, -jnp.inf)
+
+            def step(c, carry, masked):
+                acc, m_i, l_i, pi, pc = carry
+                slot = lax.rem(g + c, stages)
+                more = pi < i1  # the cursor's step goes into this slot, K now, V after PV
+                plgpu.barrier_wait(k_bar.at[slot])
+                s = qk_product(q_tile, k_smem.at[slot], interpret=interpret)
+
+                @pl.when(more)
+                def _():
+                    issue(pi, pc, slot, True, False)
+                p, m_new, l_i, acc = online_softmax(s, c, m_i, l_i, acc, qk_scale=qk_scale,
+                                                    mask=mask if masked else None)
+                plgpu.barrier_wait(v_bar.at[slot])
+                if masked:
+                    zero_v_tail(tail, c, slot, seq_len)
+                acc = pv_product(acc, p.astype(dtype), v_smem.at[slot], interpret=interpret)
+
+                @pl.when(more)
+                def _():
+                    issue(pi, pc, slot, False, True)
+                pi, pc = advance(pi, pc + 1)
+                return acc, m_new, l_i, pi, pc
+
+            full = seq_len // T  # steps whose keys all count: no mask, no V zeroing
+            carry = lax.fori_loop(0, full, functools.partial(step, masked=False), (*softmax_init(D), pi, pc))
+            acc, _, l_i, pi, pc = lax.fori_loop(full, n, functools.partial(step, masked=True), carry)
+            l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))  # no keys (padding row): zeros
+            out = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store from this tile two items ago has read it
+            o_smem.at[buf][...] = out
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[buf, pl.ds(0, G)], o_ref.at[b, pl.ds(h * G, G)])
+            return g + n, pi, pc
+
+        lax.fori_loop(i0, i1, item, (jnp.int32(0), pi, pc))
+        plgpu.wait_smem_to_gmem(0)
+
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((B, Hkv * G, D), dtype),
+        scratch_types=[
+            _tiled((2, _ROWS, D), dtype),
+            _tiled((stages, T, D), dtype),
+            _tiled((stages, T, D), dtype),
+            plgpu.SMEM((2, _ROWS, D), dtype),
+            plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_arrivals=ppcb, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=ppcb, num_barriers=stages),
+        ],
+        grid=(W,),
+        grid_names=("w",),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+        kernel_name=f"paged_decode_mgpu_persistent_T{T}_st{stages}_w{W}",
+    )(block_tables, seq_lens, starts, q4, k_pages, v_pages)
+
+
 def supports(q, k_pages) -> bool:
     """Whether paged_decode_mgpu takes these operands (the backend falls back to the Triton kernel if not)."""
     try:
@@ -348,6 +524,9 @@ def paged_decode_mgpu(q, k_pages, v_pages, block_tables, seq_lens, *, scale: flo
     q3 = ungrouped_shape(q, k_pages, group, decode_group_rows)
     check_paged_args(q3, k_pages, v_pages, block_tables, "B")
     check_mosaic_args(q3, k_pages)
+    if tuning.workers:
+        return _persistent(q, k_pages, v_pages, block_tables, seq_lens, scale=scale, tuning=tuning, group=group,
+                           interpret=interpret)
     return grouped_decode(_decode_call, q, k_pages, v_pages, block_tables, seq_lens, scale=scale, tuning=tuning,
                           group_padded=decode_group_rows(q3.shape[1] // k_pages.shape[0]), interpret=interpret,
                           group=group)
@@ -356,3 +535,22 @@ def paged_decode_mgpu(q, k_pages, v_pages, block_tables, seq_lens, *, scale: flo
 def decode_group_rows(group: int) -> int:
     """Rows per kv head of this kernel's q groups: G rounded up to the TMA tile's 8 rows."""
     return -(-group // 8) * 8
+
+
+def _persistent(q, k_pages, v_pages, block_tables, seq_lens, *, scale, tuning: MosaicDecodeTuning, group,
+                interpret: bool):
+    """paged_decode_mgpu by the persistent kernel: q grouped as the grid kernel takes it, the output written by
+    the kernel in [B, Hq, D] (no merge, no slice after it)."""
+    Hkv, _, S, D = k_pages.shape
+    B = q.shape[0]
+    if seq_lens.shape != (B,) or seq_lens.dtype != jnp.int32:
+        raise ValueError(f"seq_lens must be i32[{B}], got {seq_lens.dtype}{seq_lens.shape}")
+    scale = default_scale(D) if scale is None else scale
+    tune = tuning.resolve(B, Hkv, block_tables.shape[1], S, D, k_pages.dtype.itemsize)
+    if group is None:
+        G = q.shape[1] // Hkv
+        q = jnp.pad(q.reshape(B, Hkv, G, D), ((0, 0), (0, 0), (0, decode_group_rows(G) - G), (0, 0)))
+    else:
+        G = group
+    return _persistent_call(q, k_pages, v_pages, block_tables, seq_lens, G=G, scale=scale, tune=tune,
+                            interpret=interpret)

@@ -37,6 +37,11 @@ MOSAIC_FASTEST = True
 # identical against XLA on all six prompts (within 0.016), Llama-3-8B shape within 0.16. Steps below 2048 tokens
 # keep one warpgroup (ragged_prefill_mgpu.FA3_MIN_TOKENS: warm start).
 MOSAIC_PREFILL_WARPGROUPS = 3
+
+# Decode steps under pallas_mosaic whose batch x kv heads reach this many items take the persistent Mosaic decode
+# kernel (paged_decode_mgpu.MosaicDecodeTuning.workers: one CUDA block per SM, each walking a run of (sequence,
+# kv head) items through one TMA ring); smaller ones keep one block per item and split. 0 = never.
+MOSAIC_DECODE_PERSISTENT_MIN_ITEMS = 264
 MOSAIC_PREFILL_CHOICES = (0, 1, 2, 3)  # what --mosaic-prefill-warpgroups takes (3: FA3 layout, 2 + a producer)
 
 
@@ -114,3 +119,11 @@ def kv_write_backend(platform: str, num_tokens: int = 0, override: str | None = 
     if override != "xla" and not gpu:
         raise ValueError(f"{override} kv write needs an NVIDIA GPU, got {platform}")
     return override
+
+
+def mosaic_decode_tuning(batch: int, num_kv_heads: int, min_items: int = MOSAIC_DECODE_PERSISTENT_MIN_ITEMS):
+    """The Mosaic decode kernel's tuning for a decode step of `batch` rows: persistent from min_items items."""
+    from jaxserve.pallas_kernels.paged_decode_mgpu import DEFAULT_MOSAIC_DECODE, MosaicDecodeTuning
+    if min_items and batch * num_kv_heads >= min_items:
+        return MosaicDecodeTuning(workers=-1)
+    return DEFAULT_MOSAIC_DECODE

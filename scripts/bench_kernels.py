@@ -10,8 +10,11 @@ one layer's cache (~2 GiB per K and V), in place, XLA scatter vs Pallas vs jax-t
   python scripts/bench_kernels.py --smoke --out /tmp/smoke    # CPU: tiny sizes, Pallas in interpret mode
   python scripts/bench_kernels.py --kv-write --out /tmp/kvw    # the KV-write part alone
 
-Timing: one uncounted warm-up call (compile + run), then the median of --repeats calls, each ended with
-block_until_ready. Writes results.json and kernels.png to --out and prints a table.
+Timing: one uncounted warm-up call (compile + run), then the median of 5 rounds of --repeats back-to-back calls,
+each round ended with block_until_ready. Decode is also timed as --chain calls inside one jitted program (the
+"in one program" column): the device's time per call, as the engine's forward runs the kernel once per layer;
+back-to-back calls of a short kernel measure the host's dispatch instead. Writes results.json and kernels.png to
+--out and prints a table.
 """
 
 from __future__ import annotations
@@ -56,6 +59,22 @@ def time_fn(fn, *args, repeats: int) -> float:
     return statistics.median(rounds)
 
 
+def time_chained(fn, q, k, v, tables, lens, *, n: int, repeats: int) -> float:
+    """Seconds per call of fn(q, k, v, tables, lens) run n times inside one jitted program, as a forward pass runs
+    an attention kernel once per layer: the device's time per call, without the host's per-dispatch cost that
+    back-to-back calls of a short kernel are bound by (~38 us an H100 call; docs/PERF.md). Calls alternate
+    between two copies of the cache, so that one call does not find the last one's KV in L2, and each has its
+    own q (XLA would merge identical calls)."""
+    qs = tuple(q * (1 + i / 64) for i in range(n))
+    k2, v2 = jnp.copy(k), jnp.copy(v)
+
+    def chained(qs, k, v, k2, v2, tables, lens):
+        return [fn(qi, *((k, v) if i % 2 == 0 else (k2, v2)), tables, lens) for i, qi in enumerate(qs)]
+    sec = time_fn(jax.jit(chained), qs, k, v, k2, v2, tables, lens, repeats=max(2, repeats // 4)) / n
+    del k2, v2
+    return sec
+
+
 def copy_bandwidth(n_bytes: int, repeats: int) -> float:
     """Bytes/s of a device copy (read + write counted), on random data."""
     x = jax.random.normal(jax.random.key(1), (n_bytes // 2,), jnp.bfloat16)
@@ -98,11 +117,14 @@ def bench_decode(args, interpret: bool):
             impls = {
                 "ours": functools.partial(paged_decode, scale=scale, interpret=interpret),
                 **({} if args.no_mosaic else {
-                    "ours_mosaic": functools.partial(paged_decode_mgpu, scale=scale, interpret=interpret)}),
+                    "ours_mosaic": functools.partial(paged_decode_mgpu, scale=scale, interpret=interpret),
+                    "ours_mosaic_persistent": functools.partial(
+                        paged_decode_mgpu, scale=scale, tuning=MosaicDecodeTuning(workers=-1),
+                        interpret=interpret)}),
                 "jax_bundled": lambda q, k, v, t, l: bundled.paged_attention(
                     q * scale, k, v, t, l, block_h=16, k_splits=math.gcd(16, pps),
                     pages_per_compute_block=min(8, pps // math.gcd(16, pps)), interpret=interpret),
-                "xla": functools.partial(paged_decode_reference, scale=scale),
+                **({} if args.no_xla else {"xla": functools.partial(paged_decode_reference, scale=scale)}),
             }
             ref_out = None
             for name, fn in impls.items():
@@ -116,6 +138,10 @@ def bench_decode(args, interpret: bool):
                     row["max_err_vs_first"] = float(jnp.max(err))
                     sec = time_fn(jf, q, k, v, tables, lens, repeats=args.repeats)
                     row.update(us=sec * 1e6, gbps=kv_bytes / sec / 1e9, frac_copy=kv_bytes / sec / args.copy_bw)
+                    if args.chain and name != "xla":  # the XLA gather would hold n copies of the gathered KV
+                        sec = time_chained(fn, q, k, v, tables, lens, n=args.chain, repeats=args.repeats)
+                        row.update(us_chained=sec * 1e6, gbps_chained=kv_bytes / sec / 1e9,
+                                   frac_copy_chained=kv_bytes / sec / args.copy_bw)
                 except Exception as e:  # a failing impl is recorded, not fatal
                     row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 rows.append(row)
@@ -155,16 +181,23 @@ def sweep_decode(args, interpret: bool):
                         row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
                     rows.append(row)
         m_auto = MosaicDecodeTuning().resolve(batch, args.kv_heads, tables.shape[1], BLOCK, args.head_dim, 2)
-        for keys in (64, 128) if "mosaic" in args.sweep_kernels and not args.no_mosaic else ():
+        mosaic = "mosaic" in args.sweep_kernels and not args.no_mosaic
+        layouts = ([(0, splits) for splits in (1, 2, 4, 8)] if 0 in args.sweep_workers else []) + \
+            ([(-1, 1)] if -1 in args.sweep_workers else [])  # (workers, splits): grid, then persistent
+        for keys in (64, 128) if mosaic else ():
             for stages in (2, 3, 4):
-                for splits in (1, 2, 4, 8):
-                    t = MosaicDecodeTuning(keys_per_step=keys, num_stages=stages, num_splits=splits)
+                for workers, splits in layouts:
+                    t = MosaicDecodeTuning(keys_per_step=keys, num_stages=stages, num_splits=splits, workers=workers)
                     row = dict(kind="decode_sweep_mosaic", batch=batch, ctx=ctx, keys=keys, stages=stages,
-                               splits=splits, auto=(keys, stages, splits) == (m_auto.keys_per_step,
-                                                                              m_auto.num_stages, m_auto.num_splits))
+                               splits=splits, persistent=bool(workers),
+                               auto=(keys, stages, splits, workers) == (m_auto.keys_per_step, m_auto.num_stages,
+                                                                        m_auto.num_splits, m_auto.workers))
                     try:
-                        f = jax.jit(functools.partial(paged_decode_mgpu, scale=scale, tuning=t, interpret=interpret))
-                        sec = time_fn(f, q, k, v, tables, lens, repeats=args.repeats)
+                        fn = functools.partial(paged_decode_mgpu, scale=scale, tuning=t, interpret=interpret)
+                        if args.chain:  # the device's time, as the engine's forward runs the kernel
+                            sec = time_chained(fn, q, k, v, tables, lens, n=args.chain, repeats=args.repeats)
+                        else:
+                            sec = time_fn(jax.jit(fn), q, k, v, tables, lens, repeats=args.repeats)
                         row.update(us=sec * 1e6, gbps=kv_bytes / sec / 1e9)
                     except Exception as e:  # noqa: BLE001 - recorded
                         row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
@@ -405,11 +438,15 @@ def _fmt(r):
         return f"{head} ERROR {r['error']}"
     head += f" err={r['max_err_vs_first']:.1e}"
     if r["kind"] == "decode":
-        return f"{head} {r['us']:10.1f} us  {r['gbps']:8.1f} GB/s  {100 * r['frac_copy']:5.1f}% of copy"
+        chained = (f" | in one program {r['us_chained']:8.1f} us {r['gbps_chained']:7.1f} GB/s "
+                   f"{100 * r['frac_copy_chained']:5.1f}%") if "us_chained" in r else ""
+        return f"{head} {r['us']:10.1f} us  {r['gbps']:8.1f} GB/s  {100 * r['frac_copy']:5.1f}% of copy{chained}"
     return f"{head} {r['us']:10.1f} us  {r['tflops']:8.2f} TFLOP/s  {100 * r['frac_matmul']:5.1f}% of matmul"
 
 
 def plot(rows, args, path):
+    """Decode: KV-read bandwidth over the copy rate per batch, one panel per context (the in-one-program timing
+    where it was taken, dashed back-to-back otherwise); prefill: share of the matmul rate, where it ran."""
     try:
         import matplotlib
     except ImportError:
@@ -417,20 +454,26 @@ def plot(rows, args, path):
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(args.ctxs) + 1, figsize=(5 * (len(args.ctxs) + 1), 4))
-    for ax, ctx in zip(axes, args.ctxs):
-        for impl in ("ours", "jax_bundled", "xla"):
-            pts = [(r["batch"], r["frac_copy"]) for r in rows
-                   if r["kind"] == "decode" and r["ctx"] == ctx and r["impl"] == impl and "error" not in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=impl)
-        ax.set(xscale="log", xlabel="batch", ylabel="KV read BW / copy BW", title=f"decode ctx={ctx}", ylim=(0, 1.1))
-        ax.legend()
     pre = [r for r in rows if r["kind"] == "prefill" and "error" not in r]
-    labels = [f"{r['case']}\n{r['impl']}" for r in pre]
-    axes[-1].bar(range(len(pre)), [r["frac_matmul"] for r in pre])
-    axes[-1].set_xticks(range(len(pre)), labels, fontsize=7)
-    axes[-1].set(ylabel="causal FLOP/s / matmul FLOP/s", title="prefill")
+    fig, axes = plt.subplots(1, len(args.ctxs) + bool(pre), figsize=(5 * (len(args.ctxs) + bool(pre)), 4),
+                             squeeze=False)
+    axes = axes[0]
+    for ax, ctx in zip(axes, args.ctxs):
+        for impl in ("ours", "ours_mosaic", "ours_mosaic_persistent", "jax_bundled", "xla"):
+            sel = [r for r in rows if r["kind"] == "decode" and r["ctx"] == ctx and r["impl"] == impl
+                   and "error" not in r]
+            chained = all("frac_copy_chained" in r for r in sel)
+            pts = [(r["batch"], r["frac_copy_chained" if chained else "frac_copy"]) for r in sel]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", linestyle="-" if chained else "--",
+                        label=impl + ("" if chained else " (back to back)"))
+        ax.set(xscale="log", xlabel="batch", ylabel="KV read BW / copy BW", title=f"decode ctx={ctx}", ylim=(0, 1.1))
+        ax.legend(fontsize=7)
+    if pre:
+        labels = [f"{r['case']}\n{r['impl']}" for r in pre]
+        axes[-1].bar(range(len(pre)), [r["frac_matmul"] for r in pre])
+        axes[-1].set_xticks(range(len(pre)), labels, fontsize=7)
+        axes[-1].set(ylabel="causal FLOP/s / matmul FLOP/s", title="prefill")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
@@ -451,10 +494,16 @@ def main():
                    help="run only these sections (default: decode, prefill and kv_write)")
     p.add_argument("--sweep-cells", dest="cells", nargs="*", default=None, help="B:ctx cells for --sweep (default: 5 cells)")
     p.add_argument("--sweep-kernels", nargs="*", default=["triton", "mosaic"], choices=["triton", "mosaic"])
+    p.add_argument("--sweep-workers", type=int, nargs="*", default=[0, -1], choices=[0, -1],
+                   help="Mosaic decode layouts to sweep: 0 = one block per item (x splits), -1 = persistent")
     p.add_argument("--mosaic-2wg", action="store_true", help="also time the two-warpgroup Mosaic prefill (GPU)")
     p.add_argument("--mosaic-fa3", action="store_true",
                    help="also time the Mosaic prefill with a producer warpgroup (FA3's layout; GPU)")
     p.add_argument("--no-mosaic", action="store_true", help="leave out the Mosaic GPU decode kernel")
+    p.add_argument("--no-xla", action="store_true", help="leave out the XLA gather + einsum decode")
+    p.add_argument("--chain", type=int, default=16,
+                   help="decode: also time N calls inside one jitted program (the device's time per call, as a "
+                        "forward pass runs it); the sweep then uses this timing. 0: back-to-back calls only")
     p.add_argument("--kv-write", action="store_true",
                    help="only the KV-cache write benchmark (the default run includes it: ~20 s on an H100)")
     args = p.parse_args()
@@ -463,6 +512,7 @@ def main():
     if args.smoke:
         args.q_heads, args.kv_heads, args.head_dim = 8, 2, 64
         args.batches, args.ctxs, args.repeats = [1, 3], [40, 64], min(args.repeats, 2)
+        args.chain = min(args.chain, 2)
         args.sweep_cells = [(3, 64)]
         args.prefill_cases = {"prompts": ([0, 0], [24, 17]), "mixed": ([0, 33, 20, 20], [16, 8, 1, 1])}
         bw_bytes, mm_n = 1 << 22, 256
@@ -497,7 +547,7 @@ def main():
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}/results.json")
-    if "decode" in sections and "prefill" in sections:
+    if "decode" in sections:
         plot(rows, args, os.path.join(args.out, "kernels.png"))
 
 

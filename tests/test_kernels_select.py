@@ -105,3 +105,13 @@ def test_attend_picks_the_prefill_tuning_by_step_size(monkeypatch):
         q = jnp.zeros((tokens, 4, 64), jnp.bfloat16)
         backend.attend(q, k, k, dummy_metadata(tokens, 2, 3), scale=0.125)
     assert seen == [pmgpu.MosaicPrefillTuning(), pmgpu.FA3_TUNING]
+
+
+def test_mosaic_decode_tuning_persistent_from_min_items():
+    """Decode steps of min_items (batch x kv heads) or more take the persistent kernel (one worker per SM); smaller
+    ones and min_items 0 keep the grid kernel's default tuning."""
+    from jaxserve.pallas_kernels.paged_decode_mgpu import DEFAULT_MOSAIC_DECODE
+    from jaxserve.pallas_kernels.select import mosaic_decode_tuning
+    assert mosaic_decode_tuning(32, 8, 256).workers == -1
+    assert mosaic_decode_tuning(31, 8, 256) == DEFAULT_MOSAIC_DECODE and DEFAULT_MOSAIC_DECODE.workers == 0
+    assert mosaic_decode_tuning(512, 8, 0) == DEFAULT_MOSAIC_DECODE

@@ -101,7 +101,9 @@ def test_mosaic_backend_child(tmp_path, monkeypatch):
     from jaxserve.pallas_kernels import ragged_prefill_mgpu as pmgpu
     traced = []
     kernel, prefill = mgpu.paged_decode_mgpu, pmgpu.ragged_prefill_mgpu
-    monkeypatch.setattr(mgpu, "paged_decode_mgpu", lambda *a, **k: traced.append("decode") or kernel(*a, **k))
+    workers = []
+    monkeypatch.setattr(mgpu, "paged_decode_mgpu", lambda *a, **k: traced.append("decode") or workers.append(
+        k["tuning"].workers) or kernel(*a, **k))
     monkeypatch.setattr(pmgpu, "ragged_prefill_mgpu", lambda *a, **k: traced.append("prefill") or prefill(*a, **k))
     # bf16 and head dim 64 (what the Mosaic kernel takes): decode steps run its interpreter here
     cfg = json.loads(open(f"{TINY}/config.json").read())
@@ -113,8 +115,14 @@ def test_mosaic_backend_child(tmp_path, monkeypatch):
     got = _run(PallasBackend(name="pallas_mosaic", interpret=True, prefill_warpgroups=1), **args)
     assert set(traced) == {"decode", "prefill"}  # both steps took the Mosaic kernels, not the Triton fallback
     assert set(fused) == {"rope_kv_write", "add_rms_norm"}  # decode took its q groups from rope_kv_write
-    for a, b in zip(ref, got):
-        assert a.token_ids == b.token_ids
-        for pa, pb in zip(a.logprobs, b.logprobs):
-            for tok, lp in pa.items():
-                assert abs(lp.logprob - pb[tok].logprob) < 5e-2
+    assert set(workers) == {0}  # decode_persistent_min_items 0: the grid kernel
+    # the persistent decode kernel from one item up: every decode step takes it
+    persistent = _run(PallasBackend(name="pallas_mosaic", interpret=True, prefill_warpgroups=1,
+                                    decode_persistent_min_items=1), **args)
+    assert -1 in workers and set(workers) == {0, -1}
+    for got_ in (got, persistent):
+        for a, b in zip(ref, got_):
+            assert a.token_ids == b.token_ids
+            for pa, pb in zip(a.logprobs, b.logprobs):
+                for tok, lp in pa.items():
+                    assert abs(lp.logprob - pb[tok].logprob) < 5e-2

@@ -224,7 +224,9 @@ def test_bench_kernels_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "results.json").read_text())
     rows = [x for x in r["rows"] if x["kind"] in ("decode", "prefill")]
-    assert {x["impl"] for x in rows if x["kind"] == "decode"} == {"ours", "ours_mosaic", "jax_bundled", "xla"}
+    assert {x["impl"] for x in rows if x["kind"] == "decode"} == {"ours", "ours_mosaic", "ours_mosaic_persistent",
+                                                                    "jax_bundled", "xla"}
+    assert all(x["us_chained"] > 0 for x in rows if x["kind"] == "decode" and x["impl"] != "xla")
     assert {x["impl"] for x in rows if x["kind"] == "prefill"} == {"ours", "ours_mosaic", "xla"}
     assert not [x for x in rows if "error" in x]
     assert all(x["max_err_vs_first"] < 2e-2 for x in rows)  # bf16 against our Triton kernel's output
