@@ -166,6 +166,20 @@ def ungrouped_shape(q, k_pages, group: int | None, group_rows) -> jax.ShapeDtype
     return jax.ShapeDtypeStruct((q.shape[0], Hkv * group, q.shape[3]), q.dtype)
 
 
+def group_queries(q, k_pages, seq_lens, *, scale, group: int | None, group_padded: int):
+    """-> (q groups [B, Hkv, Gp, D] with zero rows past G, G, scale): q [B, Hq, D] padded into groups, or taken as
+    it is when `group` says it comes grouped; seq_lens checked; scale defaulted to 1/sqrt(head_dim)."""
+    Hkv, _, _, D = k_pages.shape
+    B = q.shape[0]
+    if seq_lens.shape != (B,) or seq_lens.dtype != jnp.int32:
+        raise ValueError(f"seq_lens must be i32[{B}], got {seq_lens.dtype}{seq_lens.shape}")
+    scale = default_scale(D) if scale is None else scale
+    if group is not None:
+        return q, group, scale
+    G = q.shape[1] // Hkv
+    return jnp.pad(q.reshape(B, Hkv, G, D), ((0, 0), (0, 0), (0, group_padded - G), (0, 0))), G, scale
+
+
 def grouped_decode(call, q, k_pages, v_pages, block_tables, seq_lens, *, scale, tuning, group_padded: int,
                    interpret: bool, group: int | None = None):
     """The part both decode kernels share: q [B, Hq, D] -> groups [B, Hkv, Gp, D] (zero rows past G), the
@@ -174,15 +188,8 @@ def grouped_decode(call, q, k_pages, v_pages, block_tables, seq_lens, *, scale, 
     which saves the pad."""
     Hkv, _, S, D = k_pages.shape
     B = q.shape[0]
-    if seq_lens.shape != (B,) or seq_lens.dtype != jnp.int32:
-        raise ValueError(f"seq_lens must be i32[{B}], got {seq_lens.dtype}{seq_lens.shape}")
-    scale = default_scale(D) if scale is None else scale
+    q, G, scale = group_queries(q, k_pages, seq_lens, scale=scale, group=group, group_padded=group_padded)
     tune = tuning.resolve(B, Hkv, block_tables.shape[1], S, D, k_pages.dtype.itemsize)
-    if group is None:
-        G = q.shape[1] // Hkv
-        q = jnp.pad(q.reshape(B, Hkv, G, D), ((0, 0), (0, 0), (0, group_padded - G), (0, 0)))  # (B, Hkv, Gp, D)
-    else:
-        G = group
     o, lse = call(q, k_pages, v_pages, block_tables, seq_lens, scale=scale, tune=tune, interpret=interpret)
     o = o[0] if tune.num_splits == 1 else merge_splits(o, lse)  # (B, Hkv, Gp, D)
     return o[:, :, :G].reshape(B, Hkv * G, D).astype(q.dtype)

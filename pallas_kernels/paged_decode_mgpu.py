@@ -35,8 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxserve.pallas_kernels.checks import check_paged_args
-from jaxserve.pallas_kernels.paged_decode import grouped_decode, ungrouped_shape
-from jaxserve.pallas_kernels.reference import default_scale
+from jaxserve.pallas_kernels.paged_decode import group_queries, grouped_decode, ungrouped_shape
 
 _ROWS = 64  # wgmma's M
 _LOG2E = math.log2(math.e)
@@ -542,15 +541,8 @@ def _persistent(q, k_pages, v_pages, block_tables, seq_lens, *, scale, tuning: M
     """paged_decode_mgpu by the persistent kernel: q grouped as the grid kernel takes it, the output written by
     the kernel in [B, Hq, D] (no merge, no slice after it)."""
     Hkv, _, S, D = k_pages.shape
-    B = q.shape[0]
-    if seq_lens.shape != (B,) or seq_lens.dtype != jnp.int32:
-        raise ValueError(f"seq_lens must be i32[{B}], got {seq_lens.dtype}{seq_lens.shape}")
-    scale = default_scale(D) if scale is None else scale
-    tune = tuning.resolve(B, Hkv, block_tables.shape[1], S, D, k_pages.dtype.itemsize)
-    if group is None:
-        G = q.shape[1] // Hkv
-        q = jnp.pad(q.reshape(B, Hkv, G, D), ((0, 0), (0, 0), (0, decode_group_rows(G) - G), (0, 0)))
-    else:
-        G = group
+    gp = decode_group_rows(q.shape[1] // Hkv) if group is None else q.shape[2]
+    q, G, scale = group_queries(q, k_pages, seq_lens, scale=scale, group=group, group_padded=gp)
+    tune = tuning.resolve(q.shape[0], Hkv, block_tables.shape[1], S, D, k_pages.dtype.itemsize)
     return _persistent_call(q, k_pages, v_pages, block_tables, seq_lens, G=G, scale=scale, tune=tune,
                             interpret=interpret)
