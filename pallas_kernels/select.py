@@ -41,7 +41,12 @@ MOSAIC_PREFILL_WARPGROUPS = 3
 # Decode steps under pallas_mosaic whose batch x kv heads reach this many items take the persistent Mosaic decode
 # kernel (paged_decode_mgpu.MosaicDecodeTuning.workers: one CUDA block per SM, each walking a run of (sequence,
 # kv head) items through one TMA ring); smaller ones keep one block per item and split. 0 = never.
-MOSAIC_DECODE_PERSISTENT_MIN_ITEMS = 264
+# Session 9 (H100, docs/PERF.md "Session 9", same call): kernel alone, 16 calls in one program, Llama-3-8B heads,
+# block 16: persistent vs grid at B=256 (2048 items) 226.0 vs 232.3 us (ctx 512), 775.1 vs 777.2 (ctx 2048), 2941 vs
+# 2935 (ctx 8192): a tie within run-to-run noise; at B=128 and below it is slower (ctx 256: 74.2 vs 69.4 us;
+# B=1 ctx 8192: 184 vs 33 us, no split). Engine batch-256 step: attention 3.63 vs 3.76 ms per step (the grid
+# kernel's f32 output slice is gone), device busy 1% lower. So from 2048 items only.
+MOSAIC_DECODE_PERSISTENT_MIN_ITEMS = 2048
 MOSAIC_PREFILL_CHOICES = (0, 1, 2, 3)  # what --mosaic-prefill-warpgroups takes (3: FA3 layout, 2 + a producer)
 
 
