@@ -3,7 +3,7 @@
 # Mosaic decode from 2048 items, FA3 prefill from 2048 tokens, synchronous all-reduces), all in one warm machine.
 #   a: batch-1 / batch-64 decode (128 in + 128 out), the batch-256 step's idle share, offline 1000 ShareGPT-like.
 #   b: offline random 1024 in / 128 out, 1000 prompts (vLLM's default random workload; session 3's figure was
-#      compile-dominated), then the batch-256 step once more if time allows.
+#      compile-dominated), then the batch-256 step once more, with the persistent decode and with the grid one.
 set -u
 export PYTHONUNBUFFERED=1
 part=${1:-a}
@@ -21,10 +21,19 @@ if [ "$part" = a ]; then
     --trace-dir /tmp/tr --output-json $OUT/prof256.json
   run tp_share 220 python3 scripts/bench_throughput.py $M $C --dataset sharegpt-like --num-prompts 1000 --disable-tqdm \
     --output-json $OUT/tp_sharegpt.json
+elif [ "$part" = c ]; then
+  # The batch-256 step's wall time came out bimodal (12 or 16-18 ms over the same ~11.3 ms of device work) in
+  # calls 32 and 33: alternate the grid and persistent decode kernels, two runs each.
+  for i in 1 2; do for v in 0 2048; do
+    JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS=$v run prof_${v}_$i 100 python3 scripts/profile_decode.py $M --enforce-eager \
+      --batch-size 256 --input-len 200 --steps 50 --replay 10 --trace-dir /tmp/tc$v$i --output-json $OUT/prof256_${v}_$i.json
+  done; done
 else
   run tp_rand 330 python3 scripts/bench_throughput.py $M $C --dataset random --input-len 1024 --output-len 128 \
     --num-prompts 1000 --disable-tqdm --output-json $OUT/tp_random.json
   run prof 110 python3 scripts/profile_decode.py $M --enforce-eager --batch-size 256 --input-len 200 --steps 50 --replay 10 \
     --trace-dir /tmp/tr2 --output-json $OUT/prof256_b.json
+  JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS=0 run prof_grid 100 python3 scripts/profile_decode.py $M --enforce-eager \
+    --batch-size 256 --input-len 200 --steps 50 --replay 10 --trace-dir /tmp/tr3 --output-json $OUT/prof256_grid.json
 fi
 tar czf $OUT/logs33$part.tgz -C /tmp logs33$part
