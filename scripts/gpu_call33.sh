@@ -11,7 +11,7 @@ L=/tmp/logs33$part; mkdir -p $L
 run() { local name=$1; shift; local t0=$SECONDS
         if [ $((SECONDS + $1)) -gt 580 ]; then echo "== $name skipped"; return; fi
         timeout "$@" > "$L/$name.log" 2>&1; echo "== $name rc=$? $((SECONDS - t0)) s"
-        grep -E "^batch|Throughput|replayed|without the profiler|HBM|MFU|Error" "$L/$name.log" | cut -c1-220 | tail -5; }
+        grep -E "^batch|Throughput|replayed|without the profiler|HBM|MFU|Error" "$L/$name.log" | cut -c1-220 | tail -${TAILN:-5}; }
 M="--model benchmarks/configs/llama3-8b.json --load-format dummy --skip-tokenizer-init --dtype bfloat16 --max-model-len 2048"
 C="--compile-cache-dir /tmp/jcache"
 if [ "$part" = a ]; then
@@ -21,6 +21,17 @@ if [ "$part" = a ]; then
     --trace-dir /tmp/tr --output-json $OUT/prof256.json
   run tp_share 220 python3 scripts/bench_throughput.py $M $C --dataset sharegpt-like --num-prompts 1000 --disable-tqdm \
     --output-json $OUT/tp_sharegpt.json
+elif [ "$part" = d ]; then
+  # Is the slow mode the GIL? The engine thread and its dispatch thread hand the GIL over several times a step, and
+  # a thread that wants it back waits up to the switch interval (5 ms) while the other runs Python. Alternate 5 ms
+  # (default) and 1 ms, three 50-step rounds per process; then once without the dispatch thread.
+  P="python3 scripts/profile_decode.py $M --enforce-eager --batch-size 256 --input-len 200 --steps 50 --replay 10"
+  P="$P --plain-rounds 3"
+  for i in 1 2 3; do for g in 5 1; do
+    [ $SECONDS -gt 250 ] && break 2
+    run gil${g}_$i 60 $P --gil-switch-ms $g --trace-dir /tmp/td$g$i --output-json $OUT/prof256_gil${g}_$i.json
+  done; done
+  [ $SECONDS -lt 250 ] && run nodt 60 $P --dispatch-thread false --trace-dir /tmp/tdn --output-json $OUT/prof256_nodt.json
 elif [ "$part" = c ]; then
   # The batch-256 step's wall time came out bimodal (12 or 16-18 ms over the same ~11.3 ms of device work) in
   # calls 32 and 33: alternate the grid and persistent decode kernels, two runs each.

@@ -241,7 +241,14 @@ def main() -> None:
                    help="prefill: trace the steps that prefill --batch-size prompts of --input-len tokens (pipeline "
                         "micro-batches show there), after one untraced round that compiles them")
     p.add_argument("--host-profile", action="store_true", help="also cProfile the host side of the steps")
+    p.add_argument("--plain-rounds", type=int, default=1,
+                   help="time the --steps steps without the profiler this many times in a row (the figure used is "
+                        "the first round's; the others show whether the step time moves within one process)")
+    p.add_argument("--gil-switch-ms", type=float, default=None,
+                   help="the interpreter's GIL switch interval for this run (sys.setswitchinterval; default 5 ms)")
     ns = p.parse_args()
+    if ns.gil_switch_ms is not None:
+        sys.setswitchinterval(ns.gil_switch_ms / 1e3)
     if ns.analyze:
         analyze(ns.analyze)
         return
@@ -276,12 +283,21 @@ def main() -> None:
         replay = replay_forward(eng, last["args"], ns.replay)
     elif ns.replay:  # pipeline micro-batches go through forward_microbatched, not run_forward
         print("no whole-step forward to replay (micro-batched steps): replay skipped")
-    t0 = time.perf_counter()  # the same steps without the profiler (CUPTI slows every launch)
-    for _ in range(ns.steps):
-        eng.step()
-    eng.wait_device()
-    plain = (time.perf_counter() - t0) / ns.steps
-    print(f"{ns.steps} decode steps at batch {ns.batch_size} without the profiler: {plain * 1e3:.2f} ms/step")
+    rounds = []
+    for r in range(max(1, ns.plain_rounds)):  # the same steps without the profiler (CUPTI slows every launch)
+        t0 = time.perf_counter()
+        marks = [t0]
+        for _ in range(ns.steps):
+            eng.step()
+            marks.append(time.perf_counter())
+        eng.wait_device()
+        step_ms = np.diff(marks) * 1e3  # host-side time between step() returns: async, so a spread, not a device time
+        rounds.append(dict(step_ms=(time.perf_counter() - t0) / ns.steps * 1e3,
+                           median_ms=float(np.median(step_ms)), max_ms=float(step_ms.max())))
+        print(f"{ns.steps} decode steps at batch {ns.batch_size} without the profiler: {rounds[-1]['step_ms']:.2f} "
+              f"ms/step (between step() returns: median {rounds[-1]['median_ms']:.2f}, max {rounds[-1]['max_ms']:.2f})"
+              + (f" [round {r + 1}]" if ns.plain_rounds > 1 else ""))
+    plain = rounds[0]["step_ms"] / 1e3
     jax.profiler.start_trace(ns.trace_dir)
     t0 = time.perf_counter()
     for _ in range(ns.steps):
@@ -306,7 +322,8 @@ def main() -> None:
         print(f"idle share without the profiler: 1 - replayed forward {replay['device_ms']:.2f} ms / step "
               f"{plain * 1e3:.2f} ms = {share:.1%}")
         res.update(replay=replay, idle_share_unprofiled=share)
-    res.update(step_ms=wall / ns.steps * 1e3, step_ms_unprofiled=plain * 1e3, batch=ns.batch_size, backend=eng.runner.model.backend.name)
+    res.update(step_ms=wall / ns.steps * 1e3, step_ms_unprofiled=plain * 1e3, plain_rounds=rounds,
+               gil_switch_ms=sys.getswitchinterval() * 1e3, batch=ns.batch_size, backend=eng.runner.model.backend.name)
     if ns.output_json:
         Path(ns.output_json).write_text(json.dumps(res, indent=1))
 
