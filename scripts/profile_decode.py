@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import glob
 import gzip
 import json
@@ -283,6 +284,15 @@ def main() -> None:
         replay = replay_forward(eng, last["args"], ns.replay)
     elif ns.replay:  # pipeline micro-batches go through forward_microbatched, not run_forward
         print("no whole-step forward to replay (micro-batched steps): replay skipped")
+    gc_ms: list[tuple[int, float]] = []  # (generation, ms) of the cyclic GC's collections during the rounds
+    gc_t0 = [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_t0[0] = time.perf_counter()
+        else:
+            gc_ms.append((info["generation"], (time.perf_counter() - gc_t0[0]) * 1e3))
+    gc.callbacks.append(on_gc)
     rounds = []
     for r in range(max(1, ns.plain_rounds)):  # the same steps without the profiler (CUPTI slows every launch)
         t0 = time.perf_counter()
@@ -292,11 +302,16 @@ def main() -> None:
             marks.append(time.perf_counter())
         eng.wait_device()
         step_ms = np.diff(marks) * 1e3  # host-side time between step() returns: async, so a spread, not a device time
+        full = [ms for g, ms in gc_ms if g == 2]
         rounds.append(dict(step_ms=(time.perf_counter() - t0) / ns.steps * 1e3,
-                           median_ms=float(np.median(step_ms)), max_ms=float(step_ms.max())))
+                           median_ms=float(np.median(step_ms)), max_ms=float(step_ms.max()),
+                           gc_full=len(full), gc_full_ms=max(full, default=0.0)))
+        gc_ms.clear()
         print(f"{ns.steps} decode steps at batch {ns.batch_size} without the profiler: {rounds[-1]['step_ms']:.2f} "
-              f"ms/step (between step() returns: median {rounds[-1]['median_ms']:.2f}, max {rounds[-1]['max_ms']:.2f})"
+              f"ms/step (between step() returns: median {rounds[-1]['median_ms']:.2f}, max {rounds[-1]['max_ms']:.2f}; "
+              f"{rounds[-1]['gc_full']} full gc, longest {rounds[-1]['gc_full_ms']:.1f} ms)"
               + (f" [round {r + 1}]" if ns.plain_rounds > 1 else ""))
+    gc.callbacks.remove(on_gc)
     plain = rounds[0]["step_ms"] / 1e3
     jax.profiler.start_trace(ns.trace_dir)
     t0 = time.perf_counter()
