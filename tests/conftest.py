@@ -19,6 +19,7 @@ the preemption tests get their preemptions without an engine of their own shape.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 from pathlib import Path
@@ -36,6 +37,14 @@ SMOL_FLAGS = dict(enforce_eager=True, block_size=16, max_num_batched_tokens=32, 
 # Host swap space of the swap engine: 0.02 GiB = 29 SmolLM2 blocks (16 tokens x 30 layers x 3 kv heads x 64 x
 # k,v x fp32 = 720 KiB a block), more than any preempted request holds.
 SMOL_SWAP_GIB = 0.02
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_gc():
+    """An engine's start-up freezes the heap (engine_builder.freeze_startup_heap). Hand frozen objects back to the
+    collector after each test, so that engines a test dropped can still be collected in this long-lived process."""
+    yield
+    gc.unfreeze()
 
 
 # ------------------------------------------------------------------------------------------ reference data
