@@ -101,10 +101,42 @@ def make_cache(key, batch: int, ctx: int, hkv: int, d: int):
     return k, v, tables
 
 
+class Rows(list):
+    """A section's result rows. Every row added also rewrites results.json with all rows so far, so a run cut off
+    by a time limit (a device call's 600 s) keeps what it measured; main() writes the final file over it."""
+
+    def __init__(self, args, items=()):
+        super().__init__()
+        self.args = args
+        self.extend(items)
+
+    def append(self, row):
+        self.extend([row])
+
+    def extend(self, items):
+        items = list(items)
+        super().extend(items)
+        self.args.all_rows.extend(items)
+        write_results(self.args, self.args.all_rows, partial=True)
+
+    def __iadd__(self, items):
+        self.extend(items)
+        return self
+
+
+def write_results(args, rows, partial: bool = False) -> None:
+    result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, interpret=args.interpret,
+                  copy_bw=args.copy_bw, matmul_flops=args.matmul_flops, partial=partial, rows=rows)
+    tmp = os.path.join(args.out, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, os.path.join(args.out, "results.json"))
+
+
 def bench_decode(args, interpret: bool):
     warnings.simplefilter("ignore", DeprecationWarning)
     from jax.experimental.pallas.ops.gpu import paged_attention as bundled  # deprecated module, still shipped
-    rows = []
+    rows = Rows(args)
     scale = 1 / math.sqrt(args.head_dim)
     for ctx in args.ctxs:
         for batch in args.batches:
@@ -154,7 +186,7 @@ def sweep_decode(args, interpret: bool):
     """Decode-kernel tunings (pages per compute block x splits x warps) at the cells that set the targets;
     prints each cell's best, the data the defaults in pallas_kernels/tuning.py are chosen from."""
     from jaxserve.pallas_kernels.tuning import DecodeTuning
-    rows = []
+    rows = Rows(args)
     scale = 1 / math.sqrt(args.head_dim)
     for batch, ctx in args.sweep_cells:
         key = jax.random.PRNGKey(batch * 31 + ctx)
@@ -269,7 +301,7 @@ def _kernel_only(q, k, tables, lens, cu, scale, tuning):
 
 
 def bench_prefill(args, interpret: bool):
-    rows = []
+    rows = Rows(args)
     scale = 1 / math.sqrt(args.head_dim)
     for name, (ctx_lens, q_lens) in args.prefill_cases.items():
         q, k, v, (tables, lens, cu, seq_ids, pos), flops = _prefill_batch(
@@ -320,7 +352,7 @@ def bench_prefill(args, interpret: bool):
 def sweep_prefill(args, interpret: bool):
     """The Mosaic prefill kernel over its tunings (keys per step, TMA ring depth, warpgroups per tile) on the
     prefill cases; two warpgroups only with --mosaic-2wg and never in the interpreter (it needs 8 host devices)."""
-    rows = []
+    rows = Rows(args)
     if args.no_mosaic:
         return rows
     scale = 1 / math.sqrt(args.head_dim)
@@ -391,7 +423,8 @@ def bench_kv_write(args, interpret: bool):
     impls = {"xla": kv_write, "pallas": functools.partial(kv_write_pallas, interpret=interpret)}
     if kvt.triton_available():
         impls |= {f"jax_triton/bt{b}": functools.partial(kvt.kv_write_triton, block_tokens=b) for b in kvt.BLOCK_TOKENS}
-    rows = [] if kvt.triton_available() else [dict(kind="kv_write", impl="jax_triton", skipped="no GPU or jax_triton")]
+    rows = Rows(args, [] if kvt.triton_available() else
+                [dict(kind="kv_write", impl="jax_triton", skipped="no GPU or jax_triton")])
     for r in rows:
         print(_fmt_kv_write(r), flush=True)
     new_cache = lambda: [jnp.zeros((hkv, n_blocks, BLOCK, d), DTYPE) for _ in "kv"]  # [Hkv, N, S, D] each
@@ -537,15 +570,13 @@ def main():
         sections.add("sweep")
     if args.prefill_sweep:
         sections.add("prefill_sweep")
+    args.interpret, args.all_rows = interpret, []
     rows = []
     for name, fn in (("decode", bench_decode), ("prefill", bench_prefill), ("kv_write", bench_kv_write),
                      ("sweep", sweep_decode), ("prefill_sweep", sweep_prefill)):
         if name in sections:
             rows += fn(args, interpret)
-    result = dict(device=dev.device_kind, jax=jax.__version__, interpret=interpret, copy_bw=args.copy_bw,
-                  matmul_flops=args.matmul_flops, rows=rows)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_results(args, list(rows))
     print(f"wrote {args.out}/results.json")
     if "decode" in sections:
         plot(rows, args, os.path.join(args.out, "kernels.png"))

@@ -232,6 +232,23 @@ def test_bench_kernels_smoke(tmp_path):
     assert all(x["max_err_vs_first"] < 2e-2 for x in rows)  # bf16 against our Triton kernel's output
     assert any(x["kind"] == "kv_write" and x["impl"] == "pallas" for x in r["rows"])
     assert (tmp_path / "kernels.png").stat().st_size > 0
+    assert r["partial"] is False
+
+
+def test_bench_kernels_keeps_rows_of_a_cut_off_run(tmp_path):
+    """Every row a section adds is in results.json at once (marked partial), so a device call killed at its time
+    limit still brings back what it measured; rows added with +=, extend or append all count, once each."""
+    import argparse
+    sys.path.insert(0, str(SCRIPTS))
+    import bench_kernels as bk
+    args = argparse.Namespace(out=str(tmp_path), interpret=True, copy_bw=1.0, matmul_flops=2.0, all_rows=[])
+    a = bk.Rows(args, [dict(n=0)])
+    a.append(dict(n=1))
+    b = bk.Rows(args)
+    b += [dict(n=2), dict(n=3)]
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["partial"] is True and [x["n"] for x in r["rows"]] == [0, 1, 2, 3]
+    assert list(a) == [dict(n=0), dict(n=1)] and list(b) == [dict(n=2), dict(n=3)]
 
 
 @pytest.mark.slow
