@@ -185,9 +185,15 @@ def get_backend(name: str = "auto", prefill_warpgroups: int | None = None) -> At
     if choice == "xla":
         return XlaBackend()
     fuse = os.environ.get("JAXSERVE_FUSE_SMALL_OPS", "1") != "0"
-    persistent = int(os.environ.get("JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS", select.MOSAIC_DECODE_PERSISTENT_MIN_ITEMS))
     if choice != "pallas_mosaic":
         return PallasBackend(name=choice, fuse_small_ops=fuse)
+    persistent = select.MOSAIC_DECODE_PERSISTENT_MIN_ITEMS
+    if env := os.environ.get("JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS", "").strip():
+        try:
+            persistent = int(env)
+        except ValueError:
+            raise ValueError(f"JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS must be an integer (0 = never take the "
+                             f"persistent decode kernel), got {env!r}") from None
     wg = select.MOSAIC_PREFILL_WARPGROUPS if prefill_warpgroups is None else prefill_warpgroups
     return PallasBackend(name=choice, prefill_warpgroups=wg, fuse_small_ops=fuse,
                          decode_persistent_min_items=persistent)

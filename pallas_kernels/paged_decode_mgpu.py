@@ -70,16 +70,30 @@ class MosaicDecodeTuning:
         if workers:  # persistent: no split; a worker's items share one ring
             splits = 1
             workers = min(_num_sms() if workers < 0 else workers, batch * num_kv_heads)
-            fixed = 4 * _ROWS * head_dim * itemsize  # two q tiles + two output tiles
-        else:
-            if splits == 0:
-                want = max(1, _TARGET_BLOCKS // max(1, batch * num_kv_heads))
-                splits = max(1, min(want, steps_per_seq // 2, 16))
-            fixed = _ROWS * head_dim * (itemsize + 4) + 4 * _ROWS  # q tile + f32 output tile + lse
+        elif splits == 0:
+            want = max(1, _TARGET_BLOCKS // max(1, batch * num_kv_heads))
+            splits = max(1, min(want, steps_per_seq // 2, 16))
+        persistent = bool(workers)
         stages = self.num_stages
-        while stages > 1 and fixed + stages * 2 * keys * head_dim * itemsize > _SMEM_BUDGET:
+        while stages > 1 and _smem_bytes(keys, stages, head_dim, itemsize, persistent) > _SMEM_BUDGET:
             stages -= 1
+        # One stage still too big (head_dim 256 at 128 keys): an automatic key count halves, within its rules.
+        while (_smem_bytes(keys, 1, head_dim, itemsize, persistent) > _SMEM_BUDGET and not self.keys_per_step
+               and keys // 2 >= 64 and (keys // 2) % 64 == 0 and (keys // 2) % block_size == 0):
+            keys //= 2
+        if _smem_bytes(keys, stages, head_dim, itemsize, persistent) > _SMEM_BUDGET:
+            raise ValueError(f"the Mosaic decode kernel does not fit shared memory at head_dim {head_dim}, "
+                             f"{keys} keys per step (block_size {block_size}): "
+                             f"{_smem_bytes(keys, stages, head_dim, itemsize, persistent)} > {_SMEM_BUDGET} bytes")
         return dataclasses.replace(self, keys_per_step=keys, num_stages=stages, num_splits=splits, workers=workers)
+
+
+def _smem_bytes(keys: int, stages: int, head_dim: int, itemsize: int, persistent: bool) -> int:
+    """Shared memory of one block: the K/V ring, plus two q and two output tiles (persistent) or one q tile, an f32
+    output tile and the lse row (grid)."""
+    fixed = (4 * _ROWS * head_dim * itemsize if persistent
+             else _ROWS * head_dim * (itemsize + 4) + 4 * _ROWS)
+    return fixed + stages * 2 * keys * head_dim * itemsize
 
 
 def _num_sms() -> int:
@@ -499,6 +513,9 @@ def check_mosaic_args(q, k_pages) -> None:
         raise ValueError(f"at most {_ROWS} query heads per kv head, got {G}")
     if S % 8:
         raise ValueError(f"block_size must be a multiple of 8, got {S}")
+    keys = math.lcm(64, S)  # the fewest keys per step this block size allows, one stage
+    if max(_smem_bytes(keys, 1, D, k_pages.dtype.itemsize, p) for p in (False, True)) > _SMEM_BUDGET:
+        raise ValueError(f"head_dim {D} with block_size {S} does not fit the Mosaic decode kernel's shared memory")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "tuning", "group", "interpret"))

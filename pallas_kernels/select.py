@@ -40,7 +40,7 @@ MOSAIC_PREFILL_WARPGROUPS = 3
 
 # Decode steps under pallas_mosaic whose batch x kv heads reach this many items take the persistent Mosaic decode
 # kernel (paged_decode_mgpu.MosaicDecodeTuning.workers: one CUDA block per SM, each walking a run of (sequence,
-# kv head) items through one TMA ring); smaller ones keep one block per item and split. 0 = never.
+# kv head) items through one TMA ring); smaller ones keep one block per item and split. 0 (or less) = never.
 # Session 9 (H100, docs/PERF.md "Session 9", same call): kernel alone, 16 calls in one program, Llama-3-8B heads,
 # block 16: persistent vs grid at B=256 (2048 items) 226.0 vs 232.3 us (ctx 512), 775.1 vs 777.2 (ctx 2048), 2941 vs
 # 2935 (ctx 8192): a tie within run-to-run noise; at B=128 and below it is slower (ctx 256: 74.2 vs 69.4 us;
@@ -129,6 +129,6 @@ def kv_write_backend(platform: str, num_tokens: int = 0, override: str | None = 
 def mosaic_decode_tuning(batch: int, num_kv_heads: int, min_items: int = MOSAIC_DECODE_PERSISTENT_MIN_ITEMS):
     """The Mosaic decode kernel's tuning for a decode step of `batch` rows: persistent from min_items items."""
     from jaxserve.pallas_kernels.paged_decode_mgpu import DEFAULT_MOSAIC_DECODE, MosaicDecodeTuning
-    if min_items and batch * num_kv_heads >= min_items:
+    if min_items > 0 and batch * num_kv_heads >= min_items:
         return MosaicDecodeTuning(workers=-1)
     return DEFAULT_MOSAIC_DECODE

@@ -262,10 +262,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     if ns.phase == "prefill":
         return profile_prefill(eng, ns, rng)
+    max_tokens = eng.model_config.max_model_len - ns.input_len - 1
+    need = 1 + 5 + ns.steps * (max(1, ns.plain_rounds) + 1 + ns.host_profile)  # first token, steady, timed rounds
+    if need > max_tokens:  # else sequences finish mid-run and later rounds time a smaller batch
+        raise SystemExit(f"--steps {ns.steps} x {max(1, ns.plain_rounds)} rounds (+ the traced round"
+                         f"{' and the host profile' if ns.host_profile else ''}) need {need} new tokens per sequence; "
+                         f"max_model_len {eng.model_config.max_model_len} - --input-len {ns.input_len} leaves "
+                         f"{max_tokens}")
     for i in range(ns.batch_size):
         ids = rng.integers(10, eng.arch.vocab_size - 10, ns.input_len).tolist()
-        eng.add_request(str(i), ids, SamplingParams(temperature=1.0, ignore_eos=True,
-                                                    max_tokens=eng.model_config.max_model_len - ns.input_len - 1))
+        eng.add_request(str(i), ids, SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=max_tokens))
     while any(r.is_prefill for r in eng.scheduler.running) or eng.scheduler.num_waiting:
         eng.step()
     last = {}
@@ -310,7 +316,8 @@ def main() -> None:
         print(f"{ns.steps} decode steps at batch {ns.batch_size} without the profiler: {rounds[-1]['step_ms']:.2f} "
               f"ms/step (between step() returns: median {rounds[-1]['median_ms']:.2f}, max {rounds[-1]['max_ms']:.2f}; "
               f"{rounds[-1]['gc_full']} full gc, longest {rounds[-1]['gc_full_ms']:.1f} ms)"
-              + (f" [round {r + 1}]" if ns.plain_rounds > 1 else ""))
+              + (f" [round {r + 1}, contexts from {ns.input_len + 6 + r * ns.steps} tokens]"
+                 if ns.plain_rounds > 1 else ""))
     gc.callbacks.remove(on_gc)
     plain = rounds[0]["step_ms"] / 1e3
     jax.profiler.start_trace(ns.trace_dir)

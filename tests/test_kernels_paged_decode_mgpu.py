@@ -42,7 +42,7 @@ def test_paged_decode_mgpu(group, head_dim, block_size, tuning):
 
 
 # The persistent kernel: 7 sequences x 2 kv heads = 14 items (one a padding row) over 1 worker (the ring runs
-# across every item boundary), 3 workers (runs of 4-5 items) and more workers than items (some get none).
+# across every item boundary), 3 workers (runs of 4-5 items) and 50 asked (capped to one worker per item).
 @pytest.mark.parametrize("group,head_dim,block_size,tuning", [
     (4, 128, 16, MosaicDecodeTuning(workers=3, keys_per_step=64, num_stages=2)),
     (3, 64, 32, MosaicDecodeTuning(workers=1)),
@@ -72,6 +72,37 @@ def test_paged_decode_mgpu_persistent_skips_empty_rows():
         assert not np.isnan(got).any()
         np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
         np.testing.assert_array_equal(got[np.asarray(lens) == 0], 0.0)
+
+
+def test_paged_decode_mgpu_persistent_worker_with_no_items():
+    """One long sequence outweighs a worker's share: the cut points fall inside its item, so a worker's run is
+    empty (start == end). That worker stores nothing and the others' outputs are complete."""
+    from kernel_cases import make_case
+    rng = np.random.default_rng(9)
+    c = make_case(rng, num_kv_heads=1, group=4, head_dim=64, block_size=16, ctx_lens=[299, 0, 0], q_lens=[1, 1, 1],
+                  dtype=jnp.bfloat16)
+    q = rng.standard_normal((3, 4, 64)).astype(jnp.bfloat16)
+    starts = np.asarray(work_starts(c.seq_lens, 1, 64, 3))
+    assert (np.diff(starts) == 0).any()  # the case this test is for
+    got = paged_decode_mgpu(q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens, interpret=INTERPRET,
+                            tuning=MosaicDecodeTuning(workers=3, keys_per_step=64, num_stages=2))
+    want = paged_decode_reference(q, c.k_pages, c.v_pages, c.block_tables, c.seq_lens)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)
+
+
+def test_tuning_halves_keys_where_one_stage_does_not_fit():
+    """head_dim 256 at 128 keys: one ring stage + the fixed tiles pass the shared-memory budget, so the automatic
+    key count halves; an explicit one that cannot fit, and a block size that forbids fewer keys, are errors."""
+    from jaxserve.pallas_kernels import paged_decode_mgpu as pm
+    for workers in (0, -1):
+        t = MosaicDecodeTuning(workers=workers).resolve(256, 8, 128, 16, 256, 2)
+        assert t.keys_per_step == 64
+        assert pm._smem_bytes(64, t.num_stages, 256, 2, bool(workers)) <= pm._SMEM_BUDGET
+    with pytest.raises(ValueError, match="does not fit shared memory"):
+        MosaicDecodeTuning(keys_per_step=128).resolve(256, 8, 128, 16, 256, 2)
+    k = jnp.zeros((2, 5, 128, 256), jnp.bfloat16)
+    assert not pm.supports(jnp.zeros((2, 4, 256), jnp.bfloat16), k)  # block 128 needs 128 keys: the Triton kernel
+    assert pm.supports(jnp.zeros((2, 4, 256), jnp.bfloat16), jnp.zeros((2, 5, 16, 256), jnp.bfloat16))
 
 
 def test_work_starts_balances_steps():
@@ -119,7 +150,9 @@ def test_tuning_fits_shared_memory_and_fills_sms():
     big = MosaicDecodeTuning(keys_per_step=256, num_stages=8).resolve(1, 8, 128, 128, 128, 2)
     assert big.num_stages * 2 * 256 * 128 * 2 + 64 * 128 * 6 <= 220 * 1024 and big.num_stages >= 1
     p = MosaicDecodeTuning(workers=-1, num_splits=4).resolve(256, 8, 128, 16, 128, 2)
-    assert (p.workers, p.num_splits, p.keys_per_step, p.num_stages) == (132, 1, 128, 2)  # 2 x 64 KiB ring + 64 KiB
+    assert (p.num_splits, p.keys_per_step, p.num_stages) == (1, 128, 2)  # 2 x 64 KiB ring + 64 KiB
+    from jaxserve.pallas_kernels.paged_decode_mgpu import _num_sms
+    assert p.workers == _num_sms()  # one per SM (132 on an H100; the CPU stand-in says 132 too)
     assert MosaicDecodeTuning(workers=-1).resolve(3, 2, 9, 16, 64, 2).workers == 6  # no more workers than items
 
 

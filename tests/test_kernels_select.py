@@ -115,3 +115,21 @@ def test_mosaic_decode_tuning_persistent_from_min_items():
     assert mosaic_decode_tuning(32, 8, 256).workers == -1
     assert mosaic_decode_tuning(31, 8, 256) == DEFAULT_MOSAIC_DECODE and DEFAULT_MOSAIC_DECODE.workers == 0
     assert mosaic_decode_tuning(512, 8, 0) == DEFAULT_MOSAIC_DECODE
+
+
+def test_persistent_threshold_env_switch(monkeypatch):
+    """JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS sets the Mosaic backend's threshold; empty means the default, a
+    non-integer is an error that names the variable, and 0 or a negative value means never."""
+    from jaxserve import attention
+    from jaxserve.pallas_kernels import select
+    from jaxserve.pallas_kernels.paged_decode_mgpu import DEFAULT_MOSAIC_DECODE
+    monkeypatch.setattr(select, "device_attention_backend", lambda override=None: "pallas_mosaic")
+    for env, want in (("", select.MOSAIC_DECODE_PERSISTENT_MIN_ITEMS), ("64", 64), (" 0 ", 0), ("-1", -1)):
+        monkeypatch.setenv("JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS", env)
+        assert attention.get_backend("pallas_mosaic").decode_persistent_min_items == want
+    monkeypatch.setenv("JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS", "off")
+    with pytest.raises(ValueError, match="JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS must be an integer"):
+        attention.get_backend("pallas_mosaic")
+    monkeypatch.setattr(select, "device_attention_backend", lambda override=None: "pallas_triton")
+    assert attention.get_backend("pallas_triton").name == "pallas_triton"  # the variable is the Mosaic path's only
+    assert select.mosaic_decode_tuning(4096, 8, -1) == DEFAULT_MOSAIC_DECODE
