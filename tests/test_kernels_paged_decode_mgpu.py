@@ -156,7 +156,7 @@ def test_tuning_fits_shared_memory_and_fills_sms():
     assert MosaicDecodeTuning(workers=-1).resolve(3, 2, 9, 16, 64, 2).workers == 6  # no more workers than items
 
 
-@pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (4, 128, 16), (7, 128, 128)])
+@pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (4, 128, 16), (7, 128, 128), (4, 256, 16)])
 def test_paged_decode_mgpu_lowers_for_h100(group, head_dim, block_size):
     assert "mosaic_gpu" in lower_decode_for_h100(paged_decode_mgpu, group, head_dim, block_size)
     persistent = functools.partial(paged_decode_mgpu, tuning=MosaicDecodeTuning(workers=-1))
