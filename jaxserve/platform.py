@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 log = logging.getLogger("jaxserve")
@@ -33,6 +34,23 @@ COMMAND_BUFFER_FLAG = "--xla_gpu_enable_command_buffer=+COLLECTIVES"
 # (9.94 ms). A layer's all-reduce feeds the next op at once, so async execution had nothing to overlap with.
 SYNC_ALL_REDUCE_FLAG = "--xla_gpu_disable_async_collectives=ALLREDUCE"
 DEFAULT_XLA_FLAGS = (COMMAND_BUFFER_FLAG, SYNC_ALL_REDUCE_FLAG)
+
+
+def set_gil_switch_interval() -> None:
+    """JAXSERVE_GIL_SWITCH_MS sets the interpreter's GIL switch interval (an experiment knob). A thread that wants the
+    GIL back waits up to `sys.getswitchinterval()` (5 ms by default) while another one runs Python, and the engine
+    thread asks for it several times a step. Measured on an H100: 0.5 ms made the server worse (session 4), and 1 ms
+    against 5 ms did not move the offline batch-256 step (session 9; docs/PERF.md). The server reads it before the
+    engine is built, so a bad value costs no start-up; it is then ignored with a warning."""
+    ms = os.environ.get("JAXSERVE_GIL_SWITCH_MS")
+    if not ms:
+        return
+    try:
+        sys.setswitchinterval(float(ms) / 1e3)
+    except ValueError as e:  # not a number, or not > 0
+        log.warning("JAXSERVE_GIL_SWITCH_MS=%r ignored: %s", ms, e)
+        return
+    log.info("GIL switch interval %.2f ms", sys.getswitchinterval() * 1e3)
 
 
 def xla_flags(current: str) -> str:

@@ -19,13 +19,13 @@ import argparse
 import dataclasses
 import importlib
 import logging
-import os
 import signal
 import sys
 from types import FrameType
 from typing import Any
 
 from jaxserve.config import EngineArgs
+from jaxserve.platform import set_gil_switch_interval
 from jaxserve.server.args import ServerArgs, add_server_args, server_args_from
 
 # uvicorn and the app are imported in main(), while the engine process starts: the engine process imports this
@@ -82,30 +82,12 @@ def _make_server(config: Any, state: Any) -> Any:
     return _Server(config)
 
 
-def _set_gil_switch_interval() -> None:
-    """With --disable-frontend-multiprocessing (or several hosts) the server runs the event loop, the engine
-    thread and its dispatch thread in one interpreter; otherwise this sets the front-end process's interval
-    only. A thread that wants the GIL back waits up to `sys.getswitchinterval()` (5 ms by default) while
-    another one runs Python, and the engine thread asks for it several times a step. JAXSERVE_GIL_SWITCH_MS sets it (an
-    experiment knob: 0.5 ms measured worse on an H100 server, docs/PERF.md). Read before the engine is
-    built, so a bad value costs no start-up; it is then ignored with a warning."""
-    ms = os.environ.get("JAXSERVE_GIL_SWITCH_MS")
-    if not ms:
-        return
-    try:
-        sys.setswitchinterval(float(ms) / 1e3)
-    except ValueError as e:  # not a number, or not > 0
-        logger.warning("JAXSERVE_GIL_SWITCH_MS=%r ignored: %s", ms, e)
-        return
-    logger.info("GIL switch interval %.2f ms", sys.getswitchinterval() * 1e3)
-
-
 def main(argv: list[str] | None = None) -> int:
     ns = make_parser().parse_args(argv)
     engine_args, server_args = dataclasses.replace(EngineArgs.from_cli_args(ns), usage="server"), server_args_from(ns)
     level = server_args.uvicorn_log_level.upper()
     logging.basicConfig(level=getattr(logging, level, 5), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _set_gil_switch_interval()
+    set_gil_switch_interval()
     engine = build_engine(engine_args, server_args)
     import uvicorn
 

@@ -74,13 +74,14 @@ class MosaicDecodeTuning:
             want = max(1, _TARGET_BLOCKS // max(1, batch * num_kv_heads))
             splits = max(1, min(want, steps_per_seq // 2, 16))
         persistent = bool(workers)
-        stages = self.num_stages
-        while stages > 1 and _smem_bytes(keys, stages, head_dim, itemsize, persistent) > _SMEM_BUDGET:
-            stages -= 1
-        # One stage still too big (head_dim 256 at 128 keys): an automatic key count halves, within its rules.
+        # Where even one stage is too big (head_dim 256 at 128 keys), an automatic key count halves within its
+        # rules; then the ring takes as many of the asked stages as fit.
         while (_smem_bytes(keys, 1, head_dim, itemsize, persistent) > _SMEM_BUDGET and not self.keys_per_step
                and keys // 2 >= 64 and (keys // 2) % 64 == 0 and (keys // 2) % block_size == 0):
             keys //= 2
+        stages = self.num_stages
+        while stages > 1 and _smem_bytes(keys, stages, head_dim, itemsize, persistent) > _SMEM_BUDGET:
+            stages -= 1
         if _smem_bytes(keys, stages, head_dim, itemsize, persistent) > _SMEM_BUDGET:
             raise ValueError(f"the Mosaic decode kernel does not fit shared memory at head_dim {head_dim}, "
                              f"{keys} keys per step (block_size {block_size}): "

@@ -29,7 +29,7 @@ elif [ "$part" = d ]; then
   P="$P --plain-rounds 3"
   for i in 1 2 3; do for g in 5 1; do
     [ $SECONDS -gt 250 ] && break 2
-    run gil${g}_$i 60 $P --gil-switch-ms $g --trace-dir /tmp/td$g$i --output-json $OUT/prof256_gil${g}_$i.json
+    JAXSERVE_GIL_SWITCH_MS=$g run gil${g}_$i 60 $P --trace-dir /tmp/td$g$i --output-json $OUT/prof256_gil${g}_$i.json
   done; done
   [ $SECONDS -lt 250 ] && run nodt 60 $P --dispatch-thread false --trace-dir /tmp/tdn --output-json $OUT/prof256_nodt.json
 elif [ "$part" = c ]; then

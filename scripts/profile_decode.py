@@ -245,11 +245,9 @@ def main() -> None:
     p.add_argument("--plain-rounds", type=int, default=1,
                    help="time the --steps steps without the profiler this many times in a row (the figure used is "
                         "the first round's; the others show whether the step time moves within one process)")
-    p.add_argument("--gil-switch-ms", type=float, default=None,
-                   help="the interpreter's GIL switch interval for this run (sys.setswitchinterval; default 5 ms)")
     ns = p.parse_args()
-    if ns.gil_switch_ms is not None:
-        sys.setswitchinterval(ns.gil_switch_ms / 1e3)
+    from jaxserve.platform import set_gil_switch_interval
+    set_gil_switch_interval()  # JAXSERVE_GIL_SWITCH_MS, as the server reads it
     if ns.analyze:
         analyze(ns.analyze)
         return

@@ -220,11 +220,11 @@ def test_cpu_defaults_unchanged():
 @pytest.mark.parametrize("value,expect_ms", [("0.5", 0.5), ("0", None), ("fast", None)])
 def test_gil_switch_knob(monkeypatch, value, expect_ms):
     """JAXSERVE_GIL_SWITCH_MS sets the interpreter's switch interval; a bad value is ignored, not fatal."""
-    from jaxserve import serve
+    from jaxserve.platform import set_gil_switch_interval
     before = sys.getswitchinterval()
     monkeypatch.setenv("JAXSERVE_GIL_SWITCH_MS", value)
     try:
-        serve._set_gil_switch_interval()
+        set_gil_switch_interval()
         assert sys.getswitchinterval() == pytest.approx(before if expect_ms is None else expect_ms / 1e3)
     finally:
         sys.setswitchinterval(before)
