@@ -1,15 +1,18 @@
 """Runs one scheduled step on the device: jitted forward per bucket, donated KV, on-device sampling.
 
-Design note. The step is two jitted calls: `forward(params, kv, token_ids, meta, logits_indices)
--> (logits, kv)` with the KV cache donated (updated in place), compiled once per token bucket
-(and a decode-only variant per bucket up to max_num_seqs, where the decode kernel applies), and
-`sample(logits, md)` compiled per (rows bucket, sampler flags). Both are dispatched
-asynchronously; the only device->host transfer per step is the sampled ids (and logprobs when a
-request asked for them). `warmup()` compiles every forward bucket before serving, and reports
+Design note. The step is two jitted calls: `packed_forward(params, kv, packed, prev_sampled)
+-> (logits, kv)`, which unpacks the step's inputs from one i32 buffer, fills placeholder tokens from
+the previous step's sampled ids and runs the model, with the KV cache donated (updated in place),
+compiled once per token bucket (and a decode-only variant per bucket up to max_num_seqs, where the
+decode kernel applies); and `sample(logits, md)` compiled per (rows bucket, sampler flags). Both are
+dispatched asynchronously; the only device->host transfer per step is the sampled ids (and logprobs
+when a request asked for them). `warmup()` compiles every forward bucket before serving, and reports
 what it compiled and how long it took; with the persistent compilation cache a restart reloads
 them. Block copies (copy-on-write) and swaps run before the forward pass. With a
 `parallel.ParallelPlan` the forward is the plan's (shard_map over the tp mesh, stage by stage over
-pp) and each layer's pages carry the plan's sharding; nothing else here changes.
+pp) and each layer's pages carry the plan's sharding. Pipeline stages (several programs) and
+multi-host steps (host inputs, replayed by the followers) unpack in a program of their own
+(`_unpack`) and then run the plain `forward(params, kv, token_ids, meta, logits_indices)`.
 """
 from __future__ import annotations
 
@@ -66,6 +69,25 @@ def _unpack_fn(packed, prev_sampled, *, T: int, B: int, P: int, S: int):
 _unpack = jax.jit(_unpack_fn, static_argnames=("T", "B", "P", "S"))
 
 
+def _step_inputs(unpacked: tuple, decode_only: bool) -> tuple:
+    """`_unpack_fn`'s arrays -> the forward's (token_ids, meta, logits_indices)."""
+    token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li = unpacked
+    meta = AttentionMetadata(slot_mapping=slots, positions=positions, token_seq_ids=seq_ids, block_tables=tables,
+                             seq_lens=seq_lens, query_start_loc=qsl, decode_only=decode_only)
+    return token_ids, meta, li
+
+
+def packed_forward(forward):
+    """forward(params, kv, token_ids, meta, li) -> (logits, kv) as one jitted program that unpacks the step's
+    packed inputs first, KV donated. A step is then one dispatch, not two: each costs host time, more so for a
+    program over several devices (enqueueing a TP=2 step took 3.9-5.2 ms on 2 x H100, 1.8-2.2 ms at TP=1)."""
+    def packed_fwd(params, kv, packed, prev_sampled, *, T: int, B: int, P: int, S: int, decode_only: bool):
+        unpacked = _unpack_fn(packed, prev_sampled, T=T, B=B, P=P, S=S)
+        return forward(params, kv, *_step_inputs(unpacked, decode_only))
+
+    return jax.jit(packed_fwd, donate_argnums=(1,), static_argnames=("T", "B", "P", "S", "decode_only"))
+
+
 @jax.jit
 def _pick_rows(a, b, rows):
     """The step's sampled rows, in order, out of two micro-batches' logits stacked."""
@@ -77,8 +99,8 @@ def _sample_packed(logits, packed, *, treedef, layout, ids_len: int):
     """Sampling metadata arrives as one i32 buffer (one host->device copy, not fourteen): split it,
     bitcast each leaf back to its dtype, rebuild the metadata pytree and sample.
 
-    The sampled ids are padded to `ids_len` rows: the next step's `_unpack` reads them, and one fixed
-    shape there means one compiled `_unpack` per token bucket, not one per (bucket, previous rows)."""
+    The sampled ids are padded to `ids_len` rows: the next step's unpacking reads them, and one fixed
+    shape there means one compiled step per token bucket, not one per (bucket, previous rows)."""
     leaves, o = [], 0
     for shape, dtype in layout:
         n = int(np.prod(shape))
@@ -90,6 +112,19 @@ def _sample_packed(logits, packed, *, treedef, layout, ids_len: int):
     out = sampler.sample(logits, jax.tree.unflatten(treedef, leaves))
     pad = max(0, ids_len - out.token_ids.shape[0])
     return out.replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
+
+
+def _pack_step(token_ids, meta, li, fill_dst=None, fill_src=None) -> tuple:
+    """One host->device transfer for all of a step's int32 inputs (seven small copies cost ms on a GPU)
+    -> (packed i32[sum(_packed_sizes)], dims T, B, P, S). meta: an InputBatch or AttentionMetadata (the same
+    field names); no fill_dst: no placeholder (dst = T everywhere, dropped)."""
+    T, (B, P) = len(token_ids), meta.block_tables.shape
+    fill_dst = np.full(B, T, np.int32) if fill_dst is None else fill_dst
+    fill_src = np.zeros(B, np.int32) if fill_src is None else fill_src
+    packed = np.concatenate([token_ids, meta.positions, meta.slot_mapping, meta.token_seq_ids,
+                             meta.block_tables.reshape(-1), meta.seq_lens, meta.query_start_loc, li,
+                             fill_dst, fill_src])
+    return packed, dict(T=T, B=B, P=P, S=len(li))
 
 
 def pack_metadata(md) -> tuple:
@@ -149,6 +184,20 @@ class ModelRunner:
             self._unpack = jax.jit(_unpack_fn, static_argnames=("T", "B", "P", "S"),
                                    out_shardings=self._input_sharding)
             self._no_prev = jax.device_put(self._no_prev, self._input_sharding)
+        # One program per step where one stage in this process runs the whole step: the forward unpacks its own
+        # inputs (packed_forward). Pipeline stages and multi-host steps unpack first (_unpack), then run_forward.
+        # Tests set it False to compare the two routes.
+        self.fuse_unpack = self.device_inputs and (parallel is None or parallel.pp == 1)
+        self._packed_forward = None
+        if self.fuse_unpack and parallel is None:
+            self._packed_forward = packed_forward(fwd)
+        elif self.fuse_unpack:  # tensor parallel: the one stage's shard_map'd step, logits trimmed to the vocab
+            stage = parallel.stage_steps[0]
+
+            def tp_fwd(params, kv, token_ids, meta, li):  # params: split_params' tuple of one stage
+                return stage(params[0], kv, token_ids, meta, li)
+
+            self._packed_forward = packed_forward(tp_fwd)
 
     # ----------------------------------------------------------------------------------------- memory
     def allocate_kv(self, num_blocks: int, num_host_blocks: int = 0) -> None:
@@ -160,7 +209,7 @@ class ModelRunner:
                                                self.num_kv_heads)
 
     def profile_run(self) -> int | None:
-        """The largest token bucket's forward on a tiny cache, so its activation memory is known.
+        """The largest token bucket's step program on a tiny cache, so its activation memory is known.
 
         Returns the bytes that forward needs besides its inputs (temporaries + outputs), from XLA's memory
         analysis of the compiled program, or None where that is not available (sharded steps, runtimes without
@@ -170,12 +219,11 @@ class ModelRunner:
         saved = self.kv_caches
         self.kv_caches = kv_cache.allocate(self.arch, 2, self.block_size, self.kv_dtype, self.kv_sharding,
                                            self.num_kv_heads)
-        T = self.token_buckets[-1]
-        meta, ids, li = self._dummy_inputs(T, decode_only=False)
+        fn, args, kw = self._warm_call(self.token_buckets[-1], False, self.kv_caches)
         activation = None
         if self.parallel is None:
             try:
-                lowered = self._forward.lower(self.params, self.kv_caches, ids, meta, li)
+                lowered = fn.lower(*args, **kw)
                 activation = _activation_cache_get(lowered)
                 if activation is None:
                     ma = lowered.compile().memory_analysis()
@@ -185,7 +233,7 @@ class ModelRunner:
             except (AttributeError, NotImplementedError, TypeError):  # no analysis on this runtime
                 activation = None
         if activation is None:  # the allocator's peak after a real run is the measure then
-            logits, self.kv_caches = self._forward(self.params, self.kv_caches, ids, meta, li)
+            logits, self.kv_caches = fn(*args, **kw)
             jax.block_until_ready(logits)
             del logits
         self.kv_caches = saved
@@ -202,6 +250,22 @@ class ModelRunner:
             args = jax.device_put(args, jax.devices()[0])
         return args
 
+    def _dummy_packed(self, T: int, decode_only: bool) -> tuple:
+        """`_dummy_inputs`' values as a step's packed inputs (no placeholder), placed as launch_forward places
+        them: committedness and sharding are part of jit's cache key. -> (packed, dims)."""
+        meta, ids, li = self._dummy_inputs(T, decode_only)
+        packed, dims = _pack_step(ids, meta, li)
+        return jax.device_put(packed, self._input_sharding), dims
+
+    def _warm_call(self, T: int, decode_only: bool, kv) -> tuple:
+        """(jitted program, args, kwargs) of an all-padding T-token step on `kv`, the program steps run: the fused
+        one where they unpack in it, else the plain forward."""
+        if self.fuse_unpack:
+            packed, dims = self._dummy_packed(T, decode_only)
+            return self._packed_forward, (self.params, kv, packed, self._no_prev), dict(dims, decode_only=decode_only)
+        meta, ids, li = self._dummy_inputs(T, decode_only)
+        return self._forward, (self.params, kv, ids, meta, li), {}
+
     def _warm_shapes(self) -> list[tuple[int, bool]]:
         shapes = [(T, False) for T in self.token_buckets]
         if self.model.backend.has_decode_kernel:  # the XLA path serves decode with the same program
@@ -214,21 +278,17 @@ class ModelRunner:
         it allocates as it compiles, several at once here, and with the pages already taking 90% of the memory
         that ran out on an H100 (TP=1, 8 threads, session 6). warmup() then runs each shape once and finds its
         program in the persistent compilation cache. Pipeline stages are several programs, each fed by the
-        last, and multi-host runs compile in lock-step: both compile one by one in warmup(). Returns seconds."""
-        plan = self.parallel
-        if threads <= 1 or (plan is not None and plan.pp > 1) or jax.process_count() > 1:
+        last, and multi-host runs compile in lock-step: both compile one by one in warmup() (neither runs the
+        fused step, the one program compiled here). Returns seconds."""
+        if threads <= 1 or not self.fuse_unpack:
             return 0.0
         t0 = time.perf_counter()
         kv = kv_cache.abstract(self.arch, num_blocks, self.block_size, self.kv_dtype, self.kv_sharding,
                                self.num_kv_heads)
 
         def compile_one(shape):
-            meta, ids, li = self._dummy_inputs(*shape)
-            if plan is None:
-                self._forward.lower(self.params, kv, ids, meta, li).compile()
-            else:  # tensor parallel: the one stage's program, its inputs replicated over the mesh as at run time
-                ids, meta, li = jax.device_put((ids, meta, li), plan.replicated[0])
-                plan.stage_fns[0].lower(self.params[0], kv, ids, meta, li).compile()
+            fn, args, kw = self._warm_call(*shape, kv)
+            fn.lower(*args, **kw).compile()
 
         shapes = self._warm_shapes()
         with ThreadPoolExecutor(threads, thread_name_prefix="jaxserve-compile") as pool:
@@ -244,32 +304,34 @@ class ModelRunner:
         shapes = self._warm_shapes()
         for T, dec in shapes:
             t1 = time.perf_counter()
-            meta, ids, li = self._dummy_inputs(T, dec)
-            logits, self.kv_caches = self._forward(self.params, self.kv_caches, ids, meta, li)
+            fn, args, kw = self._warm_call(T, dec, self.kv_caches)
+            logits, self.kv_caches = fn(*args, **kw)
             jax.block_until_ready(logits)
             self.compiled[("forward", T, dec)] = time.perf_counter() - t1
         if self.device_inputs:
             self._warmup_step_helpers()
         dt = time.perf_counter() - t0
         slow = sorted(((v, k) for k, v in self.compiled.items()), reverse=True)[:4]
-        log.info("compiled %d step shapes in %.1f s: tokens %s (+ decode-only up to %d; input unpacking and "
-                 "the sampler for every rows bucket); slowest: %s", len(shapes), dt, self.token_buckets,
-                 self.max_num_seqs, ", ".join(f"T={k[1]}{' decode' if k[2] else ''} {v:.1f} s" for v, k in slow))
+        log.info("compiled %d step shapes in %.1f s: tokens %s (+ decode-only up to %d; the sampler for every "
+                 "rows bucket); slowest: %s", len(shapes), dt, self.token_buckets, self.max_num_seqs,
+                 ", ".join(f"T={k[1]}{' decode' if k[2] else ''} {v:.1f} s" for v, k in slow))
         from jaxserve.pallas_kernels import mosaic_cache
         if (st := mosaic_cache.stats())["hits"] or st["misses"]:
             log.info("Mosaic GPU kernel lowerings: %d from the lowering cache, %d lowered", st["hits"], st["misses"])
         return dt
 
     def _warmup_step_helpers(self) -> None:
-        """Compile the small per-step programs too: `_unpack` per token bucket and the sampler per rows
-        bucket, greedy and plain random sampling. Left lazy, each first use stalls a serving engine for
-        a compile (seen on the H100: seconds of zero GPU utilization under a burst of requests)."""
+        """Compile the small per-step programs too: `_unpack` per token bucket where steps do not unpack in the
+        forward, and the sampler per rows bucket, greedy and plain random sampling. Left lazy, each first use
+        stalls a serving engine for a compile (seen on the H100: seconds of zero GPU utilization under a burst
+        of requests)."""
         from jaxserve.sampling_params import SamplingParams
         P = self.pages_per_seq
-        for T in self.token_buckets:
-            B = min(T, self.max_num_seqs)
-            packed = jax.device_put(np.zeros(sum(_packed_sizes(T, B, P, B)), np.int32), self._input_sharding)
-            jax.block_until_ready(self._unpack(packed, self._no_prev, T=T, B=B, P=P, S=B))
+        if not self.fuse_unpack:
+            for T in self.token_buckets:
+                B = min(T, self.max_num_seqs)
+                packed = jax.device_put(np.zeros(sum(_packed_sizes(T, B, P, B)), np.int32), self._input_sharding)
+                jax.block_until_ready(self._unpack(packed, self._no_prev, T=T, B=B, P=P, S=B))
         for S in sorted({min(T, self.max_num_seqs) for T in self.token_buckets}):
             # committed, as the forward's logits are: an uncommitted stand-in would compile a twin program
             logits = jax.device_put(np.zeros((S, self.arch.vocab_size), np.float32), self.logits_device)
@@ -300,6 +362,13 @@ class ModelRunner:
         logits, self.kv_caches = self._forward(self.params, self.kv_caches, token_ids, meta, logits_indices)
         return logits
 
+    def run_packed_forward(self, packed, prev_sampled, dims: dict, decode_only: bool):
+        """The device step as one program from the packed inputs: logits f32[S, V] on logits_device (KV updated in
+        place). A sharded step's logits are replicated: one local copy serves sampling."""
+        logits, self.kv_caches = self._packed_forward(self.params, self.kv_caches, packed, prev_sampled, **dims,
+                                                      decode_only=decode_only)
+        return logits if self.parallel is None else logits.addressable_data(0)
+
     def forward_inputs(self, batch: InputBatch) -> tuple:
         """The host half of a forward pass: numpy only, so it can run while another thread launches device
         work. `launch_forward(inputs, prev_sampled)` is the device half."""
@@ -327,14 +396,7 @@ class ModelRunner:
 
     @staticmethod
     def _pack(batch: InputBatch, li) -> tuple:
-        """One host->device transfer for all of a step's int32 inputs (seven small copies cost ms on a GPU)."""
-        B = len(batch.seq_lens)
-        fill_dst = batch.fill_dst if batch.fill_dst is not None else np.full(B, len(batch.token_ids), np.int32)
-        fill_src = batch.fill_src if batch.fill_src is not None else np.zeros(B, np.int32)
-        packed = np.concatenate([batch.token_ids, batch.positions, batch.slot_mapping, batch.token_seq_ids,
-                                 batch.block_tables.reshape(-1), batch.seq_lens, batch.query_start_loc, li,
-                                 fill_dst, fill_src])
-        return packed, dict(T=len(batch.token_ids), B=B, P=batch.block_tables.shape[1], S=len(li))
+        return _pack_step(batch.token_ids, batch, li, batch.fill_dst, batch.fill_src)
 
     def launch_forward(self, inputs: tuple, prev_sampled=None):
         """Dispatch the forward pass -> (logits f32[S, V] of the sampled rows, all computed logits or None).
@@ -352,20 +414,18 @@ class ModelRunner:
             if prev_sampled is not None:  # sharded steps: the ids come from the last stage's first device
                 prev = prev_sampled if self.parallel is None else jax.device_put(
                     prev_sampled, self._input_sharding or jax.devices()[0])
-            micro = []
-            for packed, dims in packs:
-                token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li_d = self._unpack(
-                    jax.device_put(packed, self._input_sharding), prev, **dims)
-                micro.append((token_ids, AttentionMetadata(slot_mapping=slots, positions=positions,
-                                                           token_seq_ids=seq_ids, block_tables=tables,
-                                                           seq_lens=seq_lens, query_start_loc=qsl,
-                                                           decode_only=decode_only), li_d))
-            if rows is None:
-                logits = self.run_forward(*micro[0])
+            packs = [(jax.device_put(packed, self._input_sharding), dims) for packed, dims in packs]
+            if self.fuse_unpack:  # one stage, so one micro-batch, and one program
+                (packed, dims), = packs
+                logits = self.run_packed_forward(packed, prev, dims, decode_only)
             else:
-                outs, self.kv_caches = self.parallel.forward_microbatched(self.params, self.kv_caches, micro)
-                self.microbatched_steps += 1
-                logits = _pick_rows(outs[0], outs[1], jax.device_put(rows, self.logits_device))
+                micro = [_step_inputs(self._unpack(packed, prev, **dims), decode_only) for packed, dims in packs]
+                if rows is None:
+                    logits = self.run_forward(*micro[0])
+                else:
+                    outs, self.kv_caches = self.parallel.forward_microbatched(self.params, self.kv_caches, micro)
+                    self.microbatched_steps += 1
+                    logits = _pick_rows(outs[0], outs[1], jax.device_put(rows, self.logits_device))
         if n_sampled is not None:
             return logits[:n_sampled], logits
         return logits, None

@@ -17,6 +17,8 @@ Design note (docs/PARALLEL.md has the long form).
   one jitted (KV-donating) call on its own devices, the hidden state device_put to the next stage.
   Stages do not overlap (no micro-batches in flight): PP here buys memory capacity, not speed.
 - Logits come back as one device's copy (they are replicated), so sampling runs on a single device.
+- One stage in one process: the runner jits stage 0's step together with the step's input unpacking
+  (`model_runner.packed_forward`), one program per step; otherwise the inputs are unpacked first.
 """
 from __future__ import annotations
 
@@ -135,6 +137,8 @@ class ParallelPlan:
         self.stage_meshes = [Mesh(self.mesh.devices[s], (TP,)) for s in range(pp)]
         self.replicated = [NamedSharding(m, P()) for m in self.stage_meshes]
         self.stage_fns: list = []  # the jitted per-stage steps, after make_forward (tests lower them)
+        # The same steps un-jitted: with one stage the runner folds its input unpacking into stage 0's program.
+        self.stage_steps: list = []
         self.microbatch_min_tokens = 0  # steps this long run as two micro-batches (pp > 1); set by the builder
         self.forward_microbatched = None  # after make_forward
 
@@ -192,7 +196,7 @@ class ParallelPlan:
         """
         stage_specs = self.stage_specs(specs)
         vocab = self.checkpoint_arch.vocab_size
-        self.stage_fns = []
+        self.stage_fns, self.stage_steps = [], []
         for s, (a, b) in enumerate(self.stages):
             m = model.clone(tp_axis=TP if self.tp > 1 else None, layer_start=a, layer_end=b)
             last = s == self.pp - 1
@@ -212,6 +216,7 @@ class ParallelPlan:
                     out = out[:, :vocab]  # drop the padded vocab columns before anything samples them
                 return out, kv
 
+            self.stage_steps.append(step)
             self.stage_fns.append(jax.jit(step, donate_argnums=(1,)))
 
         def forward(params, kv, token_ids, meta, li):

@@ -174,17 +174,18 @@ def host_self_times(events: list, pname: dict, dev_pids: set, top: int) -> dict:
     return out
 
 
-def replay_forward(eng, args, n: int) -> dict:
+def replay_forward(eng, call: tuple, n: int) -> dict:
     """The device time of one decode step's forward without the profiler: the same forward (same inputs, the
     KV cache threaded through) enqueued n times back to back, then waited for. When enqueueing one takes less
     than running one (launch_ms < device_ms), the device never waits and the figure is its busy time per step.
-    Rewriting the same tokens' K/V into the same slots changes nothing."""
+    Rewriting the same tokens' K/V into the same slots changes nothing. call: (the runner's method, its args)."""
     import jax
     runner = eng.runner
-    jax.block_until_ready(runner.run_forward(*args))
+    fn, args = call
+    jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     for _ in range(n):
-        out = runner.run_forward(*args)
+        out = fn(*args)
     t1 = time.perf_counter()
     jax.block_until_ready((out, runner.kv_caches))
     t2 = time.perf_counter()
@@ -273,19 +274,25 @@ def main() -> None:
     while any(r.is_prefill for r in eng.scheduler.running) or eng.scheduler.num_waiting:
         eng.step()
     last = {}
-    run_forward = eng.runner.run_forward
+    # A step runs one of these: the packed inputs' one program (one stage, one process), or the plain forward
+    # after its inputs were unpacked (pipeline stages, multi-host).
+    forwards = {name: getattr(eng.runner, name) for name in ("run_packed_forward", "run_forward")}
 
-    def capture(*args):  # the step's forward inputs, for the replay below
-        last["args"] = args
-        return run_forward(*args)
-    eng.runner.run_forward = capture
+    def capture(fn):
+        def run(*args):  # the step's forward and its inputs, for the replay below
+            last["call"] = fn, args
+            return fn(*args)
+        return run
+    for name, fn in forwards.items():
+        setattr(eng.runner, name, capture(fn))
     for _ in range(5):  # steady state, every shape compiled
         eng.step()
     eng.wait_device()
-    eng.runner.run_forward = run_forward
+    for name in forwards:
+        delattr(eng.runner, name)  # the class's methods again
     replay = None
-    if ns.replay and "args" in last:
-        replay = replay_forward(eng, last["args"], ns.replay)
+    if ns.replay and "call" in last:
+        replay = replay_forward(eng, last["call"], ns.replay)
     elif ns.replay:  # pipeline micro-batches go through forward_microbatched, not run_forward
         print("no whole-step forward to replay (micro-batched steps): replay skipped")
     gc_ms: list[tuple[int, float]] = []  # (generation, ms) of the cyclic GC's collections during the rounds

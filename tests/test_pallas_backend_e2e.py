@@ -15,6 +15,7 @@ import pytest
 from jaxserve.attention import PallasBackend, XlaBackend
 from jaxserve.config import EngineArgs
 from jaxserve.engine import LLMEngine
+from jaxserve.model_runner import packed_forward
 from jaxserve.sampling_params import SamplingParams
 
 TINY = "tests/data/tiny/qwen2"  # GQA 2:1 with qkv bias
@@ -29,8 +30,7 @@ def _run(backend, dtype="auto", model=TINY, load_format="auto"):
     # Swap the attention backend in place: same weights, same jitted step structure.
     model = dataclasses.replace(eng.runner.model, backend=backend)
     eng.runner.model = model
-    eng.runner._forward = __import__("jax").jit(
-        lambda p, kv, t, m, li: model.apply({"params": p}, t, kv, m, li), donate_argnums=(1,))
+    eng.runner._packed_forward = packed_forward(lambda p, kv, t, m, li: model.apply({"params": p}, t, kv, m, li))
     kinds = []
     prepare = eng.runner.prepare
 

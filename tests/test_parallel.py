@@ -71,6 +71,13 @@ for tp, pp in [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (2, 2)]:
             x = ids if s == 0 else jax.numpy.zeros((16, 64))
             hlo = fn.lower(r.params[s], r.kv_caches[a:b], x, meta, li).compile().as_text()
             out["collectives"][f"{key}/{s}"] = count_collectives(hlo)
+        if r.fuse_unpack:  # one stage: the program steps run, their input unpacking folded in
+            packed, dims = r._dummy_packed(16, False)
+            hlo = r._packed_forward.lower(r.params, r.kv_caches, packed, r._no_prev, **dims,
+                                          decode_only=False).compile().as_text()
+            out["collectives"][f"{key}/packed"] = count_collectives(hlo)
+            logits = r.run_packed_forward(packed, r._no_prev, dims, False)
+            out.setdefault("packed_logits", {})[key] = [list(logits.shape), list(logits.devices()) == [r.logits_device]]
         out.setdefault("kv_bytes_per_block", {})[key] = r.parallel.kv_bytes_per_block(16, np.float32)
 # Pipeline micro-batches: steps of >= 16 tokens run as two halves (a prompt cut mid-way, placeholders in both).
 for tp, pp in [(1, 2), (2, 2)]:
@@ -79,6 +86,16 @@ for tp, pp in [(1, 2), (2, 2)]:
     out.setdefault("micro_steps", {})[f"{tp}x{pp}"] = llm.llm_engine.runner.microbatched_steps
 llm = LLM(folder, **flags)
 out["tokens"]["1x1/micro_prompts"] = tokens(llm, prompts + [list(range(3, 60)), [9] * 20])
+# The input unpacking folded into the forward's program, or forced to run first as a program of its own (as pipeline
+# stages run it), at TP=1 and 2: a chunked prefill, then decodes whose tokens the previous step's sampled ids fill.
+for tp in (1, 2):
+    for fuse in (True, False):
+        llm = LLM(folder, tensor_parallel_size=tp, **flags)
+        r = llm.llm_engine.runner
+        r.fuse_unpack = fuse
+        key = f"{tp}x1/{'fused' if fuse else 'unfused'}"
+        out["tokens"][key] = tokens(llm, prompts + [list(range(3, 60)), [9] * 20])
+        out.setdefault("packed_programs", {})[key] = r._packed_forward._cache_size()
 # One process: sharded steps take device inputs and run ahead of the host (async), also from the dispatch thread.
 for tp, pp in [(2, 1), (2, 2)]:
     llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, dispatch_thread=True, **flags)
@@ -98,24 +115,28 @@ jax.monitoring.register_event_duration_secs_listener(
 step_compiles = []
 jax.monitoring.register_event_duration_secs_listener(
     lambda e, d, **k: step_compiles.append(k.get("fun_name")) if e == "/jax/core/compile/backend_compile_duration"
-    and "step" in str(k.get("fun_name")) else None)
+    and ("step" in str(k.get("fun_name")) or "packed_fwd" in str(k.get("fun_name"))) else None)
 llm = LLM(folder, tensor_parallel_size=2, compile_threads=2, **dict(flags, enforce_eager=False))
-out["threads"] = {"aot": [m for m in seen if "ahead of time" in m], "step_compiles": len(step_compiles),
+out["threads"] = {"aot": [m for m in seen if "ahead of time" in m], "step_compiles": step_compiles,
                   "shapes": len(llm.llm_engine.runner._warm_shapes())}
 n = len(compiles)
 out["tokens"]["2x1/threads"] = tokens(llm, prompts)
 out["threads"]["compiles_in_generate"] = len(compiles) - n
 jax.monitoring.clear_event_listeners()
-# One process, one stage: a step's packed inputs are unpacked on the whole mesh, replicated as the sharded step
-# takes them, so the step's own device_put to the mesh copies nothing.
-from jaxserve import model_runner
+# One process, one stage: a step is one program, which takes the packed inputs and the previous step's sampled ids
+# replicated over the mesh (one transfer to both devices each) and unpacks them there.
 r = llm.llm_engine.runner
-P_ = r.pages_per_seq
-packed = jax.device_put(np.zeros(sum(model_runner._packed_sizes(16, 4, P_, 4)), np.int32), r._input_sharding)
-unpacked = r._unpack(packed, r._no_prev, T=16, B=4, P=P_, S=4)
+packed, dims = r._dummy_packed(16, False)
+compiled = r._packed_forward.lower(r.params, r.kv_caches, packed, r._no_prev, **dims, decode_only=False).compile()
+args_in = compiled.input_shardings[0]
+calls = []
+for name in ("_unpack", "_packed_forward", "_forward"):
+    setattr(r, name, lambda *a, fn=getattr(r, name), name=name, **k: calls.append(name) or fn(*a, **k))
+tokens(llm, prompts)
 out["tp_inputs"] = {"replicated": r._input_sharding == r.parallel.replicated[0],
-                    "devices": [len(a.sharding.device_set) for a in unpacked],
-                    "no_copy": all(jax.device_put(a, r.parallel.replicated[0]) is a for a in unpacked)}
+                    "placed": [s.is_fully_replicated and len(s.device_set) for s in (packed.sharding, args_in[2],
+                                                                                     r._no_prev.sharding, args_in[3])],
+                    "programs": sorted(set(calls)), "steps": len(calls)}
 # Real HF weights through the loader's re-layout: qwen2 (qkv bias, 2 kv heads) at tp=4 repeats kv heads.
 qwen = sys.argv[4]
 for tp in (1, 4):
@@ -229,14 +250,27 @@ def test_threaded_warmup_of_a_tensor_parallel_forward(tiny_run):
     assert len(tiny_run["threads"]["aot"]) == 1 and "from 2 threads" in tiny_run["threads"]["aot"][0]
     assert tiny_run["tokens"]["2x1/threads"] == tiny_run["tokens"]["1x1"]
     assert tiny_run["threads"]["compiles_in_generate"] == 0
-    # each shape's sharded program compiled once: the warm-up's runs found what the threads compiled
-    assert tiny_run["threads"]["step_compiles"] == tiny_run["threads"]["shapes"]
+    # each shape's sharded program (the fused one steps run) compiled once: the warm-up's runs found what the threads
+    # compiled, and neither compiled the plain stage program
+    names = tiny_run["threads"]["step_compiles"]
+    assert len(names) == tiny_run["threads"]["shapes"] and all("packed_fwd" in n for n in names)
 
 
-def test_tensor_parallel_step_inputs_are_unpacked_on_the_mesh(tiny_run):
-    # one transfer of the packed inputs to both devices, unpacked there: no per-array copy to the mesh after
+def test_tensor_parallel_step_is_one_program_on_the_mesh(tiny_run):
+    # packed inputs and previous ids replicated on both devices, as the program takes them (no copy at its call);
+    # every step of a generation dispatched the fused program alone: no unpacking program, no plain forward
     t = tiny_run["tp_inputs"]
-    assert t["replicated"] and t["devices"] == [2] * 8 and t["no_copy"]
+    assert t["replicated"] and t["placed"] == [2] * 4
+    assert t["programs"] == ["_packed_forward"] and t["steps"] >= 12  # 12 new tokens
+    # its logits: one local copy on the sampling device, cut back to the checkpoint's vocab (padded to 504 at tp=8)
+    assert tiny_run["packed_logits"] == {k: [[4, 500], True] for k in ("2x1", "4x1", "8x1")}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fused_unpack_gives_the_same_tokens_as_two_programs(tiny_run, tp):
+    t, n = tiny_run["tokens"], tiny_run["packed_programs"]
+    assert t[f"{tp}x1/fused"] == t[f"{tp}x1/unfused"] == t["1x1/micro_prompts"]
+    assert n[f"{tp}x1/fused"] > 0 and n[f"{tp}x1/unfused"] == 0  # each run took its own route
 
 
 @pytest.mark.parametrize("key", ["1x2", "2x2"])
@@ -292,6 +326,8 @@ def test_two_all_reduces_per_layer(tiny_run):
     """Megatron: psum after wo and after w_down in each layer; one all-gather for the logits."""
     c = tiny_run["collectives"]
     assert c["4x1/0"] == c["8x1/0"] == {"all-reduce": 2 * 4, "all-gather": 1}
+    # the fused program steps run: its input unpacking adds no collective
+    assert c["2x1/packed"] == c["4x1/packed"] == c["8x1/packed"] == {"all-reduce": 2 * 4, "all-gather": 1}
     assert c["2x2/0"] == {"all-reduce": 2 * 2}  # stage 0: layers 0-1, no logits
     assert c["2x2/1"] == {"all-reduce": 2 * 2, "all-gather": 1}
     assert c["1x2/0"] == c["1x2/1"] == {}

@@ -56,7 +56,8 @@ def _serve_burst_counting_compiles(**engine_args):
                                                 num_gpu_blocks_override=200, max_num_batched_tokens=64,
                                                 max_num_seqs=16, **engine_args))
     from jaxserve import model_runner as mr
-    before = mr._unpack._cache_size(), mr._sample_packed._cache_size()
+    programs = (eng.runner._packed_forward, mr._unpack, mr._sample_packed)
+    before = [p._cache_size() for p in programs]
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         for i in range(12):
@@ -66,16 +67,16 @@ def _serve_burst_counting_compiles(**engine_args):
             eng.step()
     finally:
         jax.monitoring.clear_event_listeners()
-    return compiles, before, (mr._unpack._cache_size(), mr._sample_packed._cache_size())
+    return compiles, before, [p._cache_size() for p in programs]
 
 
 def test_warmup_compiles_the_per_step_helpers():
     """Seen on the H100: seconds of zero GPU utilization under a burst of requests, because warm-up had
     compiled with uncommitted stand-in inputs (jit keys its cache on committedness) and never compiled the
     per-step input unpacking or the sampler. After warm-up, greedy and random requests of every size must
-    find `_unpack` and the sampler compiled."""
+    find the step (its input unpacking folded in) and the sampler compiled."""
     compiles, before, after = _serve_burst_counting_compiles()
-    assert after == before
+    assert after == before and before[0] > 0
     assert compiles == []
 
 
@@ -108,10 +109,12 @@ def _startup_forward_compiles(**engine_args) -> list:
 def test_threaded_warmup_compiles_the_same_programs(caplog, tmp_path):
     # --compile-threads: the shapes are compiled ahead of time from threads, for the KV cache's shapes before it
     # is allocated; the warm-up runs then find those programs, and serving compiles nothing more. Each of the 4
-    # forward shapes compiles once (8 would mean the warm-up's calls missed what the threads made).
+    # forward shapes compiles once (8 would mean the warm-up's calls missed what the threads made), as the program
+    # steps run: the input unpacking folded into the forward.
     cache = str(tmp_path / "xla")
     with caplog.at_level("INFO", logger="jaxserve"):
-        assert len(_startup_forward_compiles(compile_threads=2, compile_cache_dir=cache)) == 4
+        names = _startup_forward_compiles(compile_threads=2, compile_cache_dir=cache)
+    assert len(names) == 4 and all("packed_fwd" in n for n in names)
     assert "compiled 4 step shapes ahead of time from 2 threads" in caplog.text
     assert caplog.text.index("ahead of time") < caplog.text.index("KV cache:")  # before the pages are allocated
     compiles, _, _ = _serve_burst_counting_compiles(compile_threads=2, compile_cache_dir=cache)
