@@ -175,9 +175,18 @@ def _parallel_plan(args: EngineArgs, arch):
     return plan
 
 
+# A full collection once in this many young-generation (gen 1) collections, instead of Python's 10. Decided by
+# measurement: with the start-up heap frozen, full collections still came once per ~50 batch-256 decode steps on
+# the H100 and took 27-53 ms each (one step in fifty stalled, ~1 ms a step on average; docs/PERF.md, session 10).
+# They scan every token id list of every running request (a list visits each of its items). At 1000 one comes
+# every few thousand steps; cyclic garbage is still freed by the young collections, or by that full one.
+GC_FULL_EVERY = 1000
+
+
 def freeze_startup_heap() -> None:
     """Collect once, then move every object alive after start-up (modules, weights' wrappers, compiled programs'
-    handles: ~240k objects for SmolLM2 on CPU) out of the cyclic GC's reach (gc.freeze, as vLLM does).
+    handles: ~240k objects for SmolLM2 on CPU) out of the cyclic GC's reach (gc.freeze, as vLLM does), and make
+    full collections rare (GC_FULL_EVERY).
 
     Python's full collection scans every tracked object, and one came every ~100 steps of a busy engine: on the
     H100 it stalled one batch-256 decode step for 190-250 ms, which raised that run's mean step from 12 to 17 ms
@@ -186,8 +195,10 @@ def freeze_startup_heap() -> None:
     t0 = time.perf_counter()
     gc.collect()
     gc.freeze()
-    log.info("gc: %d start-up objects frozen (one full collection before that took %.0f ms)",
-             gc.get_freeze_count(), (time.perf_counter() - t0) * 1e3)
+    young, middle, full = gc.get_threshold()
+    gc.set_threshold(young, middle, max(full, GC_FULL_EVERY))
+    log.info("gc: %d start-up objects frozen (one full collection before that took %.0f ms); a full collection "
+             "every %d young ones", gc.get_freeze_count(), (time.perf_counter() - t0) * 1e3, max(full, GC_FULL_EVERY))
 
 
 def build_engine(cls, args: EngineArgs, on_config=None):

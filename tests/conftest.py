@@ -42,9 +42,12 @@ SMOL_SWAP_GIB = 0.02
 @pytest.fixture(autouse=True)
 def _unfreeze_gc():
     """An engine's start-up freezes the heap (engine_builder.freeze_startup_heap). Hand frozen objects back to the
-    collector after each test, so that engines a test dropped can still be collected in this long-lived process."""
+    collector after each test, so that engines a test dropped can still be collected in this long-lived process,
+    and put back the thresholds it raised."""
+    thresholds = gc.get_threshold()
     yield
     gc.unfreeze()
+    gc.set_threshold(*thresholds)
 
 
 # ------------------------------------------------------------------------------------------ reference data
