@@ -53,14 +53,26 @@ def _packed_sizes(T: int, B: int, P: int, S: int) -> tuple:
     return (T, T, T, T, B * P, B, B + 1, S, B, B)
 
 
+# Each packed input starts on a 256-byte boundary. Unpacked inside the forward's program, the parts are slices of
+# one parameter, which XLA hands to the kernels in place (no copy), and Mosaic GPU kernels refuse inputs that are
+# not 256-byte aligned ("Input buffer 4 is not 256-byte aligned" on the H100, session 10).
+_PACK_ALIGN = 64  # int32s
+
+
+def _packed_offsets(T: int, B: int, P: int, S: int) -> tuple[list[int], int]:
+    """(start of each of _packed_sizes' parts, total length), every start a multiple of _PACK_ALIGN."""
+    offsets, o = [], 0
+    for n in _packed_sizes(T, B, P, S):
+        offsets.append(o)
+        o += -(-n // _PACK_ALIGN) * _PACK_ALIGN
+    return offsets, o
+
+
 def _unpack_fn(packed, prev_sampled, *, T: int, B: int, P: int, S: int):
     """Split the step's packed i32 inputs on the device and fill placeholder tokens from the previous
     step's sampled ids: token_ids[dst[i]] = prev_sampled[src[i]] (dst == T marks padding, dropped)."""
-    sizes = _packed_sizes(T, B, P, S)
-    parts, o = [], 0
-    for n in sizes:
-        parts.append(packed[o:o + n])
-        o += n
+    offsets, _ = _packed_offsets(T, B, P, S)
+    parts = [packed[o:o + n] for o, n in zip(offsets, _packed_sizes(T, B, P, S))]
     token_ids, positions, slots, seq_ids, tables, seq_lens, qsl, li, dst, src = parts
     token_ids = token_ids.at[dst].set(prev_sampled[src].astype(jnp.int32), mode="drop")
     return token_ids, positions, slots, seq_ids, tables.reshape(B, P), seq_lens, qsl, li
@@ -116,15 +128,18 @@ def _sample_packed(logits, packed, *, treedef, layout, ids_len: int):
 
 def _pack_step(token_ids, meta, li, fill_dst=None, fill_src=None) -> tuple:
     """One host->device transfer for all of a step's int32 inputs (seven small copies cost ms on a GPU)
-    -> (packed i32[sum(_packed_sizes)], dims T, B, P, S). meta: an InputBatch or AttentionMetadata (the same
-    field names); no fill_dst: no placeholder (dst = T everywhere, dropped)."""
-    T, (B, P) = len(token_ids), meta.block_tables.shape
+    -> (packed i32, laid out by _packed_offsets; dims T, B, P, S). meta: an InputBatch or AttentionMetadata (the
+    same field names); no fill_dst: no placeholder (dst = T everywhere, dropped)."""
+    T, (B, P), S = len(token_ids), meta.block_tables.shape, len(li)
     fill_dst = np.full(B, T, np.int32) if fill_dst is None else fill_dst
     fill_src = np.zeros(B, np.int32) if fill_src is None else fill_src
-    packed = np.concatenate([token_ids, meta.positions, meta.slot_mapping, meta.token_seq_ids,
-                             meta.block_tables.reshape(-1), meta.seq_lens, meta.query_start_loc, li,
-                             fill_dst, fill_src])
-    return packed, dict(T=T, B=B, P=P, S=len(li))
+    offsets, total = _packed_offsets(T, B, P, S)
+    packed = np.zeros(total, np.int32)
+    for o, a in zip(offsets, (token_ids, meta.positions, meta.slot_mapping, meta.token_seq_ids, meta.block_tables,
+                              meta.seq_lens, meta.query_start_loc, li, fill_dst, fill_src)):
+        a = np.asarray(a).reshape(-1)
+        packed[o:o + len(a)] = a
+    return packed, dict(T=T, B=B, P=P, S=S)
 
 
 def pack_metadata(md) -> tuple:
@@ -330,7 +345,7 @@ class ModelRunner:
         if not self.fuse_unpack:
             for T in self.token_buckets:
                 B = min(T, self.max_num_seqs)
-                packed = jax.device_put(np.zeros(sum(_packed_sizes(T, B, P, B)), np.int32), self._input_sharding)
+                packed = jax.device_put(np.zeros(_packed_offsets(T, B, P, B)[1], np.int32), self._input_sharding)
                 jax.block_until_ready(self._unpack(packed, self._no_prev, T=T, B=B, P=P, S=B))
         for S in sorted({min(T, self.max_num_seqs) for T in self.token_buckets}):
             # committed, as the forward's logits are: an uncommitted stand-in would compile a twin program

@@ -246,6 +246,9 @@ def main() -> None:
     p.add_argument("--plain-rounds", type=int, default=1,
                    help="time the --steps steps without the profiler this many times in a row (the figure used is "
                         "the first round's; the others show whether the step time moves within one process)")
+    p.add_argument("--two-program-step", action="store_true",
+                   help="unpack the step's inputs in a program of their own, then run the forward, as pipeline "
+                        "stages do (the A/B of the one-program step; compiled lazily, so use with --enforce-eager)")
     ns = p.parse_args()
     from jaxserve.platform import set_gil_switch_interval
     set_gil_switch_interval()  # JAXSERVE_GIL_SWITCH_MS, as the server reads it
@@ -258,6 +261,8 @@ def main() -> None:
     from jaxserve.engine import LLMEngine
     from jaxserve.sampling_params import SamplingParams
     eng = LLMEngine.from_engine_args(EngineArgs.from_cli_args(ns))
+    if ns.two_program_step:
+        eng.runner.fuse_unpack = False
     rng = np.random.default_rng(0)
     if ns.phase == "prefill":
         return profile_prefill(eng, ns, rng)

@@ -1,5 +1,7 @@
 """Regressions found in review: leaks and cache poisoning around n > 1 forking and async placeholders."""
 
+import pytest
+
 from jaxserve.block_manager import BlockManager
 from jaxserve.config import EngineArgs
 from jaxserve.engine import LLMEngine
@@ -126,3 +128,31 @@ def test_compile_threads_default_is_one_on_cpu(caplog):
     with caplog.at_level("INFO", logger="jaxserve"):
         _startup_forward_compiles()
     assert "ahead of time" not in caplog.text and "compiled 4 step shapes in" in caplog.text
+
+
+@pytest.mark.parametrize("T,B,P,S", [(8, 1, 8, 1), (37, 5, 3, 5), (256, 256, 128, 256), (4096, 61, 128, 64)])
+def test_packed_step_inputs_start_on_256_byte_boundaries_and_round_trip(T, B, P, S):
+    """The forward unpacks its packed inputs as slices of one buffer, handed to kernels in place; Mosaic GPU
+    kernels refuse an input that is not 256-byte aligned (H100, session 10: every step shape whose parts did not
+    happen to land on such a boundary failed). Each part starts on one, and unpacking gives back what was packed."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxserve.attention import AttentionMetadata
+    from jaxserve.model_runner import _pack_step, _packed_offsets, _unpack_fn
+    rng = np.random.default_rng(T + B)
+    i32 = lambda *shape: rng.integers(0, 1000, shape).astype(np.int32)  # noqa: E731
+    ids, li = i32(T), i32(S)
+    meta = AttentionMetadata(slot_mapping=i32(T), positions=i32(T), token_seq_ids=i32(T), block_tables=i32(B, P),
+                             seq_lens=i32(B), query_start_loc=i32(B + 1), decode_only=False)
+    dst, src, prev = np.full(B, T, np.int32), np.zeros(B, np.int32), i32(8)
+    dst[0], src[0] = T - 1, 3  # one placeholder: the last token takes prev[3]
+    packed, dims = _pack_step(ids, meta, li, dst, src)
+    offsets, total = _packed_offsets(**dims)
+    assert len(packed) == total and all(o * 4 % 256 == 0 for o in offsets)
+    out = _unpack_fn(jnp.asarray(packed), jnp.asarray(prev), **dims)
+    want_ids = ids.copy()
+    want_ids[T - 1] = prev[3]
+    for got, want in zip(out, (want_ids, meta.positions, meta.slot_mapping, meta.token_seq_ids, meta.block_tables,
+                                 meta.seq_lens, meta.query_start_loc, li)):
+        np.testing.assert_array_equal(np.asarray(got), want)
