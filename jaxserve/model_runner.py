@@ -231,20 +231,24 @@ class ModelRunner:
         it). Unlike the allocator's peak after the run, this figure does not depend on whether the program was
         compiled now (XLA's autotuning allocates scratch through the same allocator) or loaded from the
         persistent cache, so a warm restart sizes the same KV cache, and finds its compiled programs."""
+        T = self.token_buckets[-1]
+        inputs_key = self._activation_inputs_key(T) if self.parallel is None else None
+        if (activation := _activation_cache_get(inputs_key)) is not None:
+            return activation
         saved = self.kv_caches
         self.kv_caches = kv_cache.allocate(self.arch, 2, self.block_size, self.kv_dtype, self.kv_sharding,
                                            self.num_kv_heads)
-        fn, args, kw = self._warm_call(self.token_buckets[-1], False, self.kv_caches)
-        activation = None
+        fn, args, kw = self._warm_call(T, False, self.kv_caches)
         if self.parallel is None:
             try:
                 lowered = fn.lower(*args, **kw)
-                activation = _activation_cache_get(lowered)
+                lowered_key = _activation_key(lowered.as_text())
+                activation = _activation_cache_get(lowered_key)
                 if activation is None:
                     ma = lowered.compile().memory_analysis()
                     # outputs aliased to donated inputs (the tiny cache's pages) take no new memory
                     activation = int(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
-                    _activation_cache_put(lowered, activation)
+                _activation_cache_put({lowered_key: activation, inputs_key: activation})
             except (AttributeError, NotImplementedError, TypeError):  # no analysis on this runtime
                 activation = None
         if activation is None:  # the allocator's peak after a real run is the measure then
@@ -253,6 +257,22 @@ class ModelRunner:
             del logits
         self.kv_caches = saved
         return activation
+
+    def _activation_inputs_key(self, T: int) -> str | None:
+        """profile_run's side-cache key from what its program is made of, without tracing it: this package's
+        source, the model and its weights' shapes, the cache layout, the step shape and the settings that steer
+        tracing (jax's config, JAXSERVE_* variables). Lowering the 8B program to key on its text took 3.9-4.5 s
+        of each warm start on the H100 (docs/PERF.md, session 10). A key with an object's address in it never
+        hits, and the lowered text's key is the fallback."""
+        leaves = [(k, np.shape(v), str(getattr(v, "dtype", type(v).__name__)))
+                  for k, v in jax.tree_util.tree_leaves_with_path(self.params)]
+        config = sorted((k, v) for k, v in jax.config.values.items() if isinstance(v, (str, int, float, bool)))
+        env = sorted((k, v) for k, v in os.environ.items() if k.startswith("JAXSERVE_"))
+        parts = ["inputs", _source_digest(), _versions(), repr(self.arch), repr(self.model), repr(leaves), repr(config),
+                 repr(env),
+                 repr((T, self.max_num_seqs, self.pages_per_seq, self.block_size, str(self.kv_dtype),
+                       self.num_kv_heads, self.fuse_unpack, self.ids_len))]
+        return _activation_key("\0".join(parts))
 
     # ---------------------------------------------------------------------------------------- compile
     def _dummy_inputs(self, T: int, decode_only: bool):
@@ -301,15 +321,22 @@ class ModelRunner:
         kv = kv_cache.abstract(self.arch, num_blocks, self.block_size, self.kv_dtype, self.kv_sharding,
                                self.num_kv_heads)
 
-        def compile_one(shape):
+        def compile_one(shape) -> tuple[float, float]:
+            t1 = time.perf_counter()
             fn, args, kw = self._warm_call(*shape, kv)
-            fn.lower(*args, **kw).compile()
+            lowered = fn.lower(*args, **kw)
+            t2 = time.perf_counter()
+            lowered.compile()
+            return t2 - t1, time.perf_counter() - t2
 
         shapes = self._warm_shapes()
         with ThreadPoolExecutor(threads, thread_name_prefix="jaxserve-compile") as pool:
-            list(pool.map(compile_one, sorted(shapes, reverse=True)))  # the slowest (largest) first
+            times = list(pool.map(compile_one, sorted(shapes, reverse=True)))  # the slowest (largest) first
         dt = time.perf_counter() - t0
-        log.info("compiled %d step shapes ahead of time from %d threads in %.1f s", len(shapes), threads, dt)
+        # Summed over the threads: tracing and lowering hold the GIL, XLA's compiles (or cache loads) do not.
+        log.info("compiled %d step shapes ahead of time from %d threads in %.1f s (summed over threads: tracing "
+                 "and lowering %.1f s, compiling or loading from the cache %.1f s)", len(shapes), threads, dt,
+                 sum(a for a, _ in times), sum(b for _, b in times))
         return dt
 
     def warmup(self) -> float:
@@ -492,20 +519,46 @@ class ModelRunner:
 # ------------------------------------------------------------------------------------- activation side-cache
 # profile_run needs only XLA's memory analysis of one program, which no other step uses. Even found in the
 # persistent compilation cache, loading that program took 4-5.6 s of each warm start on an H100 (docs/PERF.md,
-# session 7). So its figure is kept beside the compilation cache, keyed by the lowered program's text and
-# everything else the compiled program depends on (jax, jaxlib, the device, XLA_FLAGS): a warm start lowers it
-# (~0.1 s) and reads the number.
+# session 7). So its figure is kept beside the compilation cache, under two keys, each with everything else the
+# compiled program depends on (jax, jaxlib, the device, XLA_FLAGS): what the program is made of
+# (ModelRunner._activation_inputs_key), which a warm start reads without tracing anything, and the lowered
+# program's text, the fallback when the first key changed but the program did not.
 _ACTIVATION_FILE = "jaxserve_activation_bytes.json"
 _ACTIVATION_VERSION = "1: temp + output - alias bytes"  # change it when the figure's formula changes
 
 
-def _activation_key(lowered) -> str | None:
+@functools.cache
+def _source_digest() -> str:
+    """sha256 of this package's Python source (models and kernels included)."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+@functools.cache
+def _versions() -> str:
+    """Installed versions of what else shapes a traced step (flax modules; the kernels jax-triton makes)."""
+    from importlib import metadata
+    out = []
+    for dist in ("flax", "jax-triton", "triton"):
+        try:
+            out.append(f"{dist}={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{dist}=-")
+    return " ".join(out)
+
+
+def _activation_key(program: str) -> str | None:
+    """The side-cache key of a program (its text, or what it is made of) on this jax, jaxlib, device and
+    XLA_FLAGS; None when there is no compilation cache to keep it beside."""
     import jaxlib
     cache_dir = jax.config.jax_compilation_cache_dir
     if not cache_dir:
         return None
     dev = jax.devices()[0]
-    parts = [_ACTIVATION_VERSION, lowered.as_text(), jax.__version__, jaxlib.__version__, dev.platform, dev.device_kind,
+    parts = [_ACTIVATION_VERSION, program, jax.__version__, jaxlib.__version__, dev.platform, dev.device_kind,
              getattr(getattr(dev, "client", None), "platform_version", ""), os.environ.get("XLA_FLAGS", "")]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
@@ -514,8 +567,7 @@ def _activation_file() -> Path:
     return Path(jax.config.jax_compilation_cache_dir) / _ACTIVATION_FILE
 
 
-def _activation_cache_get(lowered) -> int | None:
-    key = _activation_key(lowered)
+def _activation_cache_get(key: str | None) -> int | None:
     if key is None:
         return None
     try:
@@ -526,9 +578,9 @@ def _activation_cache_get(lowered) -> int | None:
     return int(value) if isinstance(value, int) and value >= 0 else None
 
 
-def _activation_cache_put(lowered, activation: int) -> None:
-    key = _activation_key(lowered)
-    if key is None:
+def _activation_cache_put(entries: dict) -> None:
+    entries = {k: v for k, v in entries.items() if k is not None}
+    if not entries:
         return
     path = _activation_file()
     try:
@@ -538,7 +590,7 @@ def _activation_cache_put(lowered, activation: int) -> None:
             table = {}
         if not isinstance(table, dict):
             table = {}
-        table[key] = activation
+        table.update(entries)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
         tmp.write_text(json.dumps(table))
         os.replace(tmp, path)  # atomic: two servers starting at once never see half a file

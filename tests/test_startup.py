@@ -167,9 +167,10 @@ def test_profile_run_reports_the_largest_forwards_memory():
 
 
 def test_profile_run_figure_is_cached_beside_the_compile_cache(tmp_path, monkeypatch):
-    """A warm start reads the activation figure from a side-cache keyed by the lowered program (and jax, the device,
-    XLA_FLAGS) instead of loading that program: the second profile_run compiles nothing and returns the same bytes;
-    another XLA_FLAGS is another key, so it compiles again."""
+    """A warm start reads the activation figure from a side-cache beside the compile cache instead of loading that
+    program. Two keys, each with jax, the device and XLA_FLAGS: what the program is made of (read without tracing
+    anything) and the lowered program's text. The second profile_run neither traces nor compiles; a JAXSERVE_
+    variable misses the first key but finds the second (lowered, not compiled); another XLA_FLAGS misses both."""
 
     import jax
 
@@ -189,18 +190,40 @@ def _check_activation_side_cache(runner, tmp_path, monkeypatch):
     import jax
 
     from jaxserve import model_runner
+    table = lambda: json.loads((tmp_path / model_runner._ACTIVATION_FILE).read_text())  # noqa: E731
     first = runner.profile_run()
-    table = json.loads((tmp_path / model_runner._ACTIVATION_FILE).read_text())
-    assert list(table.values()) == [first]
-    compiles = []
-    real = jax.stages.Lowered.compile
-    monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a, **k: compiles.append(1) or real(self, *a, **k))
-    assert runner.profile_run() == first and compiles == []
+    assert list(table().values()) == [first, first]  # both keys
+    compiles, traces = [], []
+    real_compile, real_warm = jax.stages.Lowered.compile, runner._warm_call
+    monkeypatch.setattr(jax.stages.Lowered, "compile",
+                        lambda self, *a, **k: compiles.append(1) or real_compile(self, *a, **k))
+    monkeypatch.setattr(runner, "_warm_call", lambda *a: traces.append(1) or real_warm(*a))
+    assert runner.profile_run() == first and compiles == [] and traces == []
+    monkeypatch.setenv("JAXSERVE_TEST_KNOB", "1")  # another inputs key; the same program
+    assert runner.profile_run() == first and compiles == [] and traces == [1]
+    assert len(table()) == 3
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_dump_disable_metadata=true")
     assert runner.profile_run() == first and compiles == [1]
-    assert len(json.loads((tmp_path / model_runner._ACTIVATION_FILE).read_text())) == 2
+    assert len(table()) == 5
     (tmp_path / model_runner._ACTIVATION_FILE).write_text("{not json")  # a broken file is a miss, then rewritten
     assert runner.profile_run() == first and compiles == [1, 1]
+    assert len(table()) == 2
+
+
+def test_profile_run_inputs_key_is_the_same_in_another_process(tmp_path):
+    """The key read without tracing holds nothing that differs between two starts of the same command (an
+    object's address in a repr would make every warm start miss it and trace again)."""
+    code = ("import jax; jax.config.update('jax_compilation_cache_dir', %r)\n"
+            "from test_startup import make\n"
+            "r = make(max_model_len=64, num_gpu_blocks_override=8).llm_engine.runner\n"
+            "print('KEY', r._activation_inputs_key(r.token_buckets[-1]))\n") % str(tmp_path)
+    keys = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                             cwd=os.path.dirname(__file__))
+        assert out.returncode == 0, out.stderr[-2000:]
+        keys.append([ln.split()[1] for ln in out.stdout.splitlines() if ln.startswith("KEY ")][0])
+    assert keys[0] == keys[1] and len(keys[0]) == 64
 
 
 @pytest.mark.parametrize("usable_gib,usage,seqs,budget", [(72, "offline", 512, 8192), (72, "server", 512, 4096),
