@@ -150,6 +150,11 @@ def pack_metadata(md) -> tuple:
     return packed, treedef, layout
 
 
+# compile_ahead: a largest step shape whose compile took less than this was loaded from the persistent cache (a
+# load takes ~1 s on the H100, compiling it 10 s or more).
+WARM_LOAD_S = 3.0
+
+
 class ModelRunner:
     def __init__(self, model, params, arch, *, block_size: int, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, kv_dtype, mesh=None, kv_sharding=None, num_kv_heads=None,
@@ -333,6 +338,11 @@ class ModelRunner:
         # The first one alone: a process's first trace sets up what every later one reuses (lowering rules,
         # kernel caches). Raced by 8 threads it made a warm start's compiles 17-18 s instead of 11 s on the H100.
         times = [compile_one(shapes[0])]
+        if times[0][1] < WARM_LOAD_S:
+            # Loaded from the persistent cache: what is left is mostly tracing, which holds the GIL. Two threads
+            # overlap it with the loads; more only contend for the GIL (H100, one machine, warm start to first
+            # token: 19.6 s at 2 threads, 21.9 at 4, 22.8 at 8, 22.9 at 1; docs/PERF.md, session 10).
+            threads = min(threads, 2)
         with ThreadPoolExecutor(threads, thread_name_prefix="jaxserve-compile") as pool:
             times += list(pool.map(compile_one, shapes[1:]))
         dt = time.perf_counter() - t0

@@ -123,6 +123,20 @@ def test_threaded_warmup_compiles_the_same_programs(caplog, tmp_path):
     assert compiles == []
 
 
+@pytest.mark.parametrize("warm_load_s,threads_used", [(1e9, 2), (0.0, 4)])
+def test_compile_ahead_takes_two_threads_once_the_first_shape_loaded_from_the_cache(caplog, tmp_path, monkeypatch,
+                                                                                     warm_load_s, threads_used):
+    # The first (largest) shape compiles alone. Loaded from the persistent cache (here: faster than the
+    # threshold), the rest is mostly tracing, which holds the GIL, and two threads do it best (H100, session 10);
+    # compiled from scratch, every thread asked for is used.
+    from jaxserve import model_runner
+    monkeypatch.setattr(model_runner, "WARM_LOAD_S", warm_load_s)
+    with caplog.at_level("INFO", logger="jaxserve"):
+        names = _startup_forward_compiles(compile_threads=4, compile_cache_dir=str(tmp_path / "xla"))
+    assert len(names) == 4
+    assert f"compiled 4 step shapes ahead of time from {threads_used} threads" in caplog.text
+
+
 def test_compile_threads_default_is_one_on_cpu(caplog):
     # The threaded default (8) is for GPUs, where it was measured; on CPU the shapes compile one by one.
     with caplog.at_level("INFO", logger="jaxserve"):
