@@ -10,9 +10,10 @@ when a request asked for them). `warmup()` compiles every forward bucket before 
 what it compiled and how long it took; with the persistent compilation cache a restart reloads
 them. Block copies (copy-on-write) and swaps run before the forward pass. With a
 `parallel.ParallelPlan` the forward is the plan's (shard_map over the tp mesh, stage by stage over
-pp) and each layer's pages carry the plan's sharding. Pipeline stages (several programs) and
-multi-host steps (host inputs, replayed by the followers) unpack in a program of their own
-(`_unpack`) and then run the plain `forward(params, kv, token_ids, meta, logits_indices)`.
+pp) and each layer's pages carry the plan's sharding. Pipeline stages (several programs) unpack in a
+program of their own (`_unpack`) and then run the plain `forward(params, kv, token_ids, meta,
+logits_indices)`; multi-host steps (host inputs, replayed by the followers) run that forward on numpy
+arrays, with nothing packed.
 """
 from __future__ import annotations
 
@@ -135,10 +136,13 @@ def _pack_step(token_ids, meta, li, fill_dst=None, fill_src=None) -> tuple:
     fill_src = np.zeros(B, np.int32) if fill_src is None else fill_src
     offsets, total = _packed_offsets(T, B, P, S)
     packed = np.zeros(total, np.int32)
-    for o, a in zip(offsets, (token_ids, meta.positions, meta.slot_mapping, meta.token_seq_ids, meta.block_tables,
-                              meta.seq_lens, meta.query_start_loc, li, fill_dst, fill_src)):
+    parts = (token_ids, meta.positions, meta.slot_mapping, meta.token_seq_ids, meta.block_tables, meta.seq_lens,
+             meta.query_start_loc, li, fill_dst, fill_src)
+    for o, n, a in zip(offsets, _packed_sizes(T, B, P, S), parts):
         a = np.asarray(a).reshape(-1)
-        packed[o:o + len(a)] = a
+        if len(a) != n:  # a short part would read as zeros (dst 0: token 0 overwritten), a long one spill over
+            raise ValueError(f"packed step input of {len(a)} values where {n} belong (T={T} B={B} P={P} S={S})")
+        packed[o:o + n] = a
     return packed, dict(T=T, B=B, P=P, S=S)
 
 
@@ -150,9 +154,22 @@ def pack_metadata(md) -> tuple:
     return packed, treedef, layout
 
 
-# compile_ahead: a largest step shape whose compile took less than this was loaded from the persistent cache (a
-# load takes ~1 s on the H100, compiling it 10 s or more).
-WARM_LOAD_S = 3.0
+PERSISTENT_CACHE_HIT = "/jax/compilation_cache/cache_hits"  # jax's monitoring event for a program it loaded
+
+
+def _loads_from_cache(fn) -> tuple:
+    """(fn(), whether jax loaded a program from its persistent compilation cache meanwhile). Only for fn running
+    alone: the event does not say which thread's program it was."""
+    hits = []
+
+    def on_event(event: str, **kwargs) -> None:
+        if event == PERSISTENT_CACHE_HIT:
+            hits.append(event)
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        return fn(), bool(hits)
+    finally:
+        jax.monitoring.unregister_event_listener(on_event)
 
 
 class ModelRunner:
@@ -205,7 +222,8 @@ class ModelRunner:
                                    out_shardings=self._input_sharding)
             self._no_prev = jax.device_put(self._no_prev, self._input_sharding)
         # One program per step where one stage in this process runs the whole step: the forward unpacks its own
-        # inputs (packed_forward). Pipeline stages and multi-host steps unpack first (_unpack), then run_forward.
+        # inputs (packed_forward). Pipeline stages unpack first (_unpack), then run_forward; multi-host steps
+        # pass host arrays to run_forward.
         # Tests set it False to compare the two routes.
         self.fuse_unpack = self.device_inputs and (parallel is None or parallel.pp == 1)
         self._packed_forward = None
@@ -337,8 +355,9 @@ class ModelRunner:
         shapes = sorted(self._warm_shapes(), reverse=True)  # the slowest (largest) first
         # The first one alone: a process's first trace sets up what every later one reuses (lowering rules,
         # kernel caches). Raced by 8 threads it made a warm start's compiles 17-18 s instead of 11 s on the H100.
-        times = [compile_one(shapes[0])]
-        if times[0][1] < WARM_LOAD_S:
+        first, loaded = _loads_from_cache(lambda: compile_one(shapes[0]))
+        times = [first]
+        if loaded:
             # Loaded from the persistent cache: what is left is mostly tracing, which holds the GIL. Two threads
             # overlap it with the loads; more only contend for the GIL (H100, one machine, warm start to first
             # token: 19.6 s at 2 threads, 21.9 at 4, 22.8 at 8, 22.9 at 1; docs/PERF.md, session 10).
@@ -540,13 +559,22 @@ _ACTIVATION_FILE = "jaxserve_activation_bytes.json"
 _ACTIVATION_VERSION = "1: temp + output - alias bytes"  # change it when the figure's formula changes
 
 
+def _source_files() -> list[Path]:
+    """This package's Python files, models and kernels included: pyproject maps those subpackages to folders of
+    their own (models/, pallas_kernels/), outside jaxserve/ in an editable install."""
+    import jaxserve
+    import jaxserve.models
+    import jaxserve.pallas_kernels
+    dirs = {Path(d).resolve() for pkg in (jaxserve, jaxserve.models, jaxserve.pallas_kernels) for d in pkg.__path__}
+    return sorted({f for d in dirs for f in d.rglob("*.py")})
+
+
 @functools.cache
 def _source_digest() -> str:
-    """sha256 of this package's Python source (models and kernels included)."""
+    """sha256 of _source_files, names and contents."""
     h = hashlib.sha256()
-    root = Path(__file__).parent
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    for f in _source_files():
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 

@@ -64,6 +64,7 @@ class LeaderRunner(ModelRunner):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.device_inputs = False  # the followers replay host inputs
+        self.fuse_unpack = False  # so warm-up and compile_ahead build the plain forward that steps run
         self._stopped = False
         atexit.register(self.stop_followers)
 

@@ -280,7 +280,7 @@ def main() -> None:
         eng.step()
     last = {}
     # A step runs one of these: the packed inputs' one program (one stage, one process), or the plain forward
-    # after its inputs were unpacked (pipeline stages, multi-host).
+    # after its inputs were unpacked (pipeline stages) or as host arrays (multi-host).
     forwards = {name: getattr(eng.runner, name) for name in ("run_packed_forward", "run_forward")}
 
     def capture(fn):

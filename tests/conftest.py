@@ -39,15 +39,17 @@ SMOL_FLAGS = dict(enforce_eager=True, block_size=16, max_num_batched_tokens=32, 
 SMOL_SWAP_GIB = 0.02
 
 
+_GC_THRESHOLDS = gc.get_threshold()  # before any fixture built an engine (session-scoped ones included)
+
+
 @pytest.fixture(autouse=True)
 def _unfreeze_gc():
     """An engine's start-up freezes the heap (engine_builder.freeze_startup_heap). Hand frozen objects back to the
     collector after each test, so that engines a test dropped can still be collected in this long-lived process,
-    and put back the thresholds it raised."""
-    thresholds = gc.get_threshold()
+    and put back Python's thresholds, which start-up raised."""
     yield
     gc.unfreeze()
-    gc.set_threshold(*thresholds)
+    gc.set_threshold(*_GC_THRESHOLDS)
 
 
 # ------------------------------------------------------------------------------------------ reference data

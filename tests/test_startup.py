@@ -210,6 +210,19 @@ def _check_activation_side_cache(runner, tmp_path, monkeypatch):
     assert len(table()) == 2
 
 
+def test_profile_run_inputs_key_covers_models_and_kernels_source():
+    """pyproject maps jaxserve.models and jaxserve.pallas_kernels to folders of their own; in an editable install
+    they sit outside jaxserve/, and a key over jaxserve/ alone would miss an edit to a model or a kernel."""
+    from pathlib import Path
+
+    import jaxserve.models.llama
+    import jaxserve.pallas_kernels.select
+    from jaxserve import model_runner
+    files = set(model_runner._source_files())
+    for mod in (jaxserve.models.llama, jaxserve.pallas_kernels.select, model_runner):
+        assert Path(mod.__file__).resolve() in files
+
+
 def test_profile_run_inputs_key_is_the_same_in_another_process(tmp_path):
     """The key read without tracing holds nothing that differs between two starts of the same command (an
     object's address in a repr would make every warm start miss it and trace again)."""
