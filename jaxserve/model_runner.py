@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,7 @@ import numpy as np
 from jaxserve import kv_cache, sampler
 from jaxserve.attention import AttentionMetadata, dummy_metadata
 from jaxserve.batch import InputBatch, build_batch, make_buckets, split_in_two
+from jaxserve.program_store import ProgramStore
 from jaxserve.sampling_params import MAX_LOGPROBS
 
 log = logging.getLogger(__name__)
@@ -172,6 +174,30 @@ def _loads_from_cache(fn) -> tuple:
         jax.monitoring.unregister_event_listener(on_event)
 
 
+_compile_tls = threading.local()  # per compiling thread: jax's cache hits seen (_note_cache_hit)
+
+
+def _note_cache_hit(event: str, **kwargs) -> None:
+    if event == PERSISTENT_CACHE_HIT:  # called in the thread whose compile loaded the program
+        _compile_tls.hits = getattr(_compile_tls, "hits", 0) + 1
+
+
+def _watch_cache_hits() -> None:
+    """(Re-)register _note_cache_hit, once, before compiles start (jax's listener list is not thread-safe to change
+    while other threads compile; tests clear it)."""
+    try:
+        jax.monitoring.unregister_event_listener(_note_cache_hit)
+    except (AssertionError, ValueError):
+        pass
+    jax.monitoring.register_event_listener(_note_cache_hit)
+
+
+# Whether a program jax loaded from its persistent cache may be serialized again into the program store. Not on
+# CPU: such a program serialized again loads but fails when run ("NOT_FOUND: Function copy_bitcast_fusion.3 not
+# found", jax 0.11.2); only programs compiled here are stored there, so the store fills at a cold start.
+STORE_CACHE_HITS = {"cpu": False}
+
+
 class ModelRunner:
     def __init__(self, model, params, arch, *, block_size: int, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, kv_dtype, mesh=None, kv_sharding=None, num_kv_heads=None,
@@ -187,6 +213,13 @@ class ModelRunner:
         self.kv_caches = None
         self.swap: kv_cache.HostSwapSpace | None = None
         self.compiled: dict[tuple, float] = {}
+        # The compiled step of each warmed shape, (T, B, P, S, decode_only) -> jax.stages.Compiled: steps of those
+        # shapes call it directly. compile_ahead/warmup take it from the program store (no tracing) or compile
+        # it (and store it); other shapes, and runs without warm-up, go through the jitted _packed_forward.
+        self._programs: dict[tuple, object] = {}
+        self._store: ProgramStore | None = None  # made at the first compile_ahead/warmup (the cache folder is set)
+        self._store_made = False
+        self._store_tried: set[tuple] = set()
 
         def fwd(params, kv, token_ids, meta, logits_indices):
             return model.apply({"params": params}, token_ids, kv, meta, logits_indices)
@@ -287,19 +320,39 @@ class ModelRunner:
         tracing (jax's config, JAXSERVE_* variables). Lowering the 8B program to key on its text took 3.9-4.5 s
         of each warm start on the H100 (docs/PERF.md, session 10). A key with an object's address in it never
         hits, and the lowered text's key is the fallback."""
-        leaves = [(k, np.shape(v), str(getattr(v, "dtype", type(v).__name__)))
+        return _activation_key("\0".join(["inputs", self._made_of(),
+                                          repr((T, self.max_num_seqs, self.pages_per_seq, self.block_size,
+                                                str(self.kv_dtype), self.num_kv_heads, self.fuse_unpack,
+                                                self.ids_len))]))
+
+    def _made_of(self) -> str:
+        """What every step program of this runner is made of, read without tracing: this package's source, the
+        model, its weights' shapes, dtypes and placement, and the settings that steer tracing (jax's config,
+        JAXSERVE_* variables). No object's address: the same command must give the same text in another process."""
+        leaves = [(k, np.shape(v), str(getattr(v, "dtype", type(v).__name__)), str(getattr(v, "sharding", "")))
                   for k, v in jax.tree_util.tree_leaves_with_path(self.params)]
         config = sorted((k, v) for k, v in jax.config.values.items() if isinstance(v, (str, int, float, bool)))
         env = sorted((k, v) for k, v in os.environ.items() if k.startswith("JAXSERVE_"))
-        parts = ["inputs", _source_digest(), _versions(), repr(self.arch), repr(self.model), repr(leaves), repr(config),
-                 repr(env),
-                 repr((T, self.max_num_seqs, self.pages_per_seq, self.block_size, str(self.kv_dtype),
-                       self.num_kv_heads, self.fuse_unpack, self.ids_len))]
-        return _activation_key("\0".join(parts))
+        return "\0".join([_source_digest(), _versions(), repr(self.arch), repr(self.model), repr(leaves),
+                          repr(config), repr(env)])
+
+    def _program_key(self, T: int, decode_only: bool, num_blocks: int) -> str | None:
+        """The program store's key of a step shape's compiled program on a cache of num_blocks pages: what
+        profile_run's key holds, plus the devices it runs on and how its inputs are placed. None without a
+        compilation cache."""
+        mesh = None if self.parallel is None else (self.parallel.mesh.axis_names,
+                                                   [d.id for d in self.parallel.mesh.devices.flat])
+        layout = (T, decode_only, num_blocks, self.max_num_seqs, self.pages_per_seq, self.block_size,
+                  str(self.kv_dtype), self.num_kv_heads, self.ids_len, str(self.kv_sharding),
+                  str(self._input_sharding), mesh, [(d.id, d.device_kind) for d in jax.devices()])
+        return _activation_key("\0".join(["program", self._made_of(), repr(layout)]))
 
     # ---------------------------------------------------------------------------------------- compile
+    def _dummy_rows(self, T: int, decode_only: bool) -> int:
+        return T if decode_only else min(T, self.max_num_seqs)
+
     def _dummy_inputs(self, T: int, decode_only: bool):
-        B = T if decode_only else min(T, self.max_num_seqs)
+        B = self._dummy_rows(T, decode_only)
         args = dummy_metadata(T, B, self.pages_per_seq, decode_only), jnp.zeros(T, jnp.int32), jnp.zeros(B, jnp.int32)
         if self.parallel is None:
             # Committed, as the step's real inputs (outputs of `_unpack`) are: jit keys its cache on
@@ -330,32 +383,81 @@ class ModelRunner:
             shapes += [(T, True) for T in self.token_buckets if T <= self.max_num_seqs]
         return shapes
 
+    def _program_store(self) -> ProgramStore | None:
+        if not self._store_made:
+            self._store, self._store_made = ProgramStore.beside_compile_cache(), True
+        return self._store
+
+    def _program_id(self, T: int, decode_only: bool) -> tuple:
+        """`_programs`' key of a warmed shape: the packed dims its steps carry, and decode_only."""
+        B = self._dummy_rows(T, decode_only)
+        return T, B, self.pages_per_seq, B, decode_only  # _dummy_packed's dims: S = B sampled rows
+
+    def _compile_program(self, shape: tuple, kv, store, num_blocks: int) -> tuple[float, float]:
+        """Trace, lower and compile one step shape's program for `kv` (arrays or their abstract values; XLA
+        loads it from the persistent cache where it can), keep it in `_programs` and in the program store.
+        Returns (seconds tracing and lowering, seconds compiling or loading)."""
+        t1 = time.perf_counter()
+        fn, args, kw = self._warm_call(*shape, kv)
+        lowered = fn.lower(*args, **kw)
+        t2 = time.perf_counter()
+        _compile_tls.hits = 0
+        compiled = lowered.compile()
+        from_cache = _compile_tls.hits > 0
+        t3 = time.perf_counter()
+        self._programs[self._program_id(*shape)] = compiled
+        if store is not None and (not from_cache or STORE_CACHE_HITS.get(jax.devices()[0].platform, False)):
+            store.save(self._program_key(*shape, num_blocks), compiled)
+        return t2 - t1, t3 - t2
+
+    def _load_programs(self, shapes: list, store, num_blocks: int) -> list:
+        """Load what the program store holds of `shapes` into `_programs`; returns the shapes it lacks."""
+        missing = []
+        for shape in shapes:
+            pid = self._program_id(*shape)
+            if pid in self._programs:
+                continue
+            compiled = None
+            if store is not None and pid not in self._store_tried:  # one try each: compile_ahead, then warmup
+                self._store_tried.add(pid)
+                compiled = store.load(self._program_key(*shape, num_blocks))
+            if compiled is None:
+                missing.append(shape)
+            else:
+                self._programs[pid] = compiled
+        return missing
+
     def compile_ahead(self, num_blocks: int, threads: int) -> float:
-        """Compile every forward bucket from `threads` threads (XLA compiles with the GIL released) for a KV cache
-        of num_blocks pages, before that cache is allocated: XLA's autotuning runs candidate kernels on buffers
-        it allocates as it compiles, several at once here, and with the pages already taking 90% of the memory
-        that ran out on an H100 (TP=1, 8 threads, session 6). warmup() then runs each shape once and finds its
-        program in the persistent compilation cache. Pipeline stages are several programs, each fed by the
-        last, and multi-host runs compile in lock-step: both compile one by one in warmup() (neither runs the
-        fused step, the one program compiled here). Returns seconds."""
-        if threads <= 1 or not self.fuse_unpack:
+        """Make every step shape's program for a KV cache of num_blocks pages, before that cache is allocated.
+
+        First from the program store (program_store.py: compiled programs kept by a previous start, loaded with
+        nothing traced). What it lacks compiles from `threads` threads (XLA compiles with the GIL released),
+        before the pages exist: XLA's autotuning runs candidate kernels on buffers it allocates as it compiles,
+        several at once here, and with the pages already taking 90% of the memory that ran out on an H100 (TP=1,
+        8 threads, session 6); with one thread warmup() compiles them instead. Pipeline stages are several
+        programs, each fed by the last, and multi-host runs compile in lock-step: both compile one by one in
+        warmup() (neither runs the fused step, the one program made here). Returns seconds."""
+        if not self.fuse_unpack:
             return 0.0
         t0 = time.perf_counter()
+        store = self._program_store()
+        shapes = sorted(self._warm_shapes(), reverse=True)  # the slowest (largest) first
+        missing = self._load_programs(shapes, store, num_blocks)
+        if len(missing) < len(shapes):
+            log.info("loaded %d of %d step programs from the program store in %.1f s (nothing traced)",
+                     len(shapes) - len(missing), len(shapes), time.perf_counter() - t0)
+        if threads <= 1 or not missing:
+            return time.perf_counter() - t0
+        _watch_cache_hits()
         kv = kv_cache.abstract(self.arch, num_blocks, self.block_size, self.kv_dtype, self.kv_sharding,
                                self.num_kv_heads)
 
         def compile_one(shape) -> tuple[float, float]:
-            t1 = time.perf_counter()
-            fn, args, kw = self._warm_call(*shape, kv)
-            lowered = fn.lower(*args, **kw)
-            t2 = time.perf_counter()
-            lowered.compile()
-            return t2 - t1, time.perf_counter() - t2
+            return self._compile_program(shape, kv, store, num_blocks)
 
-        shapes = sorted(self._warm_shapes(), reverse=True)  # the slowest (largest) first
         # The first one alone: a process's first trace sets up what every later one reuses (lowering rules,
         # kernel caches). Raced by 8 threads it made a warm start's compiles 17-18 s instead of 11 s on the H100.
-        first, loaded = _loads_from_cache(lambda: compile_one(shapes[0]))
+        first, loaded = _loads_from_cache(lambda: compile_one(missing[0]))
         times = [first]
         if loaded:
             # Loaded from the persistent cache: what is left is mostly tracing, which holds the GIL. Two threads
@@ -363,11 +465,11 @@ class ModelRunner:
             # token: 19.6 s at 2 threads, 21.9 at 4, 22.8 at 8, 22.9 at 1; docs/PERF.md, session 10).
             threads = min(threads, 2)
         with ThreadPoolExecutor(threads, thread_name_prefix="jaxserve-compile") as pool:
-            times += list(pool.map(compile_one, shapes[1:]))
+            times += list(pool.map(compile_one, missing[1:]))
         dt = time.perf_counter() - t0
         # Summed over the threads: tracing and lowering hold the GIL, XLA's compiles (or cache loads) do not.
         log.info("compiled %d step shapes ahead of time from %d threads in %.1f s (summed over threads: tracing "
-                 "and lowering %.1f s, compiling or loading from the cache %.1f s)", len(shapes), threads, dt,
+                 "and lowering %.1f s, compiling or loading from the cache %.1f s)", len(missing), threads, dt,
                  sum(a for a, _ in times), sum(b for _, b in times))
         return dt
 
@@ -376,10 +478,27 @@ class ModelRunner:
         and the per-step helpers. Returns seconds spent."""
         t0 = time.perf_counter()
         shapes = self._warm_shapes()
+        store = self._program_store() if self.fuse_unpack else None
+        if self.fuse_unpack:
+            self._load_programs(shapes, store, self.num_blocks)
+            _watch_cache_hits()
         for T, dec in shapes:
             t1 = time.perf_counter()
-            fn, args, kw = self._warm_call(T, dec, self.kv_caches)
-            logits, self.kv_caches = fn(*args, **kw)
+            if self.fuse_unpack:  # the compiled program steps of this shape call
+                pid = self._program_id(T, dec)
+                if pid not in self._programs:
+                    self._compile_program((T, dec), self.kv_caches, store, self.num_blocks)
+                packed, _ = self._dummy_packed(T, dec)
+                try:
+                    logits, self.kv_caches = self._programs[pid](self.params, self.kv_caches, packed, self._no_prev)
+                except (TypeError, ValueError) as e:  # a stored program that does not take these inputs
+                    log.warning("step program T=%d%s refused its inputs (%s); compiling it", T,
+                                " decode" if dec else "", e)
+                    self._compile_program((T, dec), self.kv_caches, None, self.num_blocks)
+                    logits, self.kv_caches = self._programs[pid](self.params, self.kv_caches, packed, self._no_prev)
+            else:
+                fn, args, kw = self._warm_call(T, dec, self.kv_caches)
+                logits, self.kv_caches = fn(*args, **kw)
             jax.block_until_ready(logits)
             self.compiled[("forward", T, dec)] = time.perf_counter() - t1
         if self.device_inputs:
@@ -389,6 +508,9 @@ class ModelRunner:
         log.info("compiled %d step shapes in %.1f s: tokens %s (+ decode-only up to %d; the sampler for every "
                  "rows bucket); slowest: %s", len(shapes), dt, self.token_buckets, self.max_num_seqs,
                  ", ".join(f"T={k[1]}{' decode' if k[2] else ''} {v:.1f} s" for v, k in slow))
+        if store is not None:
+            log.info("program store: %d step programs loaded, %d compiled and kept (%s)", store.hits, store.saved,
+                     store.dir)
         from jaxserve.pallas_kernels import mosaic_cache
         if (st := mosaic_cache.stats())["hits"] or st["misses"]:
             log.info("Mosaic GPU kernel lowerings: %d from the lowering cache, %d lowered", st["hits"], st["misses"])
@@ -439,8 +561,12 @@ class ModelRunner:
     def run_packed_forward(self, packed, prev_sampled, dims: dict, decode_only: bool):
         """The device step as one program from the packed inputs: logits f32[S, V] on logits_device (KV updated in
         place). A sharded step's logits are replicated: one local copy serves sampling."""
-        logits, self.kv_caches = self._packed_forward(self.params, self.kv_caches, packed, prev_sampled, **dims,
-                                                      decode_only=decode_only)
+        program = self._programs.get((dims["T"], dims["B"], dims["P"], dims["S"], decode_only))
+        if program is not None:  # compiled at warm-up: called as it is, jit's dispatch not needed
+            logits, self.kv_caches = program(self.params, self.kv_caches, packed, prev_sampled)
+        else:
+            logits, self.kv_caches = self._packed_forward(self.params, self.kv_caches, packed, prev_sampled, **dims,
+                                                          decode_only=decode_only)
         return logits if self.parallel is None else logits.addressable_data(0)
 
     def forward_inputs(self, batch: InputBatch) -> tuple:

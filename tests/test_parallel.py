@@ -132,11 +132,33 @@ args_in = compiled.input_shardings[0]
 calls = []
 for name in ("_unpack", "_packed_forward", "_forward"):
     setattr(r, name, lambda *a, fn=getattr(r, name), name=name, **k: calls.append(name) or fn(*a, **k))
+warmed = dict(r._programs)  # the warm-up's compiled steps, called as they are
+for pid, prog in warmed.items():
+    r._programs[pid] = lambda *a, fn=prog: calls.append("warmed step") or fn(*a)
 tokens(llm, prompts)
 out["tp_inputs"] = {"replicated": r._input_sharding == r.parallel.replicated[0],
                     "placed": [s.is_fully_replicated and len(s.device_set) for s in (packed.sharding, args_in[2],
                                                                                      r._no_prev.sharding, args_in[3])],
-                    "programs": sorted(set(calls)), "steps": len(calls)}
+                    "programs": sorted(set(calls)), "steps": len(calls), "warmed": len(warmed)}
+# The program store: a second start with the same compilation cache folder loads every step program that the first
+# compiled (the devices of a 2-device mesh in a process of 8 included) and traces none, with the same tokens.
+import tempfile
+from jaxserve.model_runner import ModelRunner
+from jax.experimental.compilation_cache import compilation_cache
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp())
+compilation_cache.reset_cache()  # jax opens its cache folder once: this one from now on
+store = {}
+for run in ("first", "second"):
+    traced = []
+    real_warm = ModelRunner._warm_call
+    ModelRunner._warm_call = lambda self, *a: traced.append(a) or real_warm(self, *a)
+    llm = LLM(folder, tensor_parallel_size=2, compile_threads=2, **dict(flags, enforce_eager=False))
+    ModelRunner._warm_call = real_warm
+    st = llm.llm_engine.runner._store
+    store[run] = {"traced": len(traced), "loaded": st.hits, "saved": st.saved,
+                  "tokens": tokens(llm, prompts) == out["tokens"]["1x1"],
+                  "jit_steps": llm.llm_engine.runner._packed_forward._cache_size()}
+out["store"] = store
 # Real HF weights through the loader's re-layout: qwen2 (qkv bias, 2 kv heads) at tp=4 repeats kv heads.
 qwen = sys.argv[4]
 for tp in (1, 4):
@@ -256,12 +278,22 @@ def test_threaded_warmup_of_a_tensor_parallel_forward(tiny_run):
     assert len(names) == tiny_run["threads"]["shapes"] and all("packed_fwd" in n for n in names)
 
 
+def test_a_second_tensor_parallel_start_loads_its_step_programs(tiny_run):
+    # first start: every shape traced and compiled, and kept; second: all loaded from the program store, none
+    # traced, and steps never fall back to jit's program
+    first, second = tiny_run["store"]["first"], tiny_run["store"]["second"]
+    n = first["saved"]
+    assert n > 0 and first["traced"] >= n and first["loaded"] == 0
+    assert second == {"traced": 0, "loaded": n, "saved": 0, "tokens": True, "jit_steps": 0}
+    assert first["tokens"]
+
+
 def test_tensor_parallel_step_is_one_program_on_the_mesh(tiny_run):
     # packed inputs and previous ids replicated on both devices, as the program takes them (no copy at its call);
     # every step of a generation dispatched the fused program alone: no unpacking program, no plain forward
     t = tiny_run["tp_inputs"]
     assert t["replicated"] and t["placed"] == [2] * 4
-    assert t["programs"] == ["_packed_forward"] and t["steps"] >= 12  # 12 new tokens
+    assert t["programs"] == ["warmed step"] and t["steps"] >= 12 and t["warmed"] > 0  # 12 new tokens
     # its logits: one local copy on the sampling device, cut back to the checkpoint's vocab (padded to 504 at tp=8)
     assert tiny_run["packed_logits"] == {k: [[4, 500], True] for k in ("2x1", "4x1", "8x1")}
 

@@ -224,19 +224,20 @@ def test_profile_run_inputs_key_covers_models_and_kernels_source():
 
 
 def test_profile_run_inputs_key_is_the_same_in_another_process(tmp_path):
-    """The key read without tracing holds nothing that differs between two starts of the same command (an
-    object's address in a repr would make every warm start miss it and trace again)."""
+    """The keys read without tracing (profile_run's figure, the program store's) hold nothing that differs between
+    two starts of the same command (an object's address in a repr would make every warm start miss and trace)."""
     code = ("import jax; jax.config.update('jax_compilation_cache_dir', %r)\n"
             "from test_startup import make\n"
             "r = make(max_model_len=64, num_gpu_blocks_override=8).llm_engine.runner\n"
-            "print('KEY', r._activation_inputs_key(r.token_buckets[-1]))\n") % str(tmp_path)
+            "print('KEY', r._activation_inputs_key(r.token_buckets[-1]))\n"
+            "print('KEY', r._program_key(8, False, 8))\n") % str(tmp_path)
     keys = []
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                              cwd=os.path.dirname(__file__))
         assert out.returncode == 0, out.stderr[-2000:]
-        keys.append([ln.split()[1] for ln in out.stdout.splitlines() if ln.startswith("KEY ")][0])
-    assert keys[0] == keys[1] and len(keys[0]) == 64
+        keys.append([ln.split()[1] for ln in out.stdout.splitlines() if ln.startswith("KEY ")])
+    assert keys[0] == keys[1] and [len(k) for k in keys[0]] == [64, 64]  # profile_run's, a step program's
 
 
 @pytest.mark.parametrize("usable_gib,usage,seqs,budget", [(72, "offline", 512, 8192), (72, "server", 512, 4096),
