@@ -136,13 +136,15 @@ class EngineArgs:
         "process_id": "This process's index in a multi-host run (0 = the leader).",
         "device": "auto, cpu or gpu. gpu fails loudly if JAX fell back to CPU.",
         "enforce_eager": "Compile step shapes lazily instead of at warm-up.",
-        "compile_cache_dir": "JAX persistent compilation cache folder (default ~/.cache/jaxserve/xla).",
+        "compile_cache_dir": "JAX persistent compilation cache folder (default ~/.cache/jaxserve/xla); the "
+                             "compiled step programs are kept beside it (jaxserve_programs/), so a restart loads "
+                             "them without tracing (JAXSERVE_PROGRAM_STORE=0: off).",
         "compile_threads": "Compile the warm-up shapes from this many threads, before the KV cache is allocated "
                            "(concurrent autotuning needs device memory), then run them (1 = one by one). Default: "
                            "8 on one GPU (capped at the CPU count; the H100's warm start took 16.9 s instead of "
                            "23.1 s, with steps as fast), else 1; 2 once the first shape loads from the persistent "
-                           "cache (what is left is tracing, which holds the GIL). Not with pipeline stages or "
-                           "several hosts.",
+                           "cache (what is left is tracing, which holds the GIL). Shapes the program store holds "
+                           "load from it, with no thread. Not with pipeline stages or several hosts.",
         "async_scheduling": "Prepare step t+1 on the host while the device runs step t.",
         "dispatch_thread": "Launch device work from a second host thread, so the launch cost of a step overlaps "
                            "the engine's Python work (with async scheduling). Default: on for GPUs (measured faster "

@@ -7,8 +7,9 @@ compiled once per token bucket (and a decode-only variant per bucket up to max_n
 decode kernel applies); and `sample(logits, md)` compiled per (rows bucket, sampler flags). Both are
 dispatched asynchronously; the only device->host transfer per step is the sampled ids (and logprobs
 when a request asked for them). `warmup()` compiles every forward bucket before serving, and reports
-what it compiled and how long it took; with the persistent compilation cache a restart reloads
-them. Block copies (copy-on-write) and swaps run before the forward pass. With a
+what it compiled and how long it took; steps of those shapes then call the compiled programs as they
+are, and the program store (program_store.py) keeps them for the next start, which loads them
+without tracing anything. Block copies (copy-on-write) and swaps run before the forward pass. With a
 `parallel.ParallelPlan` the forward is the plan's (shard_map over the tp mesh, stage by stage over
 pp) and each layer's pages carry the plan's sharding. Pipeline stages (several programs) unpack in a
 program of their own (`_unpack`) and then run the plain `forward(params, kv, token_ids, meta,
@@ -192,10 +193,13 @@ def _watch_cache_hits() -> None:
     jax.monitoring.register_event_listener(_note_cache_hit)
 
 
-# Whether a program jax loaded from its persistent cache may be serialized again into the program store. Not on
-# CPU: such a program serialized again loads but fails when run ("NOT_FOUND: Function copy_bitcast_fusion.3 not
-# found", jax 0.11.2); only programs compiled here are stored there, so the store fills at a cold start.
-STORE_CACHE_HITS = {"cpu": False}
+# Whether a program jax loaded from its persistent cache may be serialized again into the program store, so that a
+# start whose store lacks it (a new jaxserve on an old cache) fills the store too. Yes on the GPU: the three starts of
+# scripts/check_program_store.py --store-cache-hits gave the same tokens on an H100 (jax 0.11.2, CUDA 13; docs/
+# PERF.md, session 11). Not on CPU: such a program loads but fails when run ("NOT_FOUND: Function
+# copy_bitcast_fusion.3 not found"), so there only programs compiled in the process are stored. Other platforms:
+# not checked, so not stored.
+STORE_CACHE_HITS = {"cpu": False, "gpu": True}
 
 
 class ModelRunner:
