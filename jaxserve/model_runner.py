@@ -336,7 +336,7 @@ class ModelRunner:
         leaves = [(k, np.shape(v), str(getattr(v, "dtype", type(v).__name__)), str(getattr(v, "sharding", "")))
                   for k, v in jax.tree_util.tree_leaves_with_path(self.params)]
         config = sorted((k, v) for k, v in jax.config.values.items() if isinstance(v, (str, int, float, bool)))
-        env = sorted((k, v) for k, v in os.environ.items() if k.startswith("JAXSERVE_"))
+        env = sorted((k, v) for k, v in os.environ.items() if k.startswith("JAXSERVE_") and k not in _NOT_TRACED)
         return "\0".join([_source_digest(), _versions(), repr(self.arch), repr(self.model), repr(leaves),
                           repr(config), repr(env)])
 
@@ -687,6 +687,12 @@ class ModelRunner:
 # program's text, the fallback when the first key changed but the program did not.
 _ACTIVATION_FILE = "jaxserve_activation_bytes.json"
 _ACTIVATION_VERSION = "1: temp + output - alias bytes"  # change it when the figure's formula changes
+
+
+# JAXSERVE_* variables that no traced program reads (the server's, the cache folders'). Any other one is part of the
+# keys: a knob not listed here costs a miss, never a stale program.
+_NOT_TRACED = frozenset({"JAXSERVE_API_KEY", "JAXSERVE_HOST", "JAXSERVE_GIL_SWITCH_MS", "JAXSERVE_CACHE",
+                         "JAXSERVE_PROGRAM_STORE"})
 
 
 def _source_files() -> list[Path]:

@@ -4,7 +4,7 @@
 # serving_NAME.json to $OUT (and a PNG to /tmp/serving_NAME.png), then the server stopped.
 SERVE_CACHE=${SERVE_CACHE:-/root/.cache/jaxserve/bench_startup}
 serve() {
-  local name=$1 envs=${2:-JAXSERVE_NOOP=1} flags=${3:-} bench_flags=${4:-}
+  local name=$1 envs=${2:-PYTHONUNBUFFERED=1} flags=${3:-} bench_flags=${4:-}
   local t0=$(date +%s)
   env $envs python3 -m jaxserve.serve $M $flags --max-model-len 2048 --port 8011 --compile-cache-dir $SERVE_CACHE \
     --served-model-name llama3-8b > $L/server_$name.log 2>&1 &

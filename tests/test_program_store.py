@@ -114,3 +114,16 @@ def test_prune_keeps_the_most_recently_used(tmp_path):
     assert sorted(f.name for f in tmp_path.glob("*.bin")) == ["a.bin", "d.bin"]
     assert store.load("b") is None and store.misses == 1
     assert store.load(None) is None and store.save(None, object()) is False
+
+
+def test_the_key_follows_tracing_knobs_not_server_settings(monkeypatch):
+    # a JAXSERVE_ variable that may steer tracing changes the key (a miss, never a stale program); the server's own
+    # settings do not (one server run with an API key, one without, share their programs)
+    r = LLM(TINY, **FLAGS, enforce_eager=True).llm_engine.runner
+    key = r._program_key(8, False, 64)
+    assert key is not None and len({key, r._program_key(16, False, 64), r._program_key(8, False, 128)}) == 3
+    monkeypatch.setenv("JAXSERVE_API_KEY", "secret")
+    monkeypatch.setenv("JAXSERVE_HOST", "0.0.0.0")
+    assert r._program_key(8, False, 64) == key
+    monkeypatch.setenv("JAXSERVE_SOME_KERNEL_KNOB", "1")
+    assert r._program_key(8, False, 64) != key
