@@ -199,7 +199,15 @@ def _watch_cache_hits() -> None:
 # PERF.md, session 11). Not on CPU: such a program loads but fails when run ("NOT_FOUND: Function
 # copy_bitcast_fusion.3 not found"), so there only programs compiled in the process are stored. Other platforms:
 # not checked, so not stored.
-STORE_CACHE_HITS = {"cpu": False, "gpu": True}
+STORE_CACHE_HITS = {"cpu": False, "cuda": True}
+
+
+def _runtime_tag() -> str:
+    """STORE_CACHE_HITS' key for this process's devices: "cuda" for NVIDIA GPUs (jax calls ROCm's "gpu" too)."""
+    dev = jax.devices()[0]
+    if dev.platform == "gpu" and "nvidia" in str(getattr(dev, "device_kind", "")).lower():
+        return "cuda"
+    return dev.platform
 
 
 class ModelRunner:
@@ -224,6 +232,7 @@ class ModelRunner:
         self._store: ProgramStore | None = None  # made at the first compile_ahead/warmup (the cache folder is set)
         self._store_made = False
         self._store_tried: set[tuple] = set()
+        self._from_store: dict[tuple, str] = {}  # programs loaded from the store, by id -> their key
 
         def fwd(params, kv, token_ids, meta, logits_indices):
             return model.apply({"params": params}, token_ids, kv, meta, logits_indices)
@@ -348,7 +357,8 @@ class ModelRunner:
                                                    [d.id for d in self.parallel.mesh.devices.flat])
         layout = (T, decode_only, num_blocks, self.max_num_seqs, self.pages_per_seq, self.block_size,
                   str(self.kv_dtype), self.num_kv_heads, self.ids_len, str(self.kv_sharding),
-                  str(self._input_sharding), mesh, [(d.id, d.device_kind) for d in jax.devices()])
+                  str(self._input_sharding), mesh,
+                  [(d.id, d.device_kind, getattr(d, "core_count", None)) for d in jax.devices()])
         return _activation_key("\0".join(["program", self._made_of(), repr(layout)]))
 
     # ---------------------------------------------------------------------------------------- compile
@@ -410,8 +420,8 @@ class ModelRunner:
         from_cache = _compile_tls.hits > 0
         t3 = time.perf_counter()
         self._programs[self._program_id(*shape)] = compiled
-        if store is not None and (not from_cache or STORE_CACHE_HITS.get(jax.devices()[0].platform, False)):
-            store.save(self._program_key(*shape, num_blocks), compiled)
+        if store is not None and (not from_cache or STORE_CACHE_HITS.get(_runtime_tag(), False)):
+            store.save(self._program_key(*shape, num_blocks), self._program_id(*shape), compiled)
         return t2 - t1, t3 - t2
 
     def _load_programs(self, shapes: list, store, num_blocks: int) -> list:
@@ -424,11 +434,13 @@ class ModelRunner:
             compiled = None
             if store is not None and pid not in self._store_tried:  # one try each: compile_ahead, then warmup
                 self._store_tried.add(pid)
-                compiled = store.load(self._program_key(*shape, num_blocks))
+                key = self._program_key(*shape, num_blocks)
+                compiled = store.load(key, pid)
             if compiled is None:
                 missing.append(shape)
             else:
                 self._programs[pid] = compiled
+                self._from_store[pid] = key
         return missing
 
     def compile_ahead(self, num_blocks: int, threads: int) -> float:
@@ -493,12 +505,16 @@ class ModelRunner:
                 if pid not in self._programs:
                     self._compile_program((T, dec), self.kv_caches, store, self.num_blocks)
                 packed, _ = self._dummy_packed(T, dec)
+                kv = self.kv_caches
                 try:
-                    logits, self.kv_caches = self._programs[pid](self.params, self.kv_caches, packed, self._no_prev)
-                except (TypeError, ValueError) as e:  # a stored program that does not take these inputs
-                    log.warning("step program T=%d%s refused its inputs (%s); compiling it", T,
-                                " decode" if dec else "", e)
-                    self._compile_program((T, dec), self.kv_caches, None, self.num_blocks)
+                    logits, new_kv = self._programs[pid](self.params, kv, packed, self._no_prev)
+                    jax.block_until_ready((logits, new_kv))
+                    self.kv_caches = new_kv
+                except Exception as e:
+                    if pid not in self._from_store:
+                        raise
+                    logits = new_kv = None  # a failed run's outputs: let their memory go
+                    self._replace_stored_program((T, dec), pid, kv, store, e)
                     logits, self.kv_caches = self._programs[pid](self.params, self.kv_caches, packed, self._no_prev)
             else:
                 fn, args, kw = self._warm_call(T, dec, self.kv_caches)
@@ -519,6 +535,22 @@ class ModelRunner:
         if (st := mosaic_cache.stats())["hits"] or st["misses"]:
             log.info("Mosaic GPU kernel lowerings: %d from the lowering cache, %d lowered", st["hits"], st["misses"])
         return dt
+
+    def _replace_stored_program(self, shape: tuple, pid: tuple, kv, store, error: Exception) -> None:
+        """A program loaded from the store failed in its warm-up run on `kv` (refused its inputs, or failed on the
+        device): drop the file, so that no later start loads it either; give the KV cache new pages where the
+        failed run took them (donated; nothing is cached in them yet); compile the program here. Not stored
+        again by this process: what made the stored one fail may hold for this one too."""
+        log.warning("stored step program T=%d%s failed in its warm-up run (%s: %s); dropping it and compiling",
+                    shape[0], " decode" if shape[1] else "", type(error).__name__, error)
+        store.discard(self._from_store.pop(pid))
+        del self._programs[pid]
+        self.kv_caches = kv
+        if any(x.is_deleted() for x in jax.tree.leaves(kv)):
+            self.kv_caches = kv = None  # free the failed run's pages before allocating new ones
+            self.kv_caches = kv_cache.allocate(self.arch, self.num_blocks, self.block_size, self.kv_dtype,
+                                               self.kv_sharding, self.num_kv_heads)
+        self._compile_program(shape, self.kv_caches, None, self.num_blocks)
 
     def _warmup_step_helpers(self) -> None:
         """Compile the small per-step programs too: `_unpack` per token bucket where steps do not unpack in the

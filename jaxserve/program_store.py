@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import time
 from pathlib import Path
 
 import jax
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 FOLDER = "jaxserve_programs"
 MAX_BYTES = 4 << 30  # the least recently used programs go first past this (an 8B model's 17 steps: ~90 MB)
-_FORMAT = 1  # change it when what a file holds changes
+_FORMAT = 2  # change it when what a file holds changes
+_STALE_TMP_S = 3600.0  # a half-written file this old belongs to a writer that died
 
 
 class ProgramStore:
@@ -37,9 +39,10 @@ class ProgramStore:
 
     @classmethod
     def beside_compile_cache(cls) -> ProgramStore | None:
-        """The store in jax's compilation cache folder; None where there is none, or it cannot be made."""
+        """The store in jax's compilation cache folder; None where jax keeps no cache, or it cannot be made."""
         cache_dir = jax.config.jax_compilation_cache_dir
-        if not cache_dir or os.environ.get("JAXSERVE_PROGRAM_STORE", "1") == "0":
+        if (not cache_dir or not jax.config.jax_enable_compilation_cache
+                or os.environ.get("JAXSERVE_PROGRAM_STORE", "1") == "0"):
             return None
         try:
             return cls(Path(cache_dir) / FOLDER)
@@ -50,8 +53,19 @@ class ProgramStore:
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}.bin"
 
-    def load(self, key: str | None):
-        """The jax.stages.Compiled stored under key, loaded onto this process's devices; None on a miss."""
+    def discard(self, key: str | None) -> None:
+        """Drop a stored program (one that does not load or does not run), so that the next start compiles it."""
+        if key is not None:
+            try:
+                self._path(key).unlink(missing_ok=True)
+            except OSError:  # a folder this process may not write: the file stays, a miss each time
+                pass
+
+    def load(self, key: str | None, shape: tuple):
+        """The jax.stages.Compiled stored under key for step shape `shape`, loaded onto the devices it was compiled
+        for; None on a miss. A file under another key or for another shape (a copied or mixed-up file) is a miss:
+        padded inputs of several buckets have the same length, so such a program could run and give wrong
+        tokens."""
         if key is None:
             return None
         path = self._path(key)
@@ -62,9 +76,11 @@ class ProgramStore:
             return None
         from jax.experimental import serialize_executable
         try:
-            fmt, payload, in_tree, out_tree, device_ids = pickle.loads(data)
+            fmt, stored_key, stored_shape, payload, in_tree, out_tree, device_ids = pickle.loads(data)
             if fmt != _FORMAT:
                 raise ValueError(f"format {fmt}, not {_FORMAT}")
+            if stored_key != key or tuple(stored_shape) != tuple(shape):
+                raise ValueError(f"stored for {stored_shape} under another key, not for {shape}")
             by_id = {d.id: d for d in jax.devices()}
             if any(i not in by_id for i in device_ids):
                 raise ValueError(f"devices {device_ids} are not all here")
@@ -72,9 +88,11 @@ class ProgramStore:
             # 2 devices in a process of 8 aborts the process in XLA's loader (seen on CPU, jax 0.11).
             compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
                                                                  execution_devices=[by_id[i] for i in device_ids])
+        except MemoryError:
+            raise
         except Exception as e:  # noqa: BLE001 - any broken or foreign file is a miss; the step compiles instead
             log.warning("stored step program %s not loaded (%s: %s); compiling it", path.name, type(e).__name__, e)
-            path.unlink(missing_ok=True)  # once: a program compiled now takes its place where it can be stored
+            self.discard(key)  # once: a program compiled now takes its place where it can be stored
             self.misses += 1
             return None
         try:
@@ -84,7 +102,7 @@ class ProgramStore:
         self.hits += 1
         return compiled
 
-    def save(self, key: str | None, compiled) -> bool:
+    def save(self, key: str | None, shape: tuple, compiled) -> bool:
         """Store a compiled program under key (atomically: a reader never sees half a file). False where the
         runtime cannot serialize it or the folder cannot be written; serving goes on either way."""
         if key is None:
@@ -93,7 +111,7 @@ class ProgramStore:
         try:
             device_ids = [d.id for d in compiled._executable._unloaded_executable.device_list]
             payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-            data = pickle.dumps((_FORMAT, payload, in_tree, out_tree, device_ids))
+            data = pickle.dumps((_FORMAT, key, tuple(shape), payload, in_tree, out_tree, device_ids))
         except Exception as e:  # noqa: BLE001 - e.g. a program with closed-over constants, a runtime without it
             log.info("step program not kept for the next start: %s: %s", type(e).__name__, e)
             return False
@@ -102,26 +120,36 @@ class ProgramStore:
         try:
             tmp.write_bytes(data)
             os.replace(tmp, path)
+            self.prune()
         except OSError as e:
             log.warning("step program not kept for the next start: %s", e)
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             return False
         self.saved += 1
-        self.prune()
         return True
 
     def prune(self) -> None:
-        """Delete the least recently used programs until the folder holds at most max_bytes."""
-        files = []
-        for f in self.dir.glob("*.bin"):
+        """Delete the least recently used programs until the folder holds at most max_bytes, and half-written
+        files that a writer which died left behind."""
+        files, now = [], time.time()
+        for f in self.dir.iterdir():
             try:
                 st = f.stat()
-            except OSError:  # deleted meanwhile by another process
+                if f.name.startswith(".") and now - st.st_mtime > _STALE_TMP_S:
+                    f.unlink(missing_ok=True)
+                elif f.suffix == ".bin":
+                    files.append((st.st_mtime, st.st_size, f))
+            except OSError:  # deleted meanwhile by another process, or not ours to delete
                 continue
-            files.append((st.st_mtime, st.st_size, f))
         total = sum(size for _, size, _ in files)
         for _, size, f in sorted(files, key=lambda x: x[0]):
             if total <= self.max_bytes:
                 break
-            f.unlink(missing_ok=True)
+            try:
+                f.unlink(missing_ok=True)
+            except OSError:
+                continue
             total -= size

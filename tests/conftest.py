@@ -22,10 +22,16 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The program store (jaxserve/program_store.py) is off in the tests: they share one compilation cache folder, and
+# tests that count compiles or traces must not find programs that an earlier test (or an earlier run of the suite)
+# stored there. tests/test_program_store.py turns it on, each test with a cache folder of its own.
+os.environ["JAXSERVE_PROGRAM_STORE"] = "0"
 
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "tiny"

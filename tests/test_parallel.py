@@ -145,6 +145,7 @@ out["tp_inputs"] = {"replicated": r._input_sharding == r.parallel.replicated[0],
 import tempfile
 from jaxserve.model_runner import ModelRunner
 from jax.experimental.compilation_cache import compilation_cache
+os.environ["JAXSERVE_PROGRAM_STORE"] = "1"  # off in the tests (conftest.py), on here with a folder of its own
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp())
 compilation_cache.reset_cache()  # jax opens its cache folder once: this one from now on
 store = {}

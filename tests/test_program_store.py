@@ -19,16 +19,21 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
 @pytest.fixture
-def cache_dir(tmp_path):
+def cache_dir(tmp_path, monkeypatch):
+    """A compilation cache folder of this test's own, with the store on (conftest turns it off), and every program
+    kept by jax's cache whatever its compile time (so "was it a cache hit" never depends on this machine's speed)."""
     from jax.experimental.compilation_cache import compilation_cache
 
     from jaxserve.platform import init_platform
     init_platform(quiet=True)  # first: it points jax at the default folder, once per process
-    old = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("JAXSERVE_PROGRAM_STORE", "1")
+    old = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     compilation_cache.reset_cache()  # jax opens its cache folder once: this one from now on
     yield tmp_path
-    jax.config.update("jax_compilation_cache_dir", old)
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
     compilation_cache.reset_cache()
 
 
@@ -82,7 +87,7 @@ def test_a_program_that_jax_loaded_from_its_cache_is_not_stored_on_cpu(cache_dir
     _, _, toks1 = _start(monkeypatch, compile_threads=1)
     for f in (cache_dir / "jaxserve_programs").glob("*.bin"):
         f.unlink()
-    llm, traced, toks = _start(monkeypatch, compile_threads=1)  # jax's cache has them (min compile time 0.5 s)
+    llm, traced, toks = _start(monkeypatch, compile_threads=1)  # jax's cache has them
     st = llm.llm_engine.runner._store
     assert traced and st.saved == 0 and st.hits == 0 and toks == toks1
     assert list((cache_dir / "jaxserve_programs").glob("*.bin")) == []
@@ -90,30 +95,68 @@ def test_a_program_that_jax_loaded_from_its_cache_is_not_stored_on_cpu(cache_dir
     assert traced3 and toks3 == toks1
 
 
-def test_no_store_without_a_compilation_cache_or_when_turned_off(monkeypatch, tmp_path):
-    old = jax.config.jax_compilation_cache_dir
+def test_no_store_without_a_compilation_cache_or_when_turned_off(cache_dir, monkeypatch):
+    assert ProgramStore.beside_compile_cache().dir == cache_dir / "jaxserve_programs"
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert ProgramStore.beside_compile_cache() is None
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    jax.config.update("jax_enable_compilation_cache", False)  # jax keeps no cache: neither do we
     try:
-        jax.config.update("jax_compilation_cache_dir", None)
-        assert ProgramStore.beside_compile_cache() is None
-        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
-        assert ProgramStore.beside_compile_cache().dir == tmp_path / "jaxserve_programs"
-        monkeypatch.setenv("JAXSERVE_PROGRAM_STORE", "0")
         assert ProgramStore.beside_compile_cache() is None
     finally:
-        jax.config.update("jax_compilation_cache_dir", old)
+        jax.config.update("jax_enable_compilation_cache", True)
+    assert ProgramStore.beside_compile_cache() is not None
+    monkeypatch.setenv("JAXSERVE_PROGRAM_STORE", "0")
+    assert ProgramStore.beside_compile_cache() is None
 
 
 def test_prune_keeps_the_most_recently_used(tmp_path):
     import os
+    import time
     store = ProgramStore(tmp_path, max_bytes=250)
     for i, name in enumerate("abcd"):
         (tmp_path / f"{name}.bin").write_bytes(b"x" * 100)
         os.utime(tmp_path / f"{name}.bin", (1000 + i, 1000 + i))
     os.utime(tmp_path / "a.bin", (2000, 2000))  # used last
+    for name, age in ((".a.bin.1.dead", 7200), (".b.bin.2.live", 10)):  # half-written: a dead writer's, a live one's
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (time.time() - age,) * 2)
     store.prune()
-    assert sorted(f.name for f in tmp_path.glob("*.bin")) == ["a.bin", "d.bin"]
-    assert store.load("b") is None and store.misses == 1
-    assert store.load(None) is None and store.save(None, object()) is False
+    assert sorted(f.name for f in tmp_path.iterdir()) == [".b.bin.2.live", "a.bin", "d.bin"]
+    assert store.load("b", (8,)) is None and store.misses == 1
+    assert store.load(None, (8,)) is None and store.save(None, (8,), object()) is False
+
+
+def test_a_program_stored_for_another_shape_is_not_loaded(cache_dir, monkeypatch):
+    # Buckets up to 64 tokens have packed inputs of one length here, so T=8's program would take T=16's inputs and
+    # give wrong tokens: the file says which shape it is for, and a file copied over another key is a miss.
+    _, _, toks1 = _start(monkeypatch, compile_threads=1)
+    llm = LLM(TINY, **FLAGS, enforce_eager=True)
+    r = llm.llm_engine.runner
+    path = lambda T: cache_dir / "jaxserve_programs" / f"{r._program_key(T, False, 64)}.bin"  # noqa: E731
+    path(16).write_bytes(path(8).read_bytes())
+    llm, traced, toks = _start(monkeypatch, compile_threads=1)
+    assert traced == [(16, False)] and llm.llm_engine.runner._store.misses == 1 and toks == toks1
+
+
+def test_a_stored_program_that_fails_when_run_is_dropped_and_compiled(cache_dir, monkeypatch, caplog):
+    # Forced on CPU: programs jax loaded from its cache, serialized again, load and then fail on the device. The
+    # warm-up runs each loaded program: one that fails is dropped, its pages replaced, and compiled; serving
+    # goes on with the right tokens, and the next start does not find the bad file.
+    from jaxserve import model_runner
+    _, _, toks1 = _start(monkeypatch, compile_threads=1)
+    for f in (cache_dir / "jaxserve_programs").glob("*.bin"):
+        f.unlink()
+    monkeypatch.setitem(model_runner.STORE_CACHE_HITS, "cpu", True)
+    llm, _, _ = _start(monkeypatch, compile_threads=1)  # from jax's cache, stored again: broken on CPU
+    n = llm.llm_engine.runner._store.saved
+    assert n == 3
+    monkeypatch.setitem(model_runner.STORE_CACHE_HITS, "cpu", False)
+    with caplog.at_level("WARNING", logger="jaxserve"):
+        llm, traced, toks = _start(monkeypatch, compile_threads=1)
+    assert caplog.text.count("failed in its warm-up run") == n and len(traced) == n and toks == toks1
+    assert list((cache_dir / "jaxserve_programs").glob("*.bin")) == []
+    assert llm.llm_engine.runner._from_store == {}
 
 
 def test_the_key_follows_tracing_knobs_not_server_settings(monkeypatch):
