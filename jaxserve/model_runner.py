@@ -200,6 +200,8 @@ def _watch_cache_hits() -> None:
 # copy_bitcast_fusion.3 not found"), so there only programs compiled in the process are stored. Other platforms:
 # not checked, so not stored.
 STORE_CACHE_HITS = {"cpu": False, "cuda": True}
+# Threads loading stored programs at start-up (deserializing runs in XLA, outside Python's GIL).
+LOAD_THREADS = 4
 
 
 def _runtime_tag() -> str:
@@ -425,23 +427,27 @@ class ModelRunner:
         return t2 - t1, t3 - t2
 
     def _load_programs(self, shapes: list, store, num_blocks: int) -> list:
-        """Load what the program store holds of `shapes` into `_programs`; returns the shapes it lacks."""
-        missing = []
+        """Load what the program store holds of `shapes` into `_programs`, from LOAD_THREADS threads; returns the
+        shapes it lacks."""
+        todo, missing = [], []
         for shape in shapes:
             pid = self._program_id(*shape)
             if pid in self._programs:
                 continue
-            compiled = None
             if store is not None and pid not in self._store_tried:  # one try each: compile_ahead, then warmup
                 self._store_tried.add(pid)
-                key = self._program_key(*shape, num_blocks)
-                compiled = store.load(key, pid)
+                todo.append((shape, pid, self._program_key(*shape, num_blocks)))
+            else:
+                missing.append(shape)
+        with ThreadPoolExecutor(max(1, min(LOAD_THREADS, len(todo))), thread_name_prefix="jaxserve-load") as pool:
+            loaded = list(pool.map(lambda t: store.load(t[2], t[1]), todo))
+        for (shape, pid, key), compiled in zip(todo, loaded):
             if compiled is None:
                 missing.append(shape)
             else:
                 self._programs[pid] = compiled
                 self._from_store[pid] = key
-        return missing
+        return sorted(missing, key=shapes.index)  # in the order asked (compile_ahead: the largest first)
 
     def compile_ahead(self, num_blocks: int, threads: int) -> float:
         """Make every step shape's program for a KV cache of num_blocks pages, before that cache is allocated.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +36,12 @@ class ProgramStore:
         self.dir = Path(directory)
         self.max_bytes = max_bytes
         self.hits = self.misses = self.saved = 0
+        self._lock = threading.Lock()  # the counters: loads and saves come from several threads
         self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
 
     @classmethod
     def beside_compile_cache(cls) -> ProgramStore | None:
@@ -72,7 +78,7 @@ class ProgramStore:
         try:
             data = path.read_bytes()
         except OSError:
-            self.misses += 1
+            self._count("misses")
             return None
         from jax.experimental import serialize_executable
         try:
@@ -93,13 +99,13 @@ class ProgramStore:
         except Exception as e:  # noqa: BLE001 - any broken or foreign file is a miss; the step compiles instead
             log.warning("stored step program %s not loaded (%s: %s); compiling it", path.name, type(e).__name__, e)
             self.discard(key)  # once: a program compiled now takes its place where it can be stored
-            self.misses += 1
+            self._count("misses")
             return None
         try:
             os.utime(path)  # recently used: kept longest (prune)
         except OSError:
             pass
-        self.hits += 1
+        self._count("hits")
         return compiled
 
     def save(self, key: str | None, shape: tuple, compiled) -> bool:
@@ -128,7 +134,7 @@ class ProgramStore:
             except OSError:
                 pass
             return False
-        self.saved += 1
+        self._count("saved")
         return True
 
     def prune(self) -> None:

@@ -45,12 +45,15 @@ KV_WRITE_BLOCKS = 65536  # 8 kv heads x 16 slots x 128 x bf16 = 32 KiB a block: 
 KV_WRITES_PER_CALL = 32  # one jitted call writes 32 times (a forward pass's layers); see _chained_writes
 
 
+TIMING_ROUNDS = 5  # --smoke: 1 (interpreted kernels' times mean nothing, and each call takes seconds)
+
+
 def time_fn(fn, *args, repeats: int) -> float:
-    """Seconds per call: one uncounted warm-up, then the median of 5 rounds of `repeats` back-to-back calls
-    (dispatch is asynchronous, so launches queue and the host's per-call overhead stays out of the figure)."""
+    """Seconds per call: one uncounted warm-up, then the median of TIMING_ROUNDS rounds of `repeats` back-to-back
+    calls (dispatch is asynchronous, so launches queue and the host's per-call overhead stays out of the figure)."""
     jax.block_until_ready(fn(*args))
     rounds = []
-    for _ in range(5):
+    for _ in range(TIMING_ROUNDS):
         t0 = time.perf_counter()
         for _ in range(repeats):
             out = fn(*args)
@@ -70,7 +73,7 @@ def time_chained(fn, q, k, v, tables, lens, *, n: int, repeats: int) -> float:
 
     def chained(qs, k, v, k2, v2, tables, lens):
         return [fn(qi, *((k, v) if i % 2 == 0 else (k2, v2)), tables, lens) for i, qi in enumerate(qs)]
-    sec = time_fn(jax.jit(chained), qs, k, v, k2, v2, tables, lens, repeats=max(2, repeats // 4)) / n
+    sec = time_fn(jax.jit(chained), qs, k, v, k2, v2, tables, lens, repeats=max(min(repeats, 2), repeats // 4)) / n
     del k2, v2
     return sec
 
@@ -548,7 +551,9 @@ def main():
     args.q_heads, args.kv_heads, args.head_dim = HQ, HKV, D
     if args.smoke:
         args.q_heads, args.kv_heads, args.head_dim = 8, 2, 64
-        args.batches, args.ctxs, args.repeats = [1, 3], [40, 64], min(args.repeats, 2)
+        args.batches, args.ctxs, args.repeats = [1, 3], [40, 64], 1
+        global TIMING_ROUNDS
+        TIMING_ROUNDS = 1
         args.chain = min(args.chain, 2)
         args.sweep_cells = [(3, 64)]
         args.prefill_cases = {"prompts": ([0, 0], [24, 17]), "mixed": ([0, 33, 20, 20], [16, 8, 1, 1])}
