@@ -58,10 +58,31 @@ def make_loop(runner, n: int):
     return jax.jit(loop, donate_argnums=(1,), static_argnames=("T", "B", "P", "S", "decode_only"))
 
 
-def time_loop(runner, call, n: int, calls: int) -> dict:
+def make_step(runner, output: str):
+    """One step as its own jitted program, no loop: output "logits" (what the engine's step returns) or "tokens"
+    (their argmax, as a step with its sampling inside would return)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.model_runner import _step_inputs, _unpack_fn
+    fwd = _step_fn(runner)
+
+    def step_logits(params, kv, packed, prev, *, T, B, P, S, decode_only):
+        tok, meta, li = _step_inputs(_unpack_fn(packed, prev, T=T, B=B, P=P, S=S), decode_only)
+        return fwd(params, kv, tok, meta, li)
+
+    def step_tokens(params, kv, packed, prev, *, T, B, P, S, decode_only):
+        logits, kv = step_logits(params, kv, packed, prev, T=T, B=B, P=P, S=S, decode_only=decode_only)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), kv
+    fn = step_logits if output == "logits" else step_tokens
+    return jax.jit(fn, donate_argnums=(1,), static_argnames=("T", "B", "P", "S", "decode_only"))
+
+
+def time_loop(runner, call, n: int, calls: int, variant: str = "loop") -> dict:
+    """variant "loop": n steps in one fori_loop; "logits"/"tokens": make_step's one step (n must be 1)."""
     import jax
     fn, (packed, prev, dims, decode_only) = call
-    loop = make_loop(runner, n)
+    loop = make_loop(runner, n) if variant == "loop" else make_step(runner, variant)
     t0 = time.perf_counter()
     tok, runner.kv_caches = loop(runner.params, runner.kv_caches, packed, prev, **dims, decode_only=decode_only)
     jax.block_until_ready(tok)
@@ -72,9 +93,9 @@ def time_loop(runner, call, n: int, calls: int) -> dict:
     t1 = time.perf_counter()
     jax.block_until_ready((tok, runner.kv_caches))
     t2 = time.perf_counter()
-    res = {"n": n, "calls": calls, "step_ms": (t2 - t0) / (calls * n) * 1e3,
+    res = {"variant": variant, "n": n, "calls": calls, "step_ms": (t2 - t0) / (calls * n) * 1e3,
            "enqueue_ms_per_call": (t1 - t0) / calls * 1e3, "compile_s": compile_s}
-    print(f"  loop {n:3d}: {res['step_ms']:.3f} ms per step, enqueue {res['enqueue_ms_per_call']:.2f} ms per call "
+    print(f"  {variant} {n:3d}: {res['step_ms']:.3f} ms per step, enqueue {res['enqueue_ms_per_call']:.2f} ms per call "
           f"({calls} calls; compiled in {compile_s:.1f} s)", flush=True)
     return res
 
@@ -85,6 +106,8 @@ def main() -> None:
     EngineArgs.add_cli_args(p)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     p.add_argument("--loop-steps", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--step-variants", nargs="*", default=[], choices=["logits", "tokens"],
+                   help="also time one step as a program of its own returning its logits, or their argmax")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=64, help="decode steps timed per row (engine replay and loops)")
     p.add_argument("--output-json", default=None)
@@ -125,6 +148,7 @@ def main() -> None:
         row = {"batch": b, "dims": args[2]}
         row["engine_step"] = replay_forward(eng, (fn, args), ns.steps)
         row["loops"] = [time_loop(runner, last["call"], n, max(2, ns.steps // n)) for n in ns.loop_steps]
+        row["steps"] = [time_loop(runner, last["call"], 1, ns.steps, v) for v in ns.step_variants]
         results["rows"].append(row)
         for rid in list(eng.groups):
             eng.abort_request(rid)
