@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Session 12, one 2-GPU call (after scripts/gpu_setup.sh): why the engine's TP=2 step enqueues slower than a one-step
 # program of bench_multistep.py. The same forward as four programs (the engine's step; a step returning logits; a
-# step returning their argmax; a one-iteration loop), batch 1 and 64, TP=2 twice (run-to-run) and TP=1, thunk
+# step returning their argmax; a one-iteration loop), batch 1 and 64, at TP=2 (also with XLA's collective kernels asked
+# into command buffers, +COLLECTIVES_KERNEL) and TP=1, thunk
 # sequences dumped to count command buffers.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -17,7 +18,12 @@ XLA_FLAGS="--xla_dump_to=/tmp/dumpA --xla_dump_hlo_as_text --xla_dump_hlo_module
   run tp2_a 130 $M --tensor-parallel-size 2 --output-json $OUT/tp2_a.json
 for f in /tmp/dumpA/*thunk_sequence_after_thunk_passes*; do
   echo "$(basename $f | cut -c1-80): $(grep -c kCommandBuffer $f) command buffers, $(grep -c -E 'kAllReduce|kCollectiveKernel|kAllGather' $f) collective thunks, $(grep -c -E '^[0-9]+: ' $f) top-level thunks"; done
-run tp2_b 110 $M --tensor-parallel-size 2 --output-json $OUT/tp2_b.json
+# XLA's collective kernels inside command buffers (a command type of newer XLAs; an unknown name fails at start-up)
+XLA_FLAGS="--xla_gpu_enable_command_buffer=+COLLECTIVES,+COLLECTIVES_KERNEL --xla_dump_to=/tmp/dumpC --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*(packed_fwd|step_).*" \
+  run tp2_ck 130 $M --tensor-parallel-size 2 --output-json $OUT/tp2_ck.json
+for f in /tmp/dumpC/*thunk_sequence_after_thunk_passes*; do
+  echo "$(basename $f | cut -c1-80): $(grep -c kCommandBuffer $f) command buffers, $(grep -c -E '^[0-9]+: ' $f) top-level thunks"; done
 run tp1 100 $M --output-json $OUT/tp1.json
-(cd /tmp && tar czf $OUT/dump49.tgz $(ls -d dumpA/*thunk_sequence_after* 2>/dev/null | head -12))
+run tp2_b 110 $M --tensor-parallel-size 2 --output-json $OUT/tp2_b.json
+(cd /tmp && tar czf $OUT/dump49.tgz $(ls -d dumpA/*thunk_sequence_after* dumpC/*thunk_sequence_after* 2>/dev/null | head -16))
 tar czf $OUT/logs49.tgz -C /tmp logs49
