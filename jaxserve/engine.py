@@ -228,10 +228,15 @@ class LLMEngine:
         self.stats_counters["last_step_tokens"] = batch.num_tokens
         self.stats_counters["num_steps"] += 1
 
+        fused = runner.fuses_sampling(fwd_in, smp_in)
+
         def device_work(prev):
             # prev: the step in flight's sampled ids, which placeholders in this batch stand for (None when
             # that step sampled nothing, every row mid-prefill).
             runner.run_block_ops(out)
+            if fused:  # tensor parallel: forward and sampling in one program
+                with _annotate("jaxserve.dispatch_forward"):
+                    return runner.launch_sampled(fwd_in, smp_in, prev.token_ids if prev is not None else None), None
             with _annotate("jaxserve.dispatch_forward"):
                 logits, all_logits = runner.launch_forward(fwd_in, prev.token_ids if prev is not None else None)
             with _annotate("jaxserve.dispatch_sample"):

@@ -130,6 +130,38 @@ def _sample_packed(logits, packed, *, treedef, layout, ids_len: int):
     return out.replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
 
 
+def sampled_forward(forward, ids_sharding=None):
+    """forward(params, kv, token_ids, meta, li) -> (logits, kv) as one jitted program that unpacks the step's inputs,
+    runs the forward and samples: -> (SamplerOutput, kv). `packed` holds the step's packed inputs followed by the
+    sampling metadata's (pack_metadata). Under tensor parallelism, returning the step's replicated f32 logits and
+    sampling them in a program of its own cost 0.6-1.3 ms more host enqueue per step than returning the sampled
+    ids (2 x H200, docs/PERF.md session 12), and the ids then had to be copied back to the mesh for the next step."""
+    def fwd_sample(params, kv, packed, prev_sampled, *, T: int, B: int, P: int, S: int, decode_only: bool, treedef,
+                   layout, ids_len: int):
+        n = _packed_offsets(T, B, P, S)[1]
+        unpacked = _unpack_fn(packed[:n], prev_sampled, T=T, B=B, P=P, S=S)
+        logits, kv = forward(params, kv, *_step_inputs(unpacked, decode_only))
+        out = _sample_packed(logits, packed[n:], treedef=treedef, layout=layout, ids_len=ids_len)
+        if ids_sharding is not None:  # placed as the next step's prev_sampled is: one compiled program serves both
+            out = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, ids_sharding), out)
+        return out, kv
+
+    return jax.jit(fwd_sample, donate_argnums=(1,),
+                   static_argnames=("T", "B", "P", "S", "decode_only", "treedef", "layout", "ids_len"))
+
+
+def fused_sampling_default() -> bool:
+    """JAXSERVE_FUSED_SAMPLING=0 keeps sampling in a program of its own under tensor parallelism (an A/B switch)."""
+    return os.environ.get("JAXSERVE_FUSED_SAMPLING", "1") != "0"
+
+
+def _fusable(md) -> bool:
+    """Sampler variants a fused step serves: those whose metadata widths do not grow with the requests' token lists
+    (penalties, logit_bias and min_tokens do), so a few compiled programs per step shape cover them."""
+    f = md.flags
+    return not (f.penalties or f.logit_bias or f.min_tokens)
+
+
 def _pack_step(token_ids, meta, li, fill_dst=None, fill_src=None) -> tuple:
     """One host->device transfer for all of a step's int32 inputs (seven small copies cost ms on a GPU)
     -> (packed i32, laid out by _packed_offsets; dims T, B, P, S). meta: an InputBatch or AttentionMetadata (the
@@ -275,6 +307,9 @@ class ModelRunner:
         # Tests set it False to compare the two routes.
         self.fuse_unpack = self.device_inputs and (parallel is None or parallel.pp == 1)
         self._packed_forward = None
+        self._sampled_forward = None  # forward + sampling in one program (tensor parallel, see below)
+        self.fused_steps = 0  # steps run through it
+        self.compile_threads = 1  # compile_ahead's
         if self.fuse_unpack and parallel is None:
             self._packed_forward = packed_forward(fwd)
         elif self.fuse_unpack:  # tensor parallel: the one stage's shard_map'd step, logits trimmed to the vocab
@@ -284,6 +319,10 @@ class ModelRunner:
                 return stage(params[0], kv, token_ids, meta, li)
 
             self._packed_forward = packed_forward(tp_fwd)
+            # Tensor parallel: small steps sample inside the step's program (sampled_forward), their ids stay on
+            # the mesh for the next step. Compiled at warm-up for greedy and plain random sampling.
+            if fused_sampling_default():
+                self._sampled_forward = sampled_forward(tp_fwd, self._input_sharding)
 
     # ----------------------------------------------------------------------------------------- memory
     def allocate_kv(self, num_blocks: int, num_host_blocks: int = 0) -> None:
@@ -459,6 +498,7 @@ class ModelRunner:
         8 threads, session 6); with one thread warmup() compiles them instead. Pipeline stages are several
         programs, each fed by the last, and multi-host runs compile in lock-step: both compile one by one in
         warmup() (neither runs the fused step, the one program made here). Returns seconds."""
+        self.compile_threads = threads  # the fused forward + sampling (_warmup_sampled_forward) compiles from these
         if not self.fuse_unpack:
             return 0.0
         t0 = time.perf_counter()
@@ -576,6 +616,41 @@ class ModelRunner:
             for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
                 jax.block_until_ready(self.launch_sample(logits, pack_metadata(
                     sampler.SamplingMetadata.build([(params, [1], [], 0)], pad_to=S))))
+        if self._sampled_forward is not None:
+            self._warmup_sampled_forward()
+
+    def _warmup_sampled_forward(self) -> None:
+        """Compile the fused forward + sampling of every shape that takes it, for greedy and plain random sampling
+        (the variants the server's defaults give), each fed by the previous step's ids as real steps are."""
+        from jaxserve.sampling_params import SamplingParams
+        t0 = time.perf_counter()
+        calls = []
+        for T, dec in self._warm_shapes():
+            if not self._fused_shape(T, dec):
+                continue
+            meta, ids, li = self._dummy_inputs(T, dec)
+            packed, dims = _pack_step(ids, meta, li)
+            fwd_in = ("packed", [(packed, dims)], None, dec, None, False)
+            for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
+                md = sampler.SamplingMetadata.build([(params, [1], [], 0)], pad_to=dims["S"])
+                calls.append((fwd_in, pack_metadata(md) + (True,)))
+        if self.compile_threads > 1 and len(calls) > 1 and jax.config.jax_enable_compilation_cache:
+            # compiled from threads into the persistent cache (XLA compiles with the GIL released); the runs below
+            # then trace and load them
+            def compile_one(call):
+                (_, [(packed, dims)], _, dec, _, _), (smp, treedef, layout, _) = call
+                buf = jax.device_put(np.concatenate([packed, smp]), self._input_sharding)
+                self._sampled_forward.lower(self.params, self.kv_caches, buf, self._no_prev, **dims, decode_only=dec,
+                                            treedef=treedef, layout=layout, ids_len=self.ids_len).compile()
+            with ThreadPoolExecutor(min(self.compile_threads, len(calls)), thread_name_prefix="jaxserve-compile") as p:
+                list(p.map(compile_one, calls))
+        for fwd_in, smp_in in calls:
+            out = self.launch_sampled(fwd_in, smp_in)
+            out = self.launch_sampled(fwd_in, smp_in, out.token_ids)  # as a placeholder-filling step
+            jax.block_until_ready(out)
+        self.fused_steps = 0
+        log.info("compiled the forward with its sampling for %d (shape, sampler) pairs in %.1f s", len(calls),
+                 time.perf_counter() - t0)
 
     # ------------------------------------------------------------------------------------------- step
     def prepare(self, sched_out) -> InputBatch:
@@ -672,6 +747,35 @@ class ModelRunner:
             return logits[:n_sampled], logits
         return logits, None
 
+    def _fused_shape(self, T: int, decode_only: bool) -> bool:
+        """Step shapes that sample inside their program when sampled_forward is on: the decode steps (any step up to
+        max_num_seqs tokens where one program serves decode and prefill), where the host's per-step cost shows."""
+        return T <= max(self.max_num_seqs, self.token_buckets[0]) and (
+            decode_only or not self.model.backend.has_decode_kernel)
+
+    def fuses_sampling(self, fwd_in: tuple, smp_in) -> bool:
+        """Whether this step's forward and sampling run as one program (launch_sampled)."""
+        if self._sampled_forward is None or not self.fuse_unpack or smp_in is None or fwd_in[0] != "packed":
+            return False
+        packs, rows, decode_only, n_sampled, _ = fwd_in[1:]
+        return rows is None and n_sampled is None and smp_in[3] and self._fused_shape(packs[0][1]["T"], decode_only)
+
+    def launch_sampled(self, fwd_in: tuple, smp_in: tuple, prev_sampled=None):
+        """Dispatch a step's forward and its sampling as one program (fuses_sampling) -> SamplerOutput of device
+        arrays, replicated over the mesh, where the next step reads its placeholders from."""
+        packs, _, decode_only, _, has_placeholder = fwd_in[1:]
+        if has_placeholder and prev_sampled is None:
+            raise RuntimeError("a placeholder token with no step in flight to fill it")
+        (packed, dims), = packs
+        smp, treedef, layout, _ = smp_in
+        prev = self._no_prev if prev_sampled is None else jax.device_put(prev_sampled, self._input_sharding)
+        buf = jax.device_put(np.concatenate([packed, smp]), self._input_sharding)  # one transfer for both
+        out, self.kv_caches = self._sampled_forward(self.params, self.kv_caches, buf, prev, **dims,
+                                                    decode_only=decode_only, treedef=treedef, layout=layout,
+                                                    ids_len=self.ids_len)
+        self.fused_steps += 1
+        return out
+
     def sample_inputs(self, batch: InputBatch, seeds: list[int]):
         """The host half of sampling (`launch_sample` is the device half): the sampling metadata, packed
         into one buffer on a single device."""
@@ -679,12 +783,12 @@ class ModelRunner:
         rows = [(r.request.sampling_params, r.request.prompt_token_ids, r.request.output_token_ids, seed)
                 for r, seed in zip(batch.rows, seeds)]
         md = sampler.SamplingMetadata.build(rows, pad_to=len(batch.logits_indices))
-        return pack_metadata(md) if self.device_inputs else md
+        return pack_metadata(md) + (_fusable(md),) if self.device_inputs else md
 
     def launch_sample(self, logits, inputs):
         if not self.device_inputs:
             return self._sample(logits, inputs)
-        packed, treedef, layout = inputs
+        packed, treedef, layout = inputs[:3]
         return _sample_packed(logits, jax.device_put(packed, self.logits_device), treedef=treedef, layout=layout,
                               ids_len=self.ids_len)
 

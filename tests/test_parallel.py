@@ -96,6 +96,26 @@ for tp in (1, 2):
         key = f"{tp}x1/{'fused' if fuse else 'unfused'}"
         out["tokens"][key] = tokens(llm, prompts + [list(range(3, 60)), [9] * 20])
         out.setdefault("packed_programs", {})[key] = r._packed_forward._cache_size()
+# Tensor parallel: small steps sample inside the step's program (the default) or in a program of their own
+# (JAXSERVE_FUSED_SAMPLING=0): the same tokens, greedy, seeded random with top-p and logprobs, and with penalties
+# (never fused: lock-step steps, widths that grow with the tokens); chunked prefills (not fused) beside decodes (fused)
+# hand each other their sampled ids.
+RANDOM = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True, logprobs=2)
+PENALTY = SamplingParams(temperature=0.0, presence_penalty=0.5, max_tokens=12, ignore_eos=True)
+for fused in ("1", "0"):
+    os.environ["JAXSERVE_FUSED_SAMPLING"] = fused
+    llm = LLM(folder, tensor_parallel_size=2, **flags)
+    r = llm.llm_engine.runner
+    runs = [tokens(llm, prompts + [list(range(3, 60)), [9] * 20]), tokens(llm, prompts, RANDOM)]
+    n = r.fused_steps
+    runs.append(tokens(llm, prompts, PENALTY))
+    out["tokens"][f"2x1/fused_sampling={fused}"] = runs
+    out.setdefault("fused_steps", {})[fused] = [n, r.fused_steps - n, r._packed_forward._cache_size()]
+del os.environ["JAXSERVE_FUSED_SAMPLING"]
+llm = LLM(folder, **flags)
+out["tokens"]["1x1/sampling_runs"] = [tokens(llm, prompts + [list(range(3, 60)), [9] * 20]),
+                                      tokens(llm, prompts, RANDOM), tokens(llm, prompts, PENALTY)]
+out["fused_steps"]["tp1"] = llm.llm_engine.runner.fused_steps
 # One process: sharded steps take device inputs and run ahead of the host (async), also from the dispatch thread.
 for tp, pp in [(2, 1), (2, 2)]:
     llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, dispatch_thread=True, **flags)
@@ -130,7 +150,7 @@ packed, dims = r._dummy_packed(16, False)
 compiled = r._packed_forward.lower(r.params, r.kv_caches, packed, r._no_prev, **dims, decode_only=False).compile()
 args_in = compiled.input_shardings[0]
 calls = []
-for name in ("_unpack", "_packed_forward", "_forward"):
+for name in ("_unpack", "_packed_forward", "_forward", "_sampled_forward"):
     setattr(r, name, lambda *a, fn=getattr(r, name), name=name, **k: calls.append(name) or fn(*a, **k))
 warmed = dict(r._programs)  # the warm-up's compiled steps, called as they are
 for pid, prog in warmed.items():
@@ -294,7 +314,8 @@ def test_tensor_parallel_step_is_one_program_on_the_mesh(tiny_run):
     # every step of a generation dispatched the fused program alone: no unpacking program, no plain forward
     t = tiny_run["tp_inputs"]
     assert t["replicated"] and t["placed"] == [2] * 4
-    assert t["programs"] == ["warmed step"] and t["steps"] >= 12 and t["warmed"] > 0  # 12 new tokens
+    # prefill steps call the warmed step programs, decode steps the warmed forward with its sampling (tensor parallel)
+    assert t["programs"] == ["_sampled_forward", "warmed step"] and t["steps"] >= 12 and t["warmed"] > 0
     # its logits: one local copy on the sampling device, cut back to the checkpoint's vocab (padded to 504 at tp=8)
     assert tiny_run["packed_logits"] == {k: [[4, 500], True] for k in ("2x1", "4x1", "8x1")}
 
@@ -304,6 +325,15 @@ def test_fused_unpack_gives_the_same_tokens_as_two_programs(tiny_run, tp):
     t, n = tiny_run["tokens"], tiny_run["packed_programs"]
     assert t[f"{tp}x1/fused"] == t[f"{tp}x1/unfused"] == t["1x1/micro_prompts"]
     assert n[f"{tp}x1/fused"] > 0 and n[f"{tp}x1/unfused"] == 0  # each run took its own route
+
+
+def test_sampling_inside_the_tensor_parallel_step_gives_the_same_tokens(tiny_run):
+    t, n = tiny_run["tokens"], tiny_run["fused_steps"]
+    assert t["2x1/fused_sampling=1"] == t["2x1/fused_sampling=0"] == t["1x1/sampling_runs"]
+    # fused: the decode steps of the greedy and random runs (>= 11 each after a first token from the prefill), none
+    # with penalties; off, and at TP=1, none
+    assert n["1"][0] >= 22 and n["1"][1] == 0 and n["0"][:2] == [0, 0] and n["tp1"] == 0
+    assert n["1"][2] > 0  # the prefill steps kept the step program that returns logits
 
 
 @pytest.mark.parametrize("key", ["1x2", "2x2"])
