@@ -155,6 +155,13 @@ def fused_sampling_default() -> bool:
     return os.environ.get("JAXSERVE_FUSED_SAMPLING", "1") != "0"
 
 
+# The largest steps that sample inside their program. With every decode shape up to 512 fused (2 x H200, 512 running
+# requests), the warm-up's T=512 fused program failed to allocate its all-reduce scratch ("Failed to allocate
+# collective memory", CUDA out of memory): the fused programs' memory is not part of the KV cache's sizing. The gain
+# is at small batches, where the host sets the step's pace (docs/PERF.md, session 12).
+FUSED_SAMPLING_MAX_TOKENS = 64
+
+
 def _fusable(md) -> bool:
     """Sampler variants a fused step serves: those whose metadata widths do not grow with the requests' token lists
     (penalties, logit_bias and min_tokens do), so a few compiled programs per step shape cover them."""
@@ -750,7 +757,7 @@ class ModelRunner:
     def _fused_shape(self, T: int, decode_only: bool) -> bool:
         """Step shapes that sample inside their program when sampled_forward is on: the decode steps (any step up to
         max_num_seqs tokens where one program serves decode and prefill), where the host's per-step cost shows."""
-        return T <= max(self.max_num_seqs, self.token_buckets[0]) and (
+        return T <= max(min(self.max_num_seqs, FUSED_SAMPLING_MAX_TOKENS), self.token_buckets[0]) and (
             decode_only or not self.model.backend.has_decode_kernel)
 
     def fuses_sampling(self, fwd_in: tuple, smp_in) -> bool:
