@@ -755,8 +755,10 @@ class ModelRunner:
         return logits, None
 
     def _fused_shape(self, T: int, decode_only: bool) -> bool:
-        """Step shapes that sample inside their program when sampled_forward is on: the decode steps (any step up to
-        max_num_seqs tokens where one program serves decode and prefill), where the host's per-step cost shows."""
+        """Step shapes that sample inside their program when sampled_forward is on: decode steps of up to
+        FUSED_SAMPLING_MAX_TOKENS tokens (max_num_seqs if smaller; at least the smallest bucket), or any step of
+        that size where one program serves decode and prefill (the XLA backend). There the host's per-step cost
+        shows."""
         return T <= max(min(self.max_num_seqs, FUSED_SAMPLING_MAX_TOKENS), self.token_buckets[0]) and (
             decode_only or not self.model.backend.has_decode_kernel)
 
@@ -784,8 +786,9 @@ class ModelRunner:
         return out
 
     def sample_inputs(self, batch: InputBatch, seeds: list[int]):
-        """The host half of sampling (`launch_sample` is the device half): the sampling metadata, packed
-        into one buffer on a single device."""
+        """The host half of sampling (`launch_sample` or `launch_sampled` is the device half): the sampling
+        metadata packed into one i32 buffer -> (buffer, treedef, layout, whether a fused step may take it); the
+        metadata itself for multi-host leaders."""
         # An n > 1 parent's rows all draw a first token (no outputs yet), each with its own seed.
         rows = [(r.request.sampling_params, r.request.prompt_token_ids, r.request.output_token_ids, seed)
                 for r, seed in zip(batch.rows, seeds)]
