@@ -199,27 +199,26 @@ def pack_metadata(md) -> tuple:
 PERSISTENT_CACHE_HIT = "/jax/compilation_cache/cache_hits"  # jax's monitoring event for a program it loaded
 
 
-def _loads_from_cache(fn) -> tuple:
-    """(fn(), whether jax loaded a program from its persistent compilation cache meanwhile). Only for fn running
-    alone: the event does not say which thread's program it was."""
-    hits = []
-
-    def on_event(event: str, **kwargs) -> None:
-        if event == PERSISTENT_CACHE_HIT:
-            hits.append(event)
-    jax.monitoring.register_event_listener(on_event)
-    try:
-        return fn(), bool(hits)
-    finally:
-        jax.monitoring.unregister_event_listener(on_event)
-
-
-_compile_tls = threading.local()  # per compiling thread: jax's cache hits seen (_note_cache_hit)
+_compile_tls = threading.local()  # per compiling thread: jax's persistent-cache hits seen (_note_cache_hit)
 
 
 def _note_cache_hit(event: str, **kwargs) -> None:
     if event == PERSISTENT_CACHE_HIT:  # called in the thread whose compile loaded the program
         _compile_tls.hits = getattr(_compile_tls, "hits", 0) + 1
+
+
+def _cache_hits() -> int:
+    """Persistent-cache hits seen so far in this thread (with _watch_cache_hits registered)."""
+    return getattr(_compile_tls, "hits", 0)
+
+
+def _loads_from_cache(fn) -> tuple:
+    """(fn(), whether jax loaded a program from its persistent compilation cache in this thread while fn ran).
+    Registers the listener (_watch_cache_hits): call it before other threads compile."""
+    _watch_cache_hits()
+    before = _cache_hits()
+    out = fn()
+    return out, _cache_hits() > before
 
 
 def _watch_cache_hits() -> None:
@@ -463,9 +462,9 @@ class ModelRunner:
         fn, args, kw = self._warm_call(*shape, kv)
         lowered = fn.lower(*args, **kw)
         t2 = time.perf_counter()
-        _compile_tls.hits = 0
+        hits = _cache_hits()
         compiled = lowered.compile()
-        from_cache = _compile_tls.hits > 0
+        from_cache = _cache_hits() > hits
         t3 = time.perf_counter()
         self._programs[self._program_id(*shape)] = compiled
         if store is not None and (not from_cache or STORE_CACHE_HITS.get(_runtime_tag(), False)):
@@ -485,8 +484,10 @@ class ModelRunner:
                 todo.append((shape, pid, self._program_key(*shape, num_blocks)))
             else:
                 missing.append(shape)
-        with ThreadPoolExecutor(max(1, min(LOAD_THREADS, len(todo))), thread_name_prefix="jaxserve-load") as pool:
-            loaded = list(pool.map(lambda t: store.load(t[2], t[1]), todo))
+        loaded = []
+        if todo:
+            with ThreadPoolExecutor(min(LOAD_THREADS, len(todo)), thread_name_prefix="jaxserve-load") as pool:
+                loaded = list(pool.map(lambda t: store.load(t[2], t[1]), todo))
         for (shape, pid, key), compiled in zip(todo, loaded):
             if compiled is None:
                 missing.append(shape)
@@ -841,10 +842,11 @@ _ACTIVATION_FILE = "jaxserve_activation_bytes.json"
 _ACTIVATION_VERSION = "1: temp + output - alias bytes"  # change it when the figure's formula changes
 
 
-# JAXSERVE_* variables that no traced program reads (the server's, the cache folders'). Any other one is part of the
-# keys: a knob not listed here costs a miss, never a stale program.
+# JAXSERVE_* variables that no stored program reads (the server's, the cache folders', whether the forward + sampling
+# program is used: it is never stored). Any other one is part of the keys: a knob not listed here costs a miss, never
+# a stale program.
 _NOT_TRACED = frozenset({"JAXSERVE_API_KEY", "JAXSERVE_HOST", "JAXSERVE_GIL_SWITCH_MS", "JAXSERVE_CACHE",
-                         "JAXSERVE_PROGRAM_STORE"})
+                         "JAXSERVE_PROGRAM_STORE", "JAXSERVE_FUSED_SAMPLING"})
 
 
 def _source_files() -> list[Path]:

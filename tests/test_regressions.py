@@ -138,8 +138,9 @@ def test_compile_ahead_takes_two_threads_once_the_first_shape_loaded_from_the_ca
 
 
 def test_a_persistent_cache_hit_is_seen_through_jax_monitoring():
-    """_loads_from_cache tells a warm start from a cold one by jax's cache-hit event: seen while its function
-    runs, not before or after, and under the name jax's compiler records."""
+    """_loads_from_cache tells a warm start from a cold one by jax's cache-hit event (counted per thread, as the
+    program store's compiles count theirs): seen while its function runs, not before or after, and under the name
+    jax's compiler records."""
     import inspect
 
     import jax
@@ -149,7 +150,7 @@ def test_a_persistent_cache_hit_is_seen_through_jax_monitoring():
     hit = lambda: jax.monitoring.record_event(model_runner.PERSISTENT_CACHE_HIT)  # noqa: E731
     assert model_runner._loads_from_cache(lambda: 7) == (7, False)
     assert model_runner._loads_from_cache(lambda: hit() or 8) == (8, True)
-    hit()  # no listener left behind
+    hit()  # a hit between two calls counts for neither
     assert model_runner._loads_from_cache(lambda: 9) == (9, False)
     assert f"'{model_runner.PERSISTENT_CACHE_HIT}'" in inspect.getsource(compiler)
 
