@@ -97,24 +97,27 @@ for tp in (1, 2):
         out["tokens"][key] = tokens(llm, prompts + [list(range(3, 60)), [9] * 20])
         out.setdefault("packed_programs", {})[key] = r._packed_forward._cache_size()
 # Tensor parallel: small steps sample inside the step's program (the default) or in a program of their own
-# (JAXSERVE_FUSED_SAMPLING=0): the same tokens, greedy, seeded random with top-p and logprobs, and with penalties
+# (JAXSERVE_FUSED_SAMPLING=0): the same tokens, greedy, seeded random with top-p, logprobs and n=2 (the samples fork
+# off a fused step), and with penalties
 # (never fused: lock-step steps, widths that grow with the tokens); chunked prefills (not fused) beside decodes (fused)
 # hand each other their sampled ids.
-RANDOM = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True, logprobs=2)
+RANDOM = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True, logprobs=2, n=2)
+def samples(llm, prompts, sp):  # every sample's tokens (n > 1)
+    return [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, sp, use_tqdm=False)]
 PENALTY = SamplingParams(temperature=0.0, presence_penalty=0.5, max_tokens=12, ignore_eos=True)
 for fused in ("1", "0"):
     os.environ["JAXSERVE_FUSED_SAMPLING"] = fused
     llm = LLM(folder, tensor_parallel_size=2, **flags)
     r = llm.llm_engine.runner
-    runs = [tokens(llm, prompts + [list(range(3, 60)), [9] * 20]), tokens(llm, prompts, RANDOM)]
+    runs = [tokens(llm, prompts + [list(range(3, 60)), [9] * 20]), samples(llm, prompts, RANDOM)]
     n = r.fused_steps
-    runs.append(tokens(llm, prompts, PENALTY))
+    if fused == "1":  # penalties take the unfused route either way: once is enough
+        runs.append(tokens(llm, prompts, PENALTY))
     out["tokens"][f"2x1/fused_sampling={fused}"] = runs
     out.setdefault("fused_steps", {})[fused] = [n, r.fused_steps - n, r._packed_forward._cache_size()]
 del os.environ["JAXSERVE_FUSED_SAMPLING"]
-llm = LLM(folder, **flags)
-out["tokens"]["1x1/sampling_runs"] = [tokens(llm, prompts + [list(range(3, 60)), [9] * 20]),
-                                      tokens(llm, prompts, RANDOM), tokens(llm, prompts, PENALTY)]
+llm = LLM(folder, **flags)  # TP=1 (its greedy run of these prompts is "1x1/micro_prompts")
+out["tokens"]["1x1/sampling_runs"] = [samples(llm, prompts, RANDOM), tokens(llm, prompts, PENALTY)]
 out["fused_steps"]["tp1"] = llm.llm_engine.runner.fused_steps
 # One process: sharded steps take device inputs and run ahead of the host (async), also from the dispatch thread.
 for tp, pp in [(2, 1), (2, 2)]:
@@ -329,7 +332,10 @@ def test_fused_unpack_gives_the_same_tokens_as_two_programs(tiny_run, tp):
 
 def test_sampling_inside_the_tensor_parallel_step_gives_the_same_tokens(tiny_run):
     t, n = tiny_run["tokens"], tiny_run["fused_steps"]
-    assert t["2x1/fused_sampling=1"] == t["2x1/fused_sampling=0"] == t["1x1/sampling_runs"]
+    (greedy1, random1, penalty1), (greedy0, random0) = t["2x1/fused_sampling=1"], t["2x1/fused_sampling=0"]
+    assert greedy1 == greedy0 == t["1x1/micro_prompts"]
+    assert random1 == random0 == t["1x1/sampling_runs"][0] and penalty1 == t["1x1/sampling_runs"][1]
+    assert all(len(o) == 2 for o in random1)  # n = 2: both samples compared
     # fused: the decode steps of the greedy and random runs (>= 11 each after a first token from the prefill), none
     # with penalties; off, and at TP=1, none
     assert n["1"][0] >= 22 and n["1"][1] == 0 and n["0"][:2] == [0, 0] and n["tp1"] == 0
