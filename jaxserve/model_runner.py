@@ -518,7 +518,6 @@ class ModelRunner:
                      len(shapes) - len(missing), len(shapes), time.perf_counter() - t0)
         if threads <= 1 or not missing:
             return time.perf_counter() - t0
-        _watch_cache_hits()
         kv = kv_cache.abstract(self.arch, num_blocks, self.block_size, self.kv_dtype, self.kv_sharding,
                                self.num_kv_heads)
 
@@ -646,10 +645,8 @@ class ModelRunner:
             # compiled from threads into the persistent cache (XLA compiles with the GIL released); the runs below
             # then trace and load them
             def compile_one(call):
-                (_, [(packed, dims)], _, dec, _, _), (smp, treedef, layout, _) = call
-                buf = jax.device_put(np.concatenate([packed, smp]), self._input_sharding)
-                self._sampled_forward.lower(self.params, self.kv_caches, buf, self._no_prev, **dims, decode_only=dec,
-                                            treedef=treedef, layout=layout, ids_len=self.ids_len).compile()
+                args, kw = self._sampled_args(*call, self._no_prev)
+                self._sampled_forward.lower(*args, **kw).compile()
             with ThreadPoolExecutor(min(self.compile_threads, len(calls)), thread_name_prefix="jaxserve-compile") as p:
                 list(p.map(compile_one, calls))
         for fwd_in, smp_in in calls:
@@ -735,10 +732,7 @@ class ModelRunner:
             logits = self.run_forward(token_ids, meta, li)
         else:
             packs, rows, decode_only, n_sampled, _ = rest
-            prev = self._no_prev
-            if prev_sampled is not None:  # sharded steps: the ids come from the last stage's first device
-                prev = prev_sampled if self.parallel is None else jax.device_put(
-                    prev_sampled, self._input_sharding or jax.devices()[0])
+            prev = self._prev_ids(prev_sampled)
             packs = [(jax.device_put(packed, self._input_sharding), dims) for packed, dims in packs]
             if self.fuse_unpack:  # one stage, so one micro-batch, and one program
                 (packed, dims), = packs
@@ -770,19 +764,31 @@ class ModelRunner:
         packs, rows, decode_only, n_sampled, _ = fwd_in[1:]
         return rows is None and n_sampled is None and smp_in[3] and self._fused_shape(packs[0][1]["T"], decode_only)
 
+    def _prev_ids(self, prev_sampled):
+        """The previous step's sampled ids where this step's program takes them (sharded steps: the mesh, from the
+        last stage's first device), or the no-placeholder stand-in."""
+        if prev_sampled is None:
+            return self._no_prev
+        if self.parallel is None:
+            return prev_sampled
+        return jax.device_put(prev_sampled, self._input_sharding or jax.devices()[0])
+
+    def _sampled_args(self, fwd_in: tuple, smp_in: tuple, prev) -> tuple:
+        """(args, kwargs) of sampled_forward's program for a step: its packed inputs and sampling metadata in one
+        buffer, one transfer to the mesh."""
+        (packed, dims), = fwd_in[1]
+        smp, treedef, layout, _ = smp_in
+        buf = jax.device_put(np.concatenate([packed, smp]), self._input_sharding)
+        return (self.params, self.kv_caches, buf, prev), dict(dims, decode_only=fwd_in[3], treedef=treedef,
+                                                              layout=layout, ids_len=self.ids_len)
+
     def launch_sampled(self, fwd_in: tuple, smp_in: tuple, prev_sampled=None):
         """Dispatch a step's forward and its sampling as one program (fuses_sampling) -> SamplerOutput of device
         arrays, replicated over the mesh, where the next step reads its placeholders from."""
-        packs, _, decode_only, _, has_placeholder = fwd_in[1:]
-        if has_placeholder and prev_sampled is None:
+        if fwd_in[-1] and prev_sampled is None:
             raise RuntimeError("a placeholder token with no step in flight to fill it")
-        (packed, dims), = packs
-        smp, treedef, layout, _ = smp_in
-        prev = self._no_prev if prev_sampled is None else jax.device_put(prev_sampled, self._input_sharding)
-        buf = jax.device_put(np.concatenate([packed, smp]), self._input_sharding)  # one transfer for both
-        out, self.kv_caches = self._sampled_forward(self.params, self.kv_caches, buf, prev, **dims,
-                                                    decode_only=decode_only, treedef=treedef, layout=layout,
-                                                    ids_len=self.ids_len)
+        args, kw = self._sampled_args(fwd_in, smp_in, self._prev_ids(prev_sampled))
+        out, self.kv_caches = self._sampled_forward(*args, **kw)
         self.fused_steps += 1
         return out
 
