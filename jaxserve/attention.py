@@ -53,14 +53,7 @@ class AttentionBackend(Protocol):
         (cos/sin f32[T, D/2]) -> (out [T, Hq, D], k_cache, v_cache); None: the caller does them one by one."""
 
     def add_rms_norm(self, x: jax.Array, d: jax.Array, w: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-        """(x + d, w * rmsnorm(x + d)) for x, d [T, hidden]: the residual add and the next sublayer's norm.
-        d may also be f32[S, T, hidden] split-K partials (from `matmul`), summed first."""
-
-    def matmul(self, x: jax.Array, w: jax.Array, *, partials: bool = False,
-               silu_gate: bool = False) -> jax.Array | None:
-        """x [T, K] @ w [K, N] by a kernel of the backend's, or None: the caller uses XLA's dot. With silu_gate x is
-        gate/up [T, 2, K] and the product is silu(gate) * up times w. partials: the caller's consumer takes
-        f32[S, T, N] split-K partials (add_rms_norm), which may be returned instead of [T, N]."""
+        """(x + d, w * rmsnorm(x + d)) for x, d [T, hidden]: the residual add and the next sublayer's norm."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +84,6 @@ class XlaBackend:
         from jaxserve.pallas_kernels.add_rms_norm import add_rms_norm_reference
         return add_rms_norm_reference(x, d, w, eps=eps)
 
-    def matmul(self, x, w, *, partials=False, silu_gate=False):
-        return None
-
 
 @dataclasses.dataclass(frozen=True)
 class PallasBackend:
@@ -115,23 +105,6 @@ class PallasBackend:
     # (select.MOSAIC_DECODE_PERSISTENT_MIN_ITEMS; JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS overrides it for A/B runs,
     # 0 = never).
     decode_persistent_min_items: int = 0
-    # Steps of up to gemv.MAX_TOKENS tokens run the QKV, o and down projections with the skinny-matmul kernel
-    # (pallas_kernels/gemv.py: no split-K reduction kernels, SiLU x up read inside the down projection); False
-    # keeps XLA's dots (an A/B switch, JAXSERVE_GEMV=0).
-    gemv: bool = True
-
-    def matmul(self, x, w, *, partials=False, silu_gate=False):
-        if not self.gemv:
-            return None
-        from jaxserve.pallas_kernels.add_rms_norm import supports
-        from jaxserve.pallas_kernels.gemv import gemv
-        from jaxserve.pallas_kernels.select import gemv_tuning
-        # Partials are only worth it where add_rms_norm sums them (a power-of-2 hidden size); elsewhere XLA would
-        # add a reduction of its own.
-        tune = gemv_tuning(x.shape[0], *w.shape, partials and self.fuse_small_ops and supports(w.shape[1]))
-        if tune is None:
-            return None
-        return gemv(x, w, tuning=tune, silu_gate=silu_gate, interpret=self.interpret)
 
     def write_kv(self, k_cache, v_cache, k, v, meta):
         from jaxserve.pallas_kernels.kv_write import kv_write_pallas
@@ -212,9 +185,8 @@ def get_backend(name: str = "auto", prefill_warpgroups: int | None = None) -> At
     if choice == "xla":
         return XlaBackend()
     fuse = os.environ.get("JAXSERVE_FUSE_SMALL_OPS", "1") != "0"
-    gemv = os.environ.get("JAXSERVE_GEMV", "1") != "0"
     if choice != "pallas_mosaic":
-        return PallasBackend(name=choice, fuse_small_ops=fuse, gemv=gemv)
+        return PallasBackend(name=choice, fuse_small_ops=fuse)
     persistent = select.MOSAIC_DECODE_PERSISTENT_MIN_ITEMS
     if env := os.environ.get("JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS", "").strip():
         try:
@@ -224,7 +196,7 @@ def get_backend(name: str = "auto", prefill_warpgroups: int | None = None) -> At
                              f"persistent decode kernel), got {env!r}") from None
     wg = select.MOSAIC_PREFILL_WARPGROUPS if prefill_warpgroups is None else prefill_warpgroups
     return PallasBackend(name=choice, prefill_warpgroups=wg, fuse_small_ops=fuse,
-                         decode_persistent_min_items=persistent, gemv=gemv)
+                         decode_persistent_min_items=persistent)
 
 
 def dummy_metadata(num_tokens: int, num_seqs: int, pages_per_seq: int, decode_only: bool = False) -> AttentionMetadata:

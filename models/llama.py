@@ -58,12 +58,6 @@ def _all_reduce(x: jax.Array, axis: str | None) -> jax.Array:
     return x if axis is None else jax.lax.psum(x, axis)
 
 
-def _summed(d: jax.Array, dtype) -> jax.Array:
-    """A sublayer output [T, D], or the f32 [S, T, D] split-K partials backend.matmul may return, as [T, D] in
-    dtype (summed in f32 and rounded once, as add_rms_norm does)."""
-    return d if d.ndim == 2 else jnp.sum(d, axis=0).astype(dtype)
-
-
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     # As transformers: normalise in f32, cast back, then scale.
     xf = x.astype(jnp.float32)
@@ -97,11 +91,10 @@ class Attention(nn.Module):
         K, G, E = c.num_kv_heads, c.q_per_kv, c.head_dim
         wqkv = _param(self, "wqkv", (c.hidden_size, K, G + 2, E), P(None, TP, None, None), dtype=self.dtype)
         wo = _param(self, "wo", (K * G, E, c.hidden_size), P(TP, None, None), dtype=self.dtype)
-        T, D = x.shape
-        qkv = self.backend.matmul(x, wqkv.reshape(D, -1)) if self.tp_axis is None else None  # (T, K*(G+2)*E)
-        qkv = jnp.einsum("TD,DKCE->TKCE", x, wqkv) if qkv is None else qkv.reshape(T, K, G + 2, E)
+        qkv = jnp.einsum("TD,DKCE->TKCE", x, wqkv)  # (T, K, G+2, E)
         if c.qkv_bias:
             qkv = qkv + _param(self, "bqkv", (K, G + 2, E), P(TP, None, None), nn.initializers.zeros, self.dtype)
+        T = x.shape[0]
         cos, sin = rope_cos_sin(meta.positions, c.rope_inv_freq())
         fused = self.backend.fused_decode(qkv, cos, sin, kv[0], kv[1], meta, E ** -0.5)
         if fused is not None:  # decode step on a GPU: RoPE, KV write and attention in two kernels
@@ -112,19 +105,13 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k_cache, v_cache = self.backend.write_kv(kv[0], kv[1], k, v, meta)
             out = self.backend.attend(q, k_cache, v_cache, meta, E ** -0.5)  # (T, H, E)
-        out = out.astype(self.dtype)
-        h = None
-        if self.tp_axis is None:  # (T, D), or f32 (S, T, D) split-K partials that add_rms_norm sums
-            h = self.backend.matmul(out.reshape(T, -1), wo.reshape(-1, D), partials=True)
-        if h is None:
-            h = jnp.einsum("THE,HED->TD", out, wo)  # (T, D): partial sum under TP
+        h = jnp.einsum("THE,HED->TD", out.astype(self.dtype), wo)  # (T, D): partial sum under TP
         return _all_reduce(h, self.tp_axis), (k_cache, v_cache)
 
 
 class Mlp(nn.Module):
     cfg: ArchConfig
     dtype: jnp.dtype
-    backend: AttentionBackend
     tp_axis: str | None = None
 
     @nn.compact
@@ -133,11 +120,7 @@ class Mlp(nn.Module):
         w_gu = _param(self, "w_gate_up", (c.hidden_size, 2, c.intermediate_size), P(None, None, TP), dtype=self.dtype)
         w_down = _param(self, "w_down", (c.intermediate_size, c.hidden_size), P(TP, None), dtype=self.dtype)
         gu = jnp.einsum("TD,DCI->TCI", x, w_gu)  # (T, 2, I)
-        h = None
-        if self.tp_axis is None:  # (T, D), or f32 (S, T, D) partials; SiLU x up computed inside the kernel
-            h = self.backend.matmul(gu, w_down, partials=True, silu_gate=True)
-        if h is None:
-            h = jnp.einsum("TI,ID->TD", nn.silu(gu[:, 0]) * gu[:, 1], w_down)  # (T, D): partial sum under TP
+        h = jnp.einsum("TI,ID->TD", nn.silu(gu[:, 0]) * gu[:, 1], w_down)  # (T, D): partial sum under TP
         return _all_reduce(h, self.tp_axis)
 
 
@@ -151,8 +134,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, pending, kv, meta):
         """(x, pending, kv) -> (x, pending, kv). The residual stream is x + pending: a layer leaves its MLP output
         unadded, so that the next layer adds it together with its norm (backend.add_rms_norm: one kernel on
-        GPUs), as the attention output is added with the MLP's norm. The first layer gets zeros (x + 0 is x).
-        pending may be f32 [S, T, D] split-K partials (backend.matmul), which the norm sums."""
+        GPUs), as the attention output is added with the MLP's norm. The first layer gets zeros (x + 0 is x)."""
         c = self.cfg
         ones = nn.initializers.ones
         attn_norm = _param(self, "attn_norm", (c.hidden_size,), P(None), ones, self.dtype)
@@ -161,7 +143,7 @@ class DecoderLayer(nn.Module):
         x, n = self.backend.add_rms_norm(x, pending, attn_norm, c.rms_norm_eps)
         h, kv = attn(n, kv, meta)
         x, n = self.backend.add_rms_norm(x, h, mlp_norm, c.rms_norm_eps)
-        return x, Mlp(c, self.dtype, self.backend, self.tp_axis, name="mlp")(n), kv
+        return x, Mlp(c, self.dtype, self.tp_axis, name="mlp")(n), kv
 
 
 # JAXSERVE_TRACE_LAYER_ONCE=0 calls the Flax submodules instead (an A/B switch for measurements).
@@ -221,8 +203,8 @@ class LlamaForCausalLM(nn.Module):
                     self.variables["params"][f"layers_{i}"], x, pending, kv_caches[j], meta)
             new_caches.append(kv)
         if not last:
-            return x + _summed(pending, x.dtype), tuple(new_caches)
-        x = x[logits_indices] + _summed(pending[..., logits_indices, :], x.dtype)
+            return x + pending, tuple(new_caches)
+        x = x[logits_indices] + pending[logits_indices]
         final_norm = _param(self, "final_norm", (c.hidden_size,), P(None), nn.initializers.ones, self.dtype)
         h = rms_norm(x, final_norm, c.rms_norm_eps)  # (S, D)
         if c.tie_word_embeddings:

@@ -132,36 +132,3 @@ def mosaic_decode_tuning(batch: int, num_kv_heads: int, min_items: int = MOSAIC_
     if min_items > 0 and batch * num_kv_heads >= min_items:
         return MosaicDecodeTuning(workers=-1)
     return DEFAULT_MOSAIC_DECODE
-
-
-# Skinny matmuls (pallas_kernels/gemv.py) for steps of up to gemv.MAX_TOKENS tokens on GPUs, per weight shape
-# (K, N, partials): measured tunings (scripts/bench_gemv.py). Shapes not listed get gemv_tuning's rule.
-GEMV_TUNINGS: dict[tuple[int, int, bool], object] = {}
-GEMV_TARGET_PROGRAMS = 128  # about one program per SM of an H100 (132): fewer leave HBM bandwidth unused
-
-
-def gemv_tuning(num_tokens: int, K: int, N: int, partials: bool):
-    """The skinny-matmul kernel's tuning for x [num_tokens, K] @ w [K, N], or None (keep XLA's dot).
-
-    partials: the consumer sums f32 split-K partials (add_rms_norm), so the kernel may split K; otherwise it
-    returns the product and only splits N. The rule for unlisted shapes: 64 columns per program (32 where that
-    gives too few programs and N allows), K split in powers of 2 until ~GEMV_TARGET_PROGRAMS programs, 128 rows
-    of K per loop step (64 where the chunk needs it)."""
-    from jaxserve.pallas_kernels.gemv import MAX_TOKENS, GemvTuning
-    if not 1 <= num_tokens <= MAX_TOKENS:
-        return None
-    if (K, N, partials) in GEMV_TUNINGS:
-        return GEMV_TUNINGS[(K, N, partials)]
-    bn = 64 if N % 64 == 0 else 32 if N % 32 == 0 else 0
-    if not bn:
-        return None
-    if not partials and N // bn < GEMV_TARGET_PROGRAMS and N % 32 == 0:
-        bn = 32
-    splits = 1
-    while partials and (N // bn) * splits < GEMV_TARGET_PROGRAMS and K % (splits * 2 * 64) == 0 and splits < 16:
-        splits *= 2
-    for bk in (128, 64):
-        tune = GemvTuning(block_n=bn, block_k=bk, splits=splits)
-        if tune.fits(K, N):
-            return tune
-    return None
