@@ -24,8 +24,7 @@ def _effective_x(x, w, silu_gate):
 
 
 @pytest.mark.parametrize("T,splits,silu_gate,dtype", [
-    (1, 1, False, jnp.bfloat16), (5, 1, True, jnp.bfloat16), (16, 2, False, jnp.bfloat16),
-    (8, 4, True, jnp.bfloat16), (5, 1, False, jnp.float32), (16, 4, True, jnp.float32)])
+    (1, 1, False, jnp.bfloat16), (5, 1, True, jnp.bfloat16), (16, 4, True, jnp.bfloat16), (5, 2, False, jnp.float32)])
 def test_gemv_matches_numpy(T, splits, silu_gate, dtype):
     rng = np.random.default_rng(T * 10 + splits)
     K, N = 512, 192

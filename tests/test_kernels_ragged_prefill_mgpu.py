@@ -52,6 +52,9 @@ TWO_WG_CASES = [
     # G = 16 > 8: q gathered into tile-major rows by the wrapper (4 tokens per warpgroup), FA3's layout
     (16, 64, 16, MosaicPrefillTuning(warpgroups=2, producer=True), True),
 ]
+# Interpreted on CPU: all but the two G = 8 cases with 128-token pages (23 and 31 s of the child's 144 s; G = 8 with
+# 128-token pages is test_ragged_prefill_mgpu's, and head dim 128 with two warpgroups is case 4). GPUs run all ten.
+TWO_WG_INTERPRETED = [0, 1, 3, 4, 5, 7, 8, 9]
 
 
 def _two_wg_case(group, head_dim, block_size, tuning, long=False, pad=5):
@@ -95,9 +98,9 @@ def test_ragged_prefill_mgpu_last_tile_runs_past_the_tokens(group, tuning):
 def _two_wg_all() -> None:
     """Every two-warpgroup case, in the child process: one line per case, "case N ok" or its error."""
     import traceback
-    for i, case in enumerate(TWO_WG_CASES):
+    for i in TWO_WG_INTERPRETED:
         try:
-            _two_wg_case(*case)
+            _two_wg_case(*TWO_WG_CASES[i])
             print(f"case {i} ok", flush=True)
         except Exception:
             print(f"case {i} failed: " + traceback.format_exc().replace("\n", " | ")[-3000:], flush=True)
@@ -116,7 +119,7 @@ def two_wg_child():
     return lines, out
 
 
-@pytest.mark.parametrize("case", range(len(TWO_WG_CASES)))
+@pytest.mark.parametrize("case", range(len(TWO_WG_CASES)) if not INTERPRET else TWO_WG_INTERPRETED)
 def test_ragged_prefill_mgpu_two_warpgroups(case, request):
     if not INTERPRET:
         _two_wg_case(*TWO_WG_CASES[case])
