@@ -82,6 +82,13 @@ def _make_server(config: Any, state: Any) -> Any:
     return _Server(config)
 
 
+def _uvicorn_impls() -> tuple[str, str]:
+    """What uvicorn's "auto" settings pick: httptools and uvloop where they import, else h11 and asyncio."""
+    import importlib.util
+    found = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+    return ("httptools" if found("httptools") else "h11"), ("uvloop" if found("uvloop") else "asyncio")
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = make_parser().parse_args(argv)
     engine_args, server_args = dataclasses.replace(EngineArgs.from_cli_args(ns), usage="server"), server_args_from(ns)
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, host=server_args.host, port=server_args.port, lifespan="on",
                             log_level=server_args.uvicorn_log_level,
                             timeout_graceful_shutdown=max(server_args.shutdown_grace_seconds, 0.1))
+    logging.getLogger("jaxserve").info("uvicorn: %s HTTP parser, %s event loop", *_uvicorn_impls())
     server = _make_server(config, app.state.server)
     server.run()
     return 0 if server.started else 3  # 3: uvicorn's startup-failure status (port taken, lifespan error)

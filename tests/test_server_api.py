@@ -199,3 +199,19 @@ def test_mock_satisfies_engine_protocol():
     from jaxserve.engine_protocol import AsyncLLMEngineProtocol
 
     assert isinstance(MockEngine(), AsyncLLMEngineProtocol)
+
+
+def test_chunk_encoder_writes_what_json_dumps_would():
+    """Streamed chunks are encoded with their header done once; the text must be the dict's own JSON (key order,
+    separators, non-ASCII kept as is)."""
+    import json
+
+    from jaxserve.server.common import ChunkEncoder
+    header = {"id": "cmpl-1", "object": "text_completion", "created": 1764250000, "model": "m\u00e9"}
+    choices = [{"index": 0, "text": "AI 的未来 \"q\"\n", "logprobs": None, "finish_reason": None, "stop_reason": None}]
+    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    enc = ChunkEncoder(header)
+    dumps = lambda d: json.dumps(d, ensure_ascii=False, separators=(",", ":"))  # noqa: E731 (streaming.sse's)
+    assert enc(choices) == dumps({**header, "choices": choices})
+    assert enc([], usage=usage) == dumps({**header, "choices": [], "usage": usage})
+    assert json.loads(enc(choices, usage=usage)) == {**header, "choices": choices, "usage": usage}

@@ -16,7 +16,7 @@ import anyio
 
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import RequestOutputKind
-from jaxserve.server.common import DeltaTracker, choices_of, usage
+from jaxserve.server.common import ChunkEncoder, DeltaTracker, choices_of, usage
 from jaxserve.server.errors import bad_request
 from jaxserve.server.logprobs import chat_logprobs
 from jaxserve.server.protocol import ChatCompletionRequest, ChatMessage, chat_messages
@@ -80,9 +80,9 @@ async def _full(state: Any, req: ChatCompletionRequest, params: Any, request_id:
 
 
 async def _stream(state: Any, req: ChatCompletionRequest, params: Any, request_id: str,
-                  prompt_ids: list[int]) -> AsyncIterator[dict]:
-    header = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
-              "model": state.model_name}
+                  prompt_ids: list[int]) -> AsyncIterator[str]:
+    chunk = ChunkEncoder({"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                          "model": state.model_name})
     tracker = DeltaTracker(req.n)
     opts = req.stream_options
     role_sent = False
@@ -90,8 +90,8 @@ async def _stream(state: Any, req: ChatCompletionRequest, params: Any, request_i
         if not role_sent:
             role_sent = True
             for idx in range(req.n):
-                yield {**header, "choices": [{"index": idx, "delta": {"role": "assistant", "content": ""},
-                                              "logprobs": None, "finish_reason": None}]}
+                yield chunk([{"index": idx, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
         for d in tracker.update(i, out):
             if not d.text and not d.token_ids and d.finish_reason is None:
                 continue
@@ -100,9 +100,9 @@ async def _stream(state: Any, req: ChatCompletionRequest, params: Any, request_i
                       "finish_reason": d.finish_reason}
             if d.finish_reason is not None:
                 choice["stop_reason"] = d.stop_reason
-            chunk = {**header, "choices": [choice]}
             if opts is not None and opts.include_usage and opts.continuous_usage_stats:
-                chunk["usage"] = usage(tracker.last)
-            yield chunk
+                yield chunk([choice], usage=usage(tracker.last))
+            else:
+                yield chunk([choice])
     if opts is not None and opts.include_usage:
-        yield {**header, "choices": [], "usage": usage(tracker.last)}
+        yield chunk([], usage=usage(tracker.last))

@@ -9,6 +9,7 @@ engine until they are decided).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
@@ -18,6 +19,22 @@ def usage(last: dict[int, RequestOutput]) -> dict:
     prompt = sum(len(o.prompt_token_ids) for o in last.values())
     completion = sum(len(c.token_ids) for o in last.values() for c in o.outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class ChunkEncoder:
+    """A stream's SSE chunks as JSON text: {header..., "choices": [...], more...}, the same bytes as
+    streaming.sse would write for the dict, with the header (id, object, created, model), which every chunk of a
+    stream repeats, encoded once. A stream of 320 requests sends ~30k chunks a second at full batch."""
+
+    def __init__(self, header: dict) -> None:
+        self.prefix = _dumps(header)[:-1] + ',"choices":'
+
+    def __call__(self, choices: list, **more) -> str:
+        return self.prefix + _dumps(choices) + "".join(f",{_dumps(k)}:{_dumps(v)}" for k, v in more.items()) + "}"
+
+
+def _dumps(x) -> str:
+    return json.dumps(x, ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass

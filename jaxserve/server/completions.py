@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import RequestOutputKind
-from jaxserve.server.common import DeltaTracker, choices_of, usage
+from jaxserve.server.common import ChunkEncoder, DeltaTracker, choices_of, usage
 from jaxserve.server.errors import bad_request
 from jaxserve.server.logprobs import CompletionLogprobs
 from jaxserve.server.protocol import CompletionRequest
@@ -90,9 +90,9 @@ def completion_choices(req: CompletionRequest, last: dict[int, RequestOutput], p
 
 
 async def _stream(state: Any, req: CompletionRequest, params: Any, request_id: str,
-                  prompts: list) -> AsyncIterator[dict]:
+                  prompts: list) -> AsyncIterator[str]:
     created = int(time.time())
-    header = _header(req, request_id, created, state.model_name)
+    chunk = ChunkEncoder(_header(req, request_id, created, state.model_name))
     tracker = DeltaTracker(req.n)
     echo = _Echo(prompts, state.engine.tokenizer)
     lp_fmt: dict[int, CompletionLogprobs] = {}
@@ -108,10 +108,11 @@ async def _stream(state: Any, req: CompletionRequest, params: Any, request_id: s
             if req.logprobs is not None:
                 fmt = lp_fmt.setdefault(d.index, CompletionLogprobs(req.logprobs, state.engine.tokenizer))
                 lp = fmt.format(ids, positions)
-            chunk = {**header, "choices": [{"index": d.index, "text": text, "logprobs": lp,
-                                            "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}]}
+            choices = [{"index": d.index, "text": text, "logprobs": lp, "finish_reason": d.finish_reason,
+                        "stop_reason": d.stop_reason}]
             if opts is not None and opts.include_usage and opts.continuous_usage_stats:
-                chunk["usage"] = usage(tracker.last)
-            yield chunk
+                yield chunk(choices, usage=usage(tracker.last))
+            else:
+                yield chunk(choices)
     if opts is not None and opts.include_usage:
-        yield {**header, "choices": [], "usage": usage(tracker.last)}
+        yield chunk([], usage=usage(tracker.last))

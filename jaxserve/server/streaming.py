@@ -1,9 +1,9 @@
 """Driving engine streams from an HTTP request, with disconnects aborting the engine request.
 
 `merge_outputs` runs one engine request per prompt (a batch prompt is several) and yields their
-cumulative outputs interleaved as they come (vLLM's merge_async_iterators). Leaving it early, for
-any reason (client gone, error, cancellation), aborts every engine request not yet finished; the
-abort runs in its own task so a second cancellation cannot skip it.
+cumulative outputs interleaved as they come (vLLM's merge_async_iterators; one prompt reads its stream
+directly). Leaving it early, for any reason (client gone, error, cancellation), aborts every engine
+request not yet finished; the abort runs in its own task so a second cancellation cannot skip it.
 
 `EngineResponse` is a raw ASGI response: it pulls events from a handler's async generator while a
 sibling task waits on `receive()` for `http.disconnect` (uvicorn delivers it the moment the socket
@@ -29,8 +29,9 @@ logger = logging.getLogger("jaxserve.server")
 _cleanup_tasks: set[asyncio.Task] = set()  # strong refs, so cleanup tasks are not collected mid-run
 
 
-async def _finish_cleanup(engine: Any, tasks: list[asyncio.Task], request_ids: list[str]) -> None:
-    # abort first (frees the blocks now), then stop the per-prompt pumps
+async def _finish_cleanup(engine: Any, tasks: list[asyncio.Task], request_ids: list[str],
+                          streams: tuple = ()) -> None:
+    # abort first (frees the blocks now), then stop the per-prompt pumps (or close the one stream read directly)
     for rid in request_ids:
         try:
             await engine.abort(rid)
@@ -39,12 +40,49 @@ async def _finish_cleanup(engine: Any, tasks: list[asyncio.Task], request_ids: l
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    for stream in streams:
+        try:
+            await stream.aclose()
+        except Exception:
+            logger.exception("closing an engine stream failed")
+
+
+async def _one_prompt(engine: Any, prompt: str | list[int], params: Any,
+                      request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """merge_outputs for one prompt (almost every request): the engine's stream read directly, without the pump
+    task and the queue a batch needs (two task switches and a queue per streamed chunk)."""
+    stream = engine.generate(prompt, params, request_id)
+    finished = False
+    try:
+        try:
+            async for out in stream:
+                finished = finished or out.finished
+                yield 0, out
+        except ValueError as e:  # the engine's "can never fit" verdict: the client's fault
+            raise APIError(400, str(e)) from None
+    finally:
+        await _shielded_cleanup(engine, [], [] if finished else [request_id], (stream,))
+
+
+async def _shielded_cleanup(engine: Any, tasks: list[asyncio.Task], request_ids: list[str], streams=()) -> None:
+    cleanup = asyncio.get_running_loop().create_task(_finish_cleanup(engine, tasks, request_ids, streams))
+    _cleanup_tasks.add(cleanup)
+    cleanup.add_done_callback(_cleanup_tasks.discard)
+    with anyio.CancelScope(shield=True):
+        try:
+            await asyncio.shield(cleanup)
+        except asyncio.CancelledError:  # cancelled again: the cleanup task still runs on its own
+            pass
 
 
 async def merge_outputs(engine: Any, prompts: list[str | list[int]], params: Any,
                         request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Yield (prompt index, cumulative RequestOutput) for each prompt's engine request."""
-    ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
+    if len(prompts) == 1:
+        async for item in _one_prompt(engine, prompts[0], params, request_id):
+            yield item
+        return
+    ids = [f"{request_id}-{i}" for i in range(len(prompts))]
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -74,18 +112,11 @@ async def merge_outputs(engine: Any, prompts: list[str | list[int]], params: Any
                     unfinished.discard(ids[i])
                 yield i, item
     finally:
-        pending = [rid for rid in ids if rid in unfinished]
-        cleanup = asyncio.get_running_loop().create_task(_finish_cleanup(engine, tasks, pending))
-        _cleanup_tasks.add(cleanup)
-        cleanup.add_done_callback(_cleanup_tasks.discard)
-        with anyio.CancelScope(shield=True):
-            try:
-                await asyncio.shield(cleanup)
-            except asyncio.CancelledError:  # cancelled again: the cleanup task still runs on its own
-                pass
+        await _shielded_cleanup(engine, tasks, [rid for rid in ids if rid in unfinished])
 
 
 def sse(data: dict | str) -> bytes:
+    """One SSE event: a dict is encoded here, a str is JSON text already (common.ChunkEncoder)."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {text}\n\n".encode()
 
@@ -99,9 +130,10 @@ async def send_json(send: Any, status: int, body: dict, headers: dict[str, str])
 
 
 class EngineResponse:
-    """ASGI response for an engine-backed request: one JSON body (stream=False) or SSE events."""
+    """ASGI response for an engine-backed request: one JSON body (stream=False) or SSE events (dicts or JSON
+    text)."""
 
-    def __init__(self, events: AsyncIterator[dict], stream: bool, headers: dict[str, str]) -> None:
+    def __init__(self, events: AsyncIterator[dict | str], stream: bool, headers: dict[str, str]) -> None:
         self.events = events
         self.stream = stream
         self.headers = headers
