@@ -314,3 +314,19 @@ def test_profile_decode_op_sequence():
         dict(pid=1, ts=10 * i, dur=4, name=f"op{i}") for i in (3, 0, 2, 1)]  # unsorted; 6 us gaps
     seq = pd.op_sequence(ops, n=3)
     assert seq == [("op2", 4, 0.0), ("op3", 4, 6.0)]
+
+
+# ------------------------------------------------------------------------------------------ bench_frontend
+def test_bench_frontend_counts_the_server_process_cpu(tmp_path):
+    """A real server on the mock engine, free-running and in lockstep steps: every request completes, the server's
+    CPU is counted, and with steps every stream gets its tokens no faster than one per step."""
+    from server_harness import free_port
+    sys.path.insert(0, str(SCRIPTS))
+    import bench_frontend
+    args = ["--num-prompts", "6", "--output-len", "5", "--rounds", "1", "--variants", "h11/asyncio",
+            "--out", str(tmp_path)]
+    rows = bench_frontend.main([*args, "--port", str(free_port())])
+    stepped = bench_frontend.main([*args, "--port", str(free_port()), "--step-ms", "40"])
+    for r in rows + stepped:
+        assert r["server_cpu_s"] > 0 and r["us_per_token"] > 0
+    assert stepped[0]["median_tpot_ms"] >= 35  # one token per 40 ms step at most
