@@ -75,13 +75,16 @@ async def _shielded_cleanup(engine: Any, tasks: list[asyncio.Task], request_ids:
             pass
 
 
-async def merge_outputs(engine: Any, prompts: list[str | list[int]], params: Any,
-                        request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Yield (prompt index, cumulative RequestOutput) for each prompt's engine request."""
-    if len(prompts) == 1:
-        async for item in _one_prompt(engine, prompts[0], params, request_id):
-            yield item
-        return
+def merge_outputs(engine: Any, prompts: list[str | list[int]], params: Any,
+                  request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, cumulative RequestOutput) for each prompt's engine request, as they come."""
+    if len(prompts) == 1:  # returned, not wrapped: one async generator frame less per chunk
+        return _one_prompt(engine, prompts[0], params, request_id)
+    return _merged(engine, prompts, params, request_id)
+
+
+async def _merged(engine: Any, prompts: list[str | list[int]], params: Any,
+                  request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
     ids = [f"{request_id}-{i}" for i in range(len(prompts))]
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
