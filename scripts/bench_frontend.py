@@ -83,8 +83,16 @@ def make_stepped(args=None):
                     o = c.out
                     snap = type(o)(o.index, o.text, list(o.token_ids), o.cumulative_logprob, None, o.finish_reason,
                                    o.stop_reason)  # a new cumulative output per step, as the front-end decoder makes
-                    q.put_nowait(RequestOutput(rid, None, ids, None, [snap], o.finish_reason is not None, metrics))
+                    now = time.monotonic()
+                    metrics.first_token_time = metrics.first_token_time or now
+                    metrics.last_token_time = now
+                    out = RequestOutput(rid, None, ids, None, [snap], o.finish_reason is not None, metrics)
+                    q.put_nowait(out)
                     self.gen_tokens += 1
+                    if out.finished:  # the server's /metrics histograms: the engine's own TTFT and token gaps
+                        metrics.finished_time = now
+                        for fn in self.listeners:
+                            fn(out)
                 await asyncio.sleep(max(0.0, step_s - (loop.time() - t0)))
 
     return Stepped(**({} if args is None else dict(served_model_name=args.served_model_name or "m",
@@ -128,7 +136,8 @@ def one(variant: str, port: int, bench_args: list[str], out: Path, step_ms: floa
     r = json.loads(res.read_text())
     n, tokens = r["completed"], r["total_output_tokens"]
     return dict(variant=variant, server_cpu_s=busy, ms_per_request=busy / n * 1e3, us_per_token=busy / tokens * 1e6,
-                duration_s=r["duration_s"], mean_ttft_ms=r["mean_ttft_ms"], median_tpot_ms=r["median_tpot_ms"])
+                duration_s=r["duration_s"], mean_ttft_ms=r["mean_ttft_ms"], median_tpot_ms=r["median_tpot_ms"],
+                engine_mean_ttft_ms=r.get("engine_mean_ttft_ms"), engine_mean_tpot_ms=r.get("engine_mean_tpot_ms"))
 
 
 def main(argv=None) -> list[dict]:
@@ -157,7 +166,9 @@ def main(argv=None) -> list[dict]:
             rows.append(r)
             print(f"{v:20s} server CPU {r['server_cpu_s']:.2f} s: {r['ms_per_request']:.2f} ms/request, "
                   f"{r['us_per_token']:.1f} us/token; run {r['duration_s']:.2f} s, mean TTFT {r['mean_ttft_ms']:.0f} "
-                  f"ms, median TPOT {r['median_tpot_ms']:.2f} ms", flush=True)
+                  f"ms, median TPOT {r['median_tpot_ms']:.2f} ms"
+                  + (f"; the engine's own mean TTFT {r['engine_mean_ttft_ms']:.0f} ms, token gap "
+                     f"{r['engine_mean_tpot_ms']:.2f} ms" if r["engine_mean_ttft_ms"] is not None else ""), flush=True)
     if a.output_json:
         Path(a.output_json).write_text(json.dumps(rows, indent=2))
     return rows

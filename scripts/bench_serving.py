@@ -162,6 +162,54 @@ def run_processes(args: argparse.Namespace, samples: list[Sample]) -> tuple[list
     return results, max(walls), float(np.mean(busy))
 
 
+# The server's own view, from its Prometheus histograms (jaxserve: and vllm: names alike): TTFT from the engine's
+# arrival, the token gaps, the whole request, the queue. The first name found is taken.
+ENGINE_HISTOGRAMS = {"ttft": ("time_to_first_token_seconds",),
+                     "tpot": ("inter_token_latency_seconds", "time_per_output_token_seconds"),
+                     "e2el": ("e2e_request_latency_seconds",), "queue": ("request_queue_time_seconds",)}
+
+
+def scrape_engine_histograms(base_url: str, headers: dict) -> dict[str, tuple[float, float]] | None:
+    """{key: (sum, count)} of ENGINE_HISTOGRAMS from the server's /metrics, summed over label sets; None when the
+    server has no /metrics (or no such histograms)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    try:
+        r = httpx.get(base_url.rstrip("/") + "/metrics", headers=headers, timeout=10)
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    found: dict[str, dict[str, list[float]]] = {}
+    for fam in text_string_to_metric_families(r.text):
+        for key, names in ENGINE_HISTOGRAMS.items():
+            suffix = next((n for n in names if fam.name.endswith(n)), None)
+            if fam.type == "histogram" and suffix is not None:
+                acc = found.setdefault(key, {}).setdefault(suffix, [0.0, 0.0])
+                for sample in fam.samples:
+                    if sample.name.endswith("_sum"):
+                        acc[0] += sample.value
+                    elif sample.name.endswith("_count"):
+                        acc[1] += sample.value
+    out = {}
+    for key, names in ENGINE_HISTOGRAMS.items():
+        by_name = found.get(key, {})
+        name = next((n for n in names if n in by_name), None)
+        if name is not None:
+            out[key] = tuple(by_name[name])
+    return out or None
+
+
+def engine_means(before: dict | None, after: dict | None) -> dict:
+    """engine_mean_{ttft,tpot,e2el,queue}_ms over the run (the warm-up requests included): histogram sums and counts
+    after minus before. The token gaps are token-weighted (each request's mean gap once per gap)."""
+    out = {}
+    for key in ENGINE_HISTOGRAMS:
+        b, a = (before or {}).get(key, (0.0, 0.0)), (after or {}).get(key)
+        n = a[1] - b[1] if a else 0
+        out[f"engine_mean_{key}_ms"] = (a[0] - b[0]) / n * 1000.0 if n > 0 else None
+    return out
+
+
 def summarize(results: list[Result], wall: float, args: argparse.Namespace, samples: list[Sample]) -> dict:
     ok = [r for r in results if r.ok]
     ms = lambda xs: np.asarray(xs, dtype=float) * 1000.0  # noqa: E731
@@ -248,12 +296,17 @@ def main(argv: list[str] | None = None) -> dict:
                                  args.random_range_ratio, args.vocab_size, args.token_offset)
     else:
         samples = sharegpt_like_dataset(rng, args.num_prompts, args.vocab_size, args.token_offset)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    before = scrape_engine_histograms(args.base_url, headers)
     if args.client_processes > 1:
         results, wall, busy = run_processes(args, samples)
     else:
         results, wall, cpu = asyncio.run(run(args, samples))
         busy = cpu / wall if wall > 0 else 0.0
     summary = summarize(results, wall, args, samples)
+    # The server's own means beside the client's: a gap between them is time spent outside the engine (HTTP, the
+    # front-end's event loop, the client).
+    summary.update(engine_means(before, scrape_engine_histograms(args.base_url, headers) if before else None))
     # A client process parses every SSE chunk it receives in Python: near 1.0 (busy all the time) the client, not
     # the server, sets the pace; then add --client-processes.
     summary["client_cpu_busy"] = busy

@@ -6,6 +6,7 @@ import json
 import sys
 
 import numpy as np
+import pytest
 
 from mock_engine import MockEngine
 from server_harness import REPO, ServerThread
@@ -39,8 +40,22 @@ def test_bench_against_mock(tmp_path):
             assert saved[k] is not None and saved[k] > 0, k
         # ignore_eos + max_tokens: each request produced exactly its output length
         assert saved["total_output_tokens"] == round(saved["mean_output_len"] * 24)
+        # the server's own view from /metrics: every request and every token gap it saw in the run
+        assert saved["engine_mean_ttft_ms"] > 0 and saved["engine_mean_e2el_ms"] >= saved["engine_mean_ttft_ms"]
+        assert saved["engine_mean_tpot_ms"] > 0
         summary = bench.main(["--base-url", s.url, "--dataset", "sharegpt-like", "--num-prompts", "8"])
         assert summary["completed"] == 8
+
+
+def test_engine_means_from_histogram_deltas():
+    """Hand-computed: 3 requests' TTFTs summing to 0.9 s after 1 earlier request (0.1 s) -> 0.3 s each; no
+    /metrics before or after -> None."""
+    before = {"ttft": (0.1, 1.0), "tpot": (0.5, 50.0)}
+    after = {"ttft": (1.0, 4.0), "tpot": (2.5, 250.0), "e2el": (6.0, 3.0)}
+    m = bench.engine_means(before, after)
+    assert m["engine_mean_ttft_ms"] == pytest.approx(300.0) and m["engine_mean_tpot_ms"] == pytest.approx(10.0)
+    assert m["engine_mean_e2el_ms"] == pytest.approx(2000.0) and m["engine_mean_queue_ms"] is None
+    assert all(v is None for v in bench.engine_means(None, None).values())
 
 
 def test_client_processes_share_the_prompts(tmp_path):

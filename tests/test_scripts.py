@@ -330,3 +330,4 @@ def test_bench_frontend_counts_the_server_process_cpu(tmp_path):
     for r in rows + stepped:
         assert r["server_cpu_s"] > 0 and r["us_per_token"] > 0
     assert stepped[0]["median_tpot_ms"] >= 35  # one token per 40 ms step at most
+    assert stepped[0]["engine_mean_tpot_ms"] >= 35  # the server's /metrics saw the steps' rhythm too
