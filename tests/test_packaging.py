@@ -75,7 +75,7 @@ def test_readme_flags_exist():
 
     readme = (REPO / "README.md").read_text()
     known = {a for act in make_parser()._actions for a in act.option_strings}
-    for script in ("bench_throughput.py", "run_batch.py", "bench_serving.py", "bench_latency.py"):
+    for script in ("bench_throughput.py", "run_batch.py", "bench_serving.py", "bench_latency.py", "bench_frontend.py"):
         text = (REPO / "scripts" / script).read_text()
         known |= set(re.findall(r"--[a-z][a-z0-9-]+", text))
     known |= set(re.findall(r"--[a-z][a-z0-9-]+", (REPO / ".ci" / "run").read_text()))  # pytest's
