@@ -69,6 +69,7 @@ class LLMEngine:
         self.generation_defaults = generation_defaults
         self.groups: dict[str, _Group] = {}
         self._rng = np.random.default_rng(config.model.seed)
+        self.phases = PhaseTimes()  # host seconds per step phase (one thread: the engine's; not re-entrant)
         self.stats_counters = dict(prompt_tokens_total=0, generation_tokens_total=0, num_steps=0,
                                    last_step_tokens=0)
         self.finished_listeners: list = []
@@ -212,7 +213,7 @@ class LLMEngine:
 
         Host phases carry profiler annotations, so a trace (scripts/profile_decode.py, /start_profile)
         shows where the host's time per step goes beside the device ops."""
-        with _annotate("jaxserve.schedule"):
+        with self.phases("schedule"):
             out = self.scheduler.schedule()
         if out.is_empty:
             return None
@@ -220,7 +221,7 @@ class LLMEngine:
         if not out.scheduled:
             self._launch(lambda prev: runner.run_block_ops(out))  # swaps of preempted requests only
             return None
-        with _annotate("jaxserve.prepare"):
+        with self.phases("prepare"):
             batch = runner.prepare(out)
             fwd_in = runner.forward_inputs(batch)
             seeds = [self._group_of(r.request).base_seed + r.sample_index for r in batch.rows]
@@ -274,7 +275,7 @@ class LLMEngine:
         if sampled is None:
             return []
         want_lp = any(r.request.sampling_params.logprobs is not None for r in batch.rows)
-        with _annotate("jaxserve.wait_tokens"):
+        with self.phases("wait_tokens"):
             host = _to_host(sampled, len(batch.rows), want_lp)
         for rid, res in step.prompt_logprobs.items():
             if rid in self.groups:
@@ -426,6 +427,34 @@ class LLMEngine:
 def _annotate(name: str):
     import jax
     return jax.profiler.TraceAnnotation(name)
+
+
+class PhaseTimes:
+    """The engine thread's host time per phase of a step (seconds, cumulative), each phase also a profiler
+    annotation ("jaxserve.<phase>"). `with phases("schedule"): ...`; totals() for logs and benchmarks."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._name = ""
+        self._t0 = 0.0
+        self._ann = None
+
+    def __call__(self, name: str) -> PhaseTimes:
+        self._name = name
+        return self
+
+    def __enter__(self) -> None:
+        self._ann = _annotate("jaxserve." + self._name)
+        self._ann.__enter__()
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        dt = time.perf_counter() - self._t0
+        self._ann.__exit__(*exc)
+        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + dt
+
+    def add(self, name: str, dt: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + dt
 
 
 def _result(x):

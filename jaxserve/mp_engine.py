@@ -179,6 +179,29 @@ class _EngineLoop:
         self.hist = TokenHistogram()
         self.adds_seen = 0
         self.stop = False
+        self.busy_since: float | None = None  # start of the current busy period (perf_counter)
+        self.busy_steps = self.busy_tokens = 0
+        self.busy_start: dict[str, float] = {}
+
+    def _end_busy_period(self) -> None:
+        """Log where the engine thread's time went over a busy period of 2 s or more (one INFO line): steps,
+        output tokens, and host ms per step by phase. "step" is all of engine.step(), schedule, prepare and
+        wait_tokens (the sampled ids' transfer, which waits for the device) are parts of it; "send" encodes and
+        pipes the outputs, "commands" takes new requests and aborts."""
+        if self.busy_since is None:
+            return
+        wall = time.perf_counter() - self.busy_since
+        since, self.busy_since = self.busy_start, None
+        phases = getattr(self.engine, "phases", None)
+        if wall < 2.0 or phases is None or not self.busy_steps:
+            return
+        n = self.busy_steps
+        per = {k: (v - since.get(k, 0.0)) / n * 1e3 for k, v in phases.seconds.items()}
+        toks = self.engine.stats_counters["generation_tokens_total"] - self.busy_tokens
+        order = ("step", "schedule", "prepare", "wait_tokens", "send", "commands")
+        parts = ", ".join(f"{k} {per[k]:.2f}" for k in order if k in per)
+        log.info("busy %.1f s: %d steps (%.2f ms each), %d output tokens (%.0f tok/s); host ms per step: %s",
+                 wall, n, wall / n * 1e3, toks, toks / wall, parts)
 
     def stats(self) -> dict:
         return dict(self.engine.stats(), iteration_counts=list(self.hist.counts), iteration_total=self.hist.total,
@@ -186,19 +209,38 @@ class _EngineLoop:
 
     def run(self) -> None:
         eng = self.engine
+        clock = time.perf_counter
+        phases = getattr(eng, "phases", None)
         try:
             while not self.stop:
                 # Idle: block until a command (or the front-end's end of the pipe closes). Busy: take what is there.
-                timeout = 0 if eng.has_unfinished_requests() else None
+                busy = eng.has_unfinished_requests()
+                if not busy:
+                    self._end_busy_period()
+                timeout = 0 if busy else None
+                t0 = clock()
                 while self.cmd_r.poll(timeout):
+                    if timeout is None:
+                        t0 = clock()  # the wait for the first command is idle time
                     self.handle(self.cmd_r.recv())
                     timeout = 0
                     if self.stop:
                         return
                 if eng.has_unfinished_requests():
+                    t1 = clock()
+                    if self.busy_since is None:
+                        self.busy_since, self.busy_steps = t1, 0
+                        self.busy_start = dict(phases.seconds) if phases is not None else {}
+                        self.busy_tokens = eng.stats_counters["generation_tokens_total"]
                     outs = eng.step()
+                    t2 = clock()
                     self.hist.observe(eng.stats_counters["last_step_tokens"])
                     self.out_w.send(("out", [self.encoder.encode(o) for o in outs], self.stats()))
+                    if phases is not None:
+                        phases.add("commands", t1 - t0)
+                        phases.add("step", t2 - t1)
+                        phases.add("send", clock() - t2)
+                    self.busy_steps += 1
         except (EOFError, OSError, BrokenPipeError):
             return  # the front-end went away: nothing left to serve
         except BaseException as e:  # noqa: BLE001 - report the death, then exit
