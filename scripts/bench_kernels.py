@@ -163,7 +163,7 @@ def bench_decode(args, interpret: bool):
             }
             ref_out = None
             for name, fn in impls.items():
-                row = dict(kind="decode", impl=name, batch=batch, ctx=ctx)
+                row = dict(kind="decode", impl=name, batch=batch, ctx=ctx, block=BLOCK)
                 try:
                     jf = jax.jit(fn)
                     out = jf(q, k, v, tables, lens)
@@ -521,6 +521,7 @@ def plot(rows, args, path):
 
 
 def main():
+    global BLOCK
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas interpret mode (CPU)")
@@ -545,9 +546,12 @@ def main():
     p.add_argument("--chain", type=int, default=16,
                    help="decode: also time N calls inside one jitted program (the device's time per call, as a "
                         "forward pass runs it); the sweep then uses this timing. 0: back-to-back calls only")
+    p.add_argument("--block-size", type=int, default=BLOCK,
+                   help="tokens per KV page in the decode and sweep sections (the engine's --block-size)")
     p.add_argument("--kv-write", action="store_true",
                    help="only the KV-cache write benchmark (the default run includes it: ~20 s on an H100)")
     args = p.parse_args()
+    BLOCK = args.block_size
     interpret = args.smoke or jax.devices()[0].platform == "cpu"
     args.q_heads, args.kv_heads, args.head_dim = HQ, HKV, D
     if args.smoke:
