@@ -5,7 +5,8 @@ Two sources, one private CollectorRegistry (nothing global, so tests can build m
   preemption counters, prefix-cache counters, the per-step `iteration_tokens_total` histogram, the
   `cache_config_info` info metric, and device utilization/memory from NVML. The NVML metrics exist
   only when pynvml (nvidia-ml-py) imports and reports at least one GPU: absent, never faked.
-- per-request histograms (TTFT, inter-token latency, queue time, e2e latency) and
+- per-request histograms (TTFT, inter-token latency, queue time, e2e latency; vLLM v1's per-request time per
+  output token, prefill, decode and inference times, prompt and generation token counts) and
   `request_success_total{finished_reason}`, fed by an engine listener called once per finished
   request with its RequestOutput.metrics (monotonic timestamps). The engine reports per-request
   first/last token times, not every token's, so inter-token latency is observed as the request's
@@ -34,6 +35,17 @@ ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
                10.0, 20.0, 40.0, 80.0)
 LATENCY_BUCKETS = (0.1, 0.25, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+def buckets_1_2_5(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to and including the first value >= limit (token-count buckets)."""
+    out, base = [], 1
+    while True:
+        for m in (1, 2, 5):
+            out.append(m * base)
+            if m * base >= limit:
+                return tuple(out)
+        base *= 10
 
 
 class _NVML:
@@ -114,16 +126,27 @@ class ServerMetrics:
     def __init__(self, engine: Any, model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         labels, r = ["model_name"], self.registry
-        self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to first token.", labels,
-                              buckets=TTFT_BUCKETS, registry=r).labels(model_name)
-        self.itl = Histogram(P + "inter_token_latency_seconds", "Time between output tokens.", labels,
-                             buckets=ITL_BUCKETS, registry=r).labels(model_name)
-        self.e2e = Histogram(P + "e2e_request_latency_seconds", "Arrival to finish.", labels,
-                             buckets=LATENCY_BUCKETS, registry=r).labels(model_name)
-        self.queue = Histogram(P + "request_queue_time_seconds", "Arrival to first scheduled.", labels,
-                               buckets=LATENCY_BUCKETS, registry=r).labels(model_name)
+
+        def hist(name: str, doc: str, buckets) -> Any:
+            return Histogram(P + name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.ttft = hist("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.itl = hist("inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds", "Arrival to finish.", LATENCY_BUCKETS)
+        self.queue = hist("request_queue_time_seconds", "Arrival to first scheduled.", LATENCY_BUCKETS)
         self.success = Counter(P + "request_success", "Finished requests by finish reason.",
                                ["model_name", "finished_reason"], registry=r)
+        # vLLM v1's per-request histograms: one observation per finished request.
+        self.req_tpot = hist("request_time_per_output_token_seconds",
+                             "Per request: (last token - first token) / (output tokens - 1).", ITL_BUCKETS)
+        self.prefill = hist("request_prefill_time_seconds", "First scheduled to first token.", LATENCY_BUCKETS)
+        self.decode = hist("request_decode_time_seconds", "First token to last token.", LATENCY_BUCKETS)
+        self.inference = hist("request_inference_time_seconds", "First scheduled to finished.", LATENCY_BUCKETS)
+        mc = getattr(engine, "model_config", None)
+        tok_buckets = buckets_1_2_5(getattr(mc, "max_model_len", None) or 1 << 20)
+        self.prompt_tokens = hist("request_prompt_tokens", "Prompt tokens per finished request.", tok_buckets)
+        self.gen_tokens = hist("request_generation_tokens", "Output tokens per finished request (all its samples).",
+                               tok_buckets)
         self.model_name = model_name
         r.register(EngineCollector(engine, model_name))
         engine.add_listener(self.on_request_finished)
@@ -141,11 +164,20 @@ class ServerMetrics:
             self.queue.observe(max(0.0, t.first_scheduled_time - t.arrival_time))
         if t.finished_time is not None:
             self.e2e.observe(max(0.0, t.finished_time - t.arrival_time))
+        if t.first_scheduled_time is not None and t.first_token_time is not None:
+            self.prefill.observe(max(0.0, t.first_token_time - t.first_scheduled_time))
+        if t.first_scheduled_time is not None and t.finished_time is not None:
+            self.inference.observe(max(0.0, t.finished_time - t.first_scheduled_time))
+        self.prompt_tokens.observe(len(out.prompt_token_ids))
+        self.gen_tokens.observe(sum(len(c.token_ids) for c in out.outputs))
         num = max((len(c.token_ids) for c in out.outputs), default=0)
-        if num > 1 and t.first_token_time is not None and t.last_token_time is not None:
-            gap = max(0.0, (t.last_token_time - t.first_token_time) / (num - 1))
-            for _ in range(num - 1):
-                self.itl.observe(gap)
+        if t.first_token_time is not None and t.last_token_time is not None:
+            self.decode.observe(max(0.0, t.last_token_time - t.first_token_time))
+            if num > 1:
+                gap = max(0.0, (t.last_token_time - t.first_token_time) / (num - 1))
+                self.req_tpot.observe(gap)
+                for _ in range(num - 1):
+                    self.itl.observe(gap)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

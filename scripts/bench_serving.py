@@ -166,6 +166,7 @@ def run_processes(args: argparse.Namespace, samples: list[Sample]) -> tuple[list
 # arrival, the token gaps, the whole request, the queue. The first name found is taken.
 ENGINE_HISTOGRAMS = {"ttft": ("time_to_first_token_seconds",),
                      "tpot": ("inter_token_latency_seconds", "time_per_output_token_seconds"),
+                     "request_tpot": ("request_time_per_output_token_seconds",),
                      "e2el": ("e2e_request_latency_seconds",), "queue": ("request_queue_time_seconds",)}
 
 
@@ -182,7 +183,8 @@ def scrape_engine_histograms(base_url: str, headers: dict) -> dict[str, tuple[fl
     found: dict[str, dict[str, list[float]]] = {}
     for fam in text_string_to_metric_families(r.text):
         for key, names in ENGINE_HISTOGRAMS.items():
-            suffix = next((n for n in names if fam.name.endswith(n)), None)
+            base = fam.name.rsplit(":", 1)[-1]  # jaxserve:/vllm: prefixes
+            suffix = next((n for n in names if base == n), None)
             if fam.type == "histogram" and suffix is not None:
                 acc = found.setdefault(key, {}).setdefault(suffix, [0.0, 0.0])
                 for sample in fam.samples:
@@ -200,8 +202,9 @@ def scrape_engine_histograms(base_url: str, headers: dict) -> dict[str, tuple[fl
 
 
 def engine_means(before: dict | None, after: dict | None) -> dict:
-    """engine_mean_{ttft,tpot,e2el,queue}_ms over the run (the warm-up requests included): histogram sums and counts
-    after minus before. The token gaps are token-weighted (each request's mean gap once per gap)."""
+    """engine_mean_{ttft,tpot,request_tpot,e2el,queue}_ms over the run (the warm-up requests included): histogram
+    sums and counts after minus before. tpot is token-weighted (each request's mean gap once per gap);
+    request_tpot is one value per request, the same statistic as the client's mean_tpot_ms."""
     out = {}
     for key in ENGINE_HISTOGRAMS:
         b, a = (before or {}).get(key, (0.0, 0.0)), (after or {}).get(key)

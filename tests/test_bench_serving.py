@@ -43,6 +43,8 @@ def test_bench_against_mock(tmp_path):
         # the server's own view from /metrics: every request and every token gap it saw in the run
         assert saved["engine_mean_ttft_ms"] > 0 and saved["engine_mean_e2el_ms"] >= saved["engine_mean_ttft_ms"]
         assert saved["engine_mean_tpot_ms"] > 0
+        # one per request, as the client's mean TPOT is (and not mixed up with the token-weighted histogram)
+        assert saved["engine_mean_request_tpot_ms"] > 0
         summary = bench.main(["--base-url", s.url, "--dataset", "sharegpt-like", "--num-prompts", "8"])
         assert summary["completed"] == 8
 

@@ -38,6 +38,7 @@ def test_staggered_batch_equals_hf(smol_engine, smol_ref):
     for (rid, name), step in zip(rids.items(), (0, 1, 4, 9)):
         arrivals[step] = [(rid, {"prompt_token_ids": smol_ref[name]["prompt_ids"]}, greedy())]
     mixed = []
+    before = dict(smol_engine.phases.seconds)
     outs = drive(smol_engine, arrivals, on_step=lambda e, i, so: mixed.append(
         so is not None and len({s.num_new_tokens > 1 for s in so.scheduled}) == 2))
     assert any(mixed), "no step mixed a prefill with decodes"
@@ -45,6 +46,9 @@ def test_staggered_batch_equals_hf(smol_engine, smol_ref):
     for rid in rids:
         assert len(outs[rid].outputs[0].token_ids) == 32
     assert_idle(smol_engine)
+    # the steps' host phases were timed (the engine process's busy-period log line reads them)
+    for phase in ("schedule", "prepare", "wait_tokens"):
+        assert smol_engine.phases.seconds.get(phase, 0.0) > before.get(phase, 0.0), phase
 
 
 # ------------------------------------------------------------------------------------- prefix caching

@@ -21,7 +21,9 @@ def test_metrics_names_and_values():
         text = httpx.get(s.url + "/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("e2e_request_latency_seconds", "time_to_first_token_seconds", "inter_token_latency_seconds",
-                 "request_queue_time_seconds", "iteration_tokens_total"):
+                 "request_queue_time_seconds", "iteration_tokens_total", "request_time_per_output_token_seconds",
+                 "request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds",
+                 "request_prompt_tokens", "request_generation_tokens"):
         assert families["jaxserve:" + name].type == "histogram", name
     for name in ("num_requests_waiting", "num_requests_running", "num_requests_swapped", "kv_cache_usage_perc"):
         assert families["jaxserve:" + name].type == "gauge", name
@@ -76,3 +78,48 @@ def test_stats_log_line(caplog):
     (line,) = [r.getMessage() for r in caplog.records if "throughput" in r.getMessage()]
     assert "Running: 2 reqs" in line and "Waiting: 1 reqs" in line and "GPU KV cache usage: 50.0%" in line
     assert "Prefix cache hit rate: 25.0%" in line
+
+
+def test_per_request_histograms_from_hand_timed_outputs():
+    """vLLM v1's per-request histograms, fed two finished requests with hand-set timestamps."""
+    import pytest
+
+    from jaxserve.metrics import ServerMetrics, buckets_1_2_5
+    from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+    class Engine:
+        class model_config:
+            max_model_len = 300
+
+        def add_listener(self, fn):
+            self.fn = fn
+
+        def stats(self):
+            return EngineStats()
+
+    assert buckets_1_2_5(300) == (1, 2, 5, 10, 20, 50, 100, 200, 500)
+    assert buckets_1_2_5(100) == (1, 2, 5, 10, 20, 50, 100)
+    eng = Engine()
+    m = ServerMetrics(eng, "m")
+    # request a: arrived 10.0, scheduled 10.5, first token 11.0, 5 tokens, last token 13.0, finished 13.0
+    a = RequestOutput("a", None, [1, 2, 3], None, [CompletionOutput(0, "", [7] * 5, finish_reason="length")], True,
+                      RequestMetrics(10.0, 10.5, 11.0, 13.0, 13.0))
+    # request b: n=2 samples of 3 and 1 tokens; first token 2.25 after scheduling at 0.0, last at 3.25
+    b = RequestOutput("b", None, [4] * 40, None, [CompletionOutput(0, "", [7] * 3, finish_reason="stop"),
+                                                   CompletionOutput(1, "", [8], finish_reason="stop")], True,
+                      RequestMetrics(0.0, 0.0, 2.25, 3.25, 3.5))
+    eng.fn(a)
+    eng.fn(b)
+    text = m.render().decode()
+    v = lambda name, **kw: metric_value(text, "jaxserve:" + name, **kw)  # noqa: E731
+    assert v("request_time_per_output_token_seconds_count") == 2
+    assert v("request_time_per_output_token_seconds_sum") == pytest.approx(2.0 / 4 + 1.0 / 2)
+    assert v("request_prefill_time_seconds_sum") == pytest.approx(0.5 + 2.25)
+    assert v("request_decode_time_seconds_sum") == pytest.approx(2.0 + 1.0)
+    assert v("request_inference_time_seconds_sum") == pytest.approx(2.5 + 3.5)
+    assert v("request_prompt_tokens_sum") == 3 + 40 and v("request_prompt_tokens_bucket", le="5.0") == 1
+    assert v("request_generation_tokens_sum") == 5 + 4 and v("request_generation_tokens_bucket", le="5.0") == 2
+    assert v("request_generation_tokens_bucket", le="500.0") == 2
+    # the token-weighted inter-token histogram: one observation per gap (4 for a, 2 for b's longest sample)
+    assert v("inter_token_latency_seconds_count") == 4 + 2
+    assert v("inter_token_latency_seconds_sum") == pytest.approx(2.0 + 1.0)
