@@ -201,6 +201,16 @@ def freeze_startup_heap() -> None:
              "every %d young ones", gc.get_freeze_count(), (time.perf_counter() - t0) * 1e3, max(full, GC_FULL_EVERY))
 
 
+def collective_scratch_estimate(plan, runner, platform: str) -> int:
+    """Device bytes XLA's all-reduce kernels will keep outside JAX's allocator (kv_cache.collective_scratch_bytes):
+    tensor parallel on GPUs only; two all-reduces per layer of a stage, plus the embedding's and the LM head's."""
+    from jaxserve.kv_cache import collective_scratch_bytes
+    if plan is None or plan.tp == 1 or platform != "gpu":
+        return 0
+    layers = max(end - start for start, end in plan.stages)
+    return collective_scratch_bytes(runner.num_step_programs(), 2 * layers + 2)
+
+
 def build_engine(cls, args: EngineArgs, on_config=None):
     """on_config(EngineConfig), if given, is called as soon as the configuration is known (before weights load
     and compiles): the server's front-end process loads its tokenizer meanwhile (jaxserve/mp_engine.py)."""
@@ -208,7 +218,8 @@ def build_engine(cls, args: EngineArgs, on_config=None):
     if args.num_processes > 1:
         from jaxserve.multihost import init_distributed
         init_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    init_platform(args.device, args.gpu_memory_utilization, args.compile_cache_dir)
+    init_platform(args.device, args.gpu_memory_utilization, args.compile_cache_dir,
+                  multi_device=args.tensor_parallel_size * args.pipeline_parallel_size > 1)
     from jaxserve.attention import get_backend
     from jaxserve.block_manager import BlockManager
     from jaxserve.kv_cache import bytes_per_block, kv_memory_budget, round_blocks
@@ -257,7 +268,8 @@ def build_engine(cls, args: EngineArgs, on_config=None):
         log.info("profile run: %s in %.1f s", "no memory analysis" if activation is None else
                  f"{activation / 2**30:.2f} GiB of activations", time.perf_counter() - t_prof)
         devices = plan.local_devices() if plan else jax.devices()[:1]
-        budget, why = kv_memory_budget(devices, cc.gpu_memory_utilization, cc.kv_cache_memory, activation)
+        scratch = collective_scratch_estimate(plan, runner, devices[0].platform)
+        budget, why = kv_memory_budget(devices, cc.gpu_memory_utilization, cc.kv_cache_memory, activation, scratch)
         num_blocks = budget // per_block
         if args.num_processes > 1:  # every process must allocate the same pages: the smallest count wins
             from jaxserve.multihost import agree_min
@@ -287,7 +299,20 @@ def build_engine(cls, args: EngineArgs, on_config=None):
     runner.allocate_kv(num_blocks, host_blocks)
     log.info("KV cache: %d blocks of %d tokens (%.2f GiB per device, %s); %d host swap blocks", num_blocks,
              cc.block_size, num_blocks * per_block / 2**30, why, host_blocks)
-    compile_s += 0.0 if config.enforce_eager else runner.warmup()
+    try:
+        compile_s += 0.0 if config.enforce_eager else runner.warmup()
+    except Exception as e:  # noqa: BLE001 - one known failure gets its numbers and remedies; others pass through
+        if "for all-reduce" in str(e) or "collective memory" in str(e):
+            est = collective_scratch_estimate(plan, runner, "gpu")
+            raise StartupError(
+                f"the warm-up ran out of device memory for XLA's all-reduce scratch ({e}). Each compiled step "
+                f"program keeps its all-reduces' scratch outside JAX's allocator; jaxserve estimated "
+                f"{est / 2**30:.2f} GiB per device for {runner.num_step_programs()} programs. Lower "
+                f"--gpu-memory-utilization, or raise JAXSERVE_COLLECTIVE_SCRATCH_MIB (now "
+                f"{os.environ.get('JAXSERVE_COLLECTIVE_SCRATCH_MIB', 'the default')}) so that the KV cache leaves "
+                f"more free, or set XLA_FLAGS=--xla_gpu_experimental_use_collective_kernels= to use NCCL's "
+                f"all-reduce, which keeps no scratch per program.") from e
+        raise
     freeze_startup_heap()
     if args.num_processes > 1 and jax.process_index() != 0:
         from jaxserve.multihost import follow

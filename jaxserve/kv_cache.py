@@ -40,14 +40,35 @@ def _host_available() -> int:
         return 8 << 30
 
 
+# XLA's all-reduce kernels (the collective-kernel thunks a tensor-parallel decode step runs) each allocate their own
+# scratch in collective memory, outside JAX's allocator, once per compiled program, and keep it as long as the
+# program lives. Measured (docs/PERF.md, session 14, call 61): dummy Llama-3-70B at TP=4 on 4 x H200 grew by ~968 MB
+# per warmed program of 161 all-reduces, ~6 MiB each, until the device was full and the warm-up failed with
+# "Failed to allocate Scratch 1 for all-reduce". JAXSERVE_COLLECTIVE_SCRATCH_MIB overrides the figure (0: none).
+COLLECTIVE_SCRATCH_MIB_PER_ALL_REDUCE = 6.0
+# What a device needs outside JAX's allocator besides that: the CUDA context, cuBLAS and NCCL workspaces.
+OUTSIDE_POOL_BASE = 2 << 30
+
+
+def collective_scratch_bytes(num_programs: int, all_reduces_per_program: int) -> int:
+    """Device bytes the collective kernels of `num_programs` compiled step programs keep outside JAX's allocator."""
+    import os
+    mib = float(os.environ.get("JAXSERVE_COLLECTIVE_SCRATCH_MIB", COLLECTIVE_SCRATCH_MIB_PER_ALL_REDUCE))
+    return int(num_programs * all_reduces_per_program * mib * (1 << 20))
+
+
 def kv_memory_budget(devices, gpu_memory_utilization: float, kv_cache_memory: int | None,
-                     activation_bytes: int | None = None) -> tuple[int, str]:
+                     activation_bytes: int | None = None, outside_pool_bytes: int = 0) -> tuple[int, str]:
     """Bytes the KV cache may take on each device, and how that number was reached.
 
     activation_bytes: what the largest forward needs besides its inputs, by XLA's memory analysis
     (`ModelRunner.profile_run`). Given, the budget is the limit less the bytes in use now and that figure;
     else less the allocator's peak, which also holds compile-time scratch (XLA's autotuning) and so differs
-    between a cold start and a warm one."""
+    between a cold start and a warm one.
+    outside_pool_bytes: device memory that will be allocated outside JAX's allocator later (the collective kernels'
+    scratch, `collective_scratch_bytes`). What of it does not fit beside the allocator's share (less
+    OUTSIDE_POOL_BASE) comes off the budget; the allocator must then grow on demand (platform.init_platform's
+    multi_device), or its share stays taken."""
     if kv_cache_memory:
         return int(kv_cache_memory), "--kv-cache-memory"
     # Several devices (tensor/pipeline parallel): the one with the least free memory bounds them all.
@@ -66,9 +87,15 @@ def kv_memory_budget(devices, gpu_memory_utilization: float, kv_cache_memory: in
     # autotuning scratch for shapes compiled later, block copies and swap staging.
     reserve = max(1 << 30, int(0.03 * limit))
     what = "in use + largest forward's memory analysis" if activation_bytes is not None else "peak after profiling"
-    return max(0, int(limit - peak - reserve)), (f"{gpu_memory_utilization:.0%} of device memory minus "
-                                                 f"{peak / 2**30:.2f} GiB ({what}) and "
-                                                 f"{reserve / 2**30:.1f} GiB headroom")
+    why = (f"{gpu_memory_utilization:.0%} of device memory minus {peak / 2**30:.2f} GiB ({what}) and "
+           f"{reserve / 2**30:.1f} GiB headroom")
+    excess = 0
+    if outside_pool_bytes:
+        outside = limit / gpu_memory_utilization - limit  # the device's memory beyond the allocator's share
+        excess = max(0, int(outside_pool_bytes - max(0.0, outside - OUTSIDE_POOL_BASE)))
+        why += (f", and {excess / 2**30:.2f} GiB left free for the collective kernels' scratch "
+                f"({outside_pool_bytes / 2**30:.2f} GiB estimated)") if excess else ""
+    return max(0, int(limit - peak - reserve - excess)), why
 
 
 def round_blocks(num_blocks: int, quantum: int = 32) -> int:

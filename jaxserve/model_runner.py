@@ -444,6 +444,14 @@ class ModelRunner:
             shapes += [(T, True) for T in self.token_buckets if T <= self.max_num_seqs]
         return shapes
 
+    def num_step_programs(self) -> int:
+        """Forward programs the warm-up makes and keeps: one per step shape, and under tensor parallelism one more
+        per (shape, sampler) pair that samples inside its program (greedy and plain random)."""
+        n = len(self._warm_shapes())
+        if self._sampled_forward is not None and self.fuse_unpack:
+            n += 2 * sum(self._fused_shape(T, dec) for T, dec in self._warm_shapes())
+        return n
+
     def _program_store(self) -> ProgramStore | None:
         if not self._store_made:
             self._store, self._store_made = ProgramStore.beside_compile_cache(), True

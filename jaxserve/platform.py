@@ -63,13 +63,19 @@ def xla_flags(current: str) -> str:
 
 
 def init_platform(device: str = "auto", gpu_memory_utilization: float = 0.9,
-                  compile_cache_dir: str | None = None, quiet: bool = False) -> str:
-    """Configure JAX once per process; returns the platform name ("cpu" or "gpu")."""
+                  compile_cache_dir: str | None = None, quiet: bool = False, multi_device: bool = False) -> str:
+    """Configure JAX once per process; returns the platform name ("cpu" or "gpu").
+
+    multi_device (tensor or pipeline parallel): JAX's allocator grows on demand instead of taking its whole share
+    at start-up, so that what the KV cache sizing leaves outside it stays free for the memory XLA's collectives
+    allocate on their own (kv_cache.collective_scratch_bytes)."""
     global _initialized
     if not 0.0 < gpu_memory_utilization <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     if not _initialized:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{gpu_memory_utilization:.3f}")
+        if multi_device:
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         if device == "cpu":
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))

@@ -140,8 +140,12 @@ jax.monitoring.register_event_duration_secs_listener(
     lambda e, d, **k: step_compiles.append(k.get("fun_name")) if e == "/jax/core/compile/backend_compile_duration"
     and ("step" in str(k.get("fun_name")) or "packed_fwd" in str(k.get("fun_name"))) else None)
 llm = LLM(folder, tensor_parallel_size=2, compile_threads=2, **dict(flags, enforce_eager=False))
+r = llm.llm_engine.runner
 out["threads"] = {"aot": [m for m in seen if "ahead of time" in m], "step_compiles": step_compiles,
-                  "shapes": len(llm.llm_engine.runner._warm_shapes())}
+                  "shapes": len(r._warm_shapes()),
+                  # the step programs the warm-up keeps (the collective scratch estimate counts them) against those
+                  # it made: the step programs and the jitted forward-with-sampling's compiled variants
+                  "programs": [r.num_step_programs(), len(r._programs) + r._sampled_forward._cache_size()]}
 n = len(compiles)
 out["tokens"]["2x1/threads"] = tokens(llm, prompts)
 out["threads"]["compiles_in_generate"] = len(compiles) - n
@@ -300,6 +304,8 @@ def test_threaded_warmup_of_a_tensor_parallel_forward(tiny_run):
     # compiled, and neither compiled the plain stage program
     names = tiny_run["threads"]["step_compiles"]
     assert len(names) == tiny_run["threads"]["shapes"] and all("packed_fwd" in n for n in names)
+    counted, made = tiny_run["threads"]["programs"]
+    assert counted == made > tiny_run["threads"]["shapes"]  # the fused (shape, sampler) programs included
 
 
 def test_a_second_tensor_parallel_start_loads_its_step_programs(tiny_run):

@@ -303,3 +303,74 @@ def test_xla_flags_reach_a_fresh_process():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--xla_gpu_enable_command_buffer=+COLLECTIVES" in out.stdout
     assert "--xla_gpu_disable_async_collectives=ALLREDUCE" in out.stdout
+
+
+def test_kv_budget_leaves_room_for_the_collective_kernels_scratch():
+    """Tensor parallel on GPUs: what XLA's all-reduce kernels will allocate outside JAX's allocator comes off the KV
+    budget where it does not fit in the device memory beyond the allocator's share (less 2 GiB)."""
+    from jaxserve.kv_cache import OUTSIDE_POOL_BASE, kv_memory_budget
+    GiB = 1 << 30
+    dev = _FakeDevice(bytes_limit=72 * GiB, bytes_in_use=16 * GiB, peak_bytes_in_use=16 * GiB)  # 80 GiB at 0.9
+    reserve = int(0.03 * 72 * GiB)
+    base = 72 * GiB - 16 * GiB - 2 * GiB - reserve
+    assert kv_memory_budget([dev], 0.9, None, 2 * GiB)[0] == base
+    outside = 80 * GiB - 72 * GiB - OUTSIDE_POOL_BASE  # 6 GiB free beyond the allocator's share
+    assert kv_memory_budget([dev], 0.9, None, 2 * GiB, outside_pool_bytes=5 * GiB)[0] == base  # fits: no change
+    b, why = kv_memory_budget([dev], 0.9, None, 2 * GiB, outside_pool_bytes=10 * GiB)
+    assert b == pytest.approx(base - (10 * GiB - outside), abs=2) and "collective kernels' scratch" in why
+    assert kv_memory_budget([dev], 0.9, None, 2 * GiB, outside_pool_bytes=200 * GiB)[0] == 0  # never negative
+
+
+def test_collective_scratch_estimate(monkeypatch):
+    """Per device: programs x (2 all-reduces per layer of the largest stage + 2) x 6 MiB; tensor parallel on GPUs
+    only; JAXSERVE_COLLECTIVE_SCRATCH_MIB overrides the per-all-reduce figure."""
+    from types import SimpleNamespace
+
+    from jaxserve.engine_builder import collective_scratch_estimate
+    from jaxserve.parallel import split_layers
+    runner = SimpleNamespace(num_step_programs=lambda: 26)
+    plan = SimpleNamespace(tp=4, stages=split_layers(80, 1))
+    monkeypatch.delenv("JAXSERVE_COLLECTIVE_SCRATCH_MIB", raising=False)
+    assert collective_scratch_estimate(plan, runner, "gpu") == 26 * 162 * 6 * 2**20  # Llama-3-70B at TP=4
+    assert collective_scratch_estimate(SimpleNamespace(tp=2, stages=split_layers(5, 2)), runner, "gpu") == \
+        26 * (2 * 3 + 2) * 6 * 2**20  # pipeline stages of 3 and 2 layers: the larger one
+    assert collective_scratch_estimate(plan, runner, "cpu") == 0
+    assert collective_scratch_estimate(None, runner, "gpu") == 0
+    assert collective_scratch_estimate(SimpleNamespace(tp=1, stages=split_layers(80, 2)), runner, "gpu") == 0
+    monkeypatch.setenv("JAXSERVE_COLLECTIVE_SCRATCH_MIB", "0")
+    assert collective_scratch_estimate(plan, runner, "gpu") == 0
+
+
+def test_warmup_out_of_collective_scratch_is_a_startup_error_with_remedies(monkeypatch):
+    """XLA's own message for the all-reduce scratch it could not allocate (session 14, Llama-3-70B at TP=4) becomes a
+    StartupError that says what ran out and which flags change it; other warm-up errors pass through as they are."""
+    from jaxserve.model_runner import ModelRunner
+
+    def out_of_scratch(self):
+        raise RuntimeError("INTERNAL: Failed to allocate Scratch 1 for all-reduce. [executable_name='jit_packed_fwd']")
+    monkeypatch.setattr(ModelRunner, "warmup", out_of_scratch)
+    with pytest.raises(StartupError) as e:
+        make(max_model_len=64, enforce_eager=False)
+    msg = str(e.value)
+    assert "Failed to allocate Scratch 1 for all-reduce" in msg
+    for remedy in ("--gpu-memory-utilization", "JAXSERVE_COLLECTIVE_SCRATCH_MIB",
+                   "XLA_FLAGS=--xla_gpu_experimental_use_collective_kernels="):
+        assert remedy in msg
+
+    def other(self):
+        raise ValueError("something else")
+    monkeypatch.setattr(ModelRunner, "warmup", other)
+    with pytest.raises(ValueError, match="something else"):
+        make(max_model_len=64, enforce_eager=False)
+
+
+def test_multi_device_runs_let_the_allocator_grow_on_demand():
+    """Tensor/pipeline parallel: JAX's allocator must not take its whole share at start-up, or the room the KV sizing
+    leaves for the collective kernels' scratch stays inside it. One device keeps preallocation (JAX's default)."""
+    code = ("import os, sys; from jaxserve.platform import init_platform; init_platform('cpu', 0.8, quiet=True, "
+            "multi_device=sys.argv[1] == '1'); print(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'), "
+            "os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_PYTHON_CLIENT")}
+    got = [subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, env=env,
+                          timeout=120).stdout.split() for flag in ("1", "0")]
+    assert got == [["false", "0.800"], ["None", "0.800"]]
