@@ -45,14 +45,14 @@ def time_dispatch(n_devices: int, n_buffers: int, n_donated: int, calls: int) ->
     return host
 
 
-def main():
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--buffers", type=int, nargs="+", default=[16, 64, 300])
     p.add_argument("--donated", type=int, nargs="+", default=[0, 64])
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2])
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--output-json", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
     rows = []
     for d in args.devices:
@@ -68,6 +68,7 @@ def main():
     if args.output_json:
         with open(args.output_json, "w") as fh:
             json.dump(rows, fh, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

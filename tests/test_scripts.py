@@ -331,3 +331,16 @@ def test_bench_frontend_counts_the_server_process_cpu(tmp_path):
         assert r["server_cpu_s"] > 0 and r["us_per_token"] > 0
     assert stepped[0]["median_tpot_ms"] >= 35  # one token per 40 ms step at most
     assert stepped[0]["engine_mean_tpot_ms"] >= 35  # the server's /metrics saw the steps' rhythm too
+
+
+def test_bench_dispatch_times_launches_by_argument_count(tmp_path):
+    """One CPU device: a row per (buffers, donated) with a positive host time, written to the JSON; more arrays
+    cost more to launch than fewer (hundreds against a few)."""
+    sys.path.insert(0, str(SCRIPTS))
+    import bench_dispatch
+    out = tmp_path / "d.json"
+    rows = bench_dispatch.main(["--buffers", "2", "400", "--donated", "0", "--devices", "1", "--calls", "20",
+                                "--output-json", str(out)])
+    assert [(r["buffers"], r["donated"]) for r in rows] == [(2, 0), (400, 0)]
+    assert json.loads(out.read_text()) == rows
+    assert 0 < rows[0]["host_us_per_call"] < rows[1]["host_us_per_call"]
