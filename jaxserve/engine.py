@@ -430,8 +430,9 @@ def _annotate(name: str):
 
 
 class PhaseTimes:
-    """The engine thread's host time per phase of a step (seconds, cumulative), each phase also a profiler
-    annotation ("jaxserve.<phase>"). `with phases("schedule"): ...`; totals() for logs and benchmarks."""
+    """The engine thread's host time per phase of a step, each phase also a profiler annotation
+    ("jaxserve.<phase>"): `with phases("schedule"): ...`; `seconds` holds the cumulative totals (the engine
+    process's busy-period log line reads them)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}

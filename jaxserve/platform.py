@@ -3,9 +3,11 @@
 JAX preallocates 75% of GPU memory when its backend starts unless told otherwise, and can only be
 told before that moment. `init_platform` runs before any device is touched and gives JAX's
 allocator `gpu_memory_utilization` of the card (weights, activations and the KV cache all live
-inside it; the KV cache gets what a profiling run leaves). If a GPU was asked for (`device="gpu"`
-or JAX_PLATFORMS naming cuda/gpu) and JAX fell back to CPU (a broken CUDA plugin does that
-silently), startup fails with a message that says so.
+inside it; the KV cache gets what a profiling run leaves). Tensor/pipeline-parallel runs let that
+allocator grow on demand instead (XLA's all-reduce kernels allocate beside it: see
+kv_cache.collective_scratch_bytes). If a GPU was asked for (`device="gpu"` or JAX_PLATFORMS naming
+cuda/gpu) and JAX fell back to CPU (a broken CUDA plugin does that silently), startup fails with a
+message that says so.
 """
 from __future__ import annotations
 
