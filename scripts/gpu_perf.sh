@@ -85,7 +85,8 @@ urllib.request.urlopen(urllib.request.Request("http://localhost:8011/v1/completi
 print("first served token after health in", round(time.time() - t0, 3), "s")
 PY
 python3 -c "import time; print(\"server start to first served token: %.1f s\" % (time.time() - $t0))"
-timeout 200 python3 scripts/bench_serving.py --base-url http://localhost:8011 --dataset sharegpt-like --num-prompts 320 --request-rate inf --vocab-size 128256 --result-json $OUT/serving.json --plot $OUT/serving.png > $OUT/serving.log 2>&1 &
+# 4 client processes: one is 65% busy at this burst and adds 2-6 ms to the median TPOT (docs/PERF.md, session 14).
+timeout 200 python3 scripts/bench_serving.py --base-url http://localhost:8011 --dataset sharegpt-like --num-prompts 320 --request-rate inf --vocab-size 128256 --client-processes 4 --result-json $OUT/serving.json --plot $OUT/serving.png > $OUT/serving.log 2>&1 &
 BP=$!
 # NVML's utilization is a sampled figure: read it every 4 s under load, not once.
 for i in 1 2 3 4 5 6 7 8; do sleep 4; echo "t=$((i*4))s $(curl -s localhost:8011/metrics | grep -E '^jaxserve:(gpu_utilization|num_requests_running|num_requests_waiting|kv_cache_usage_perc)' | tr '\n' ' ')"; done > $OUT/metrics_under_load.txt
