@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,6 @@ OUTSIDE_POOL_BASE = 2 << 30
 
 def collective_scratch_bytes(num_programs: int, all_reduces_per_program: int) -> int:
     """Device bytes the collective kernels of `num_programs` compiled step programs keep outside JAX's allocator."""
-    import os
     mib = float(os.environ.get("JAXSERVE_COLLECTIVE_SCRATCH_MIB", COLLECTIVE_SCRATCH_MIB_PER_ALL_REDUCE))
     return int(num_programs * all_reduces_per_program * mib * (1 << 20))
 

@@ -192,11 +192,10 @@ class _EngineLoop:
             return
         wall = time.perf_counter() - self.busy_since
         since, self.busy_since = self.busy_start, None
-        phases = getattr(self.engine, "phases", None)
-        if wall < 2.0 or phases is None or not self.busy_steps:
+        if wall < 2.0 or not self.busy_steps:
             return
         n = self.busy_steps
-        per = {k: (v - since.get(k, 0.0)) / n * 1e3 for k, v in phases.seconds.items()}
+        per = {k: (v - since.get(k, 0.0)) / n * 1e3 for k, v in self.engine.phases.seconds.items()}
         toks = self.engine.stats_counters["generation_tokens_total"] - self.busy_tokens
         order = ("step", "schedule", "prepare", "wait_tokens", "send", "commands")
         parts = ", ".join(f"{k} {per[k]:.2f}" for k in order if k in per)
@@ -209,8 +208,7 @@ class _EngineLoop:
 
     def run(self) -> None:
         eng = self.engine
-        clock = time.perf_counter
-        phases = getattr(eng, "phases", None)
+        clock, phases = time.perf_counter, eng.phases
         try:
             while not self.stop:
                 # Idle: block until a command (or the front-end's end of the pipe closes). Busy: take what is there.
@@ -230,16 +228,15 @@ class _EngineLoop:
                     t1 = clock()
                     if self.busy_since is None:
                         self.busy_since, self.busy_steps = t1, 0
-                        self.busy_start = dict(phases.seconds) if phases is not None else {}
+                        self.busy_start = dict(phases.seconds)
                         self.busy_tokens = eng.stats_counters["generation_tokens_total"]
                     outs = eng.step()
                     t2 = clock()
                     self.hist.observe(eng.stats_counters["last_step_tokens"])
                     self.out_w.send(("out", [self.encoder.encode(o) for o in outs], self.stats()))
-                    if phases is not None:
-                        phases.add("commands", t1 - t0)
-                        phases.add("step", t2 - t1)
-                        phases.add("send", clock() - t2)
+                    phases.add("commands", t1 - t0)
+                    phases.add("step", t2 - t1)
+                    phases.add("send", clock() - t2)
                     self.busy_steps += 1
         except (EOFError, OSError, BrokenPipeError):
             return  # the front-end went away: nothing left to serve

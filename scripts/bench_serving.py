@@ -182,8 +182,8 @@ def scrape_engine_histograms(base_url: str, headers: dict) -> dict[str, tuple[fl
         return None
     found: dict[str, dict[str, list[float]]] = {}
     for fam in text_string_to_metric_families(r.text):
+        base = fam.name.rsplit(":", 1)[-1]  # jaxserve:/vllm: prefixes
         for key, names in ENGINE_HISTOGRAMS.items():
-            base = fam.name.rsplit(":", 1)[-1]  # jaxserve:/vllm: prefixes
             suffix = next((n for n in names if base == n), None)
             if fam.type == "histogram" and suffix is not None:
                 acc = found.setdefault(key, {}).setdefault(suffix, [0.0, 0.0])
