@@ -374,3 +374,26 @@ def test_multi_device_runs_let_the_allocator_grow_on_demand():
     got = [subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, env=env,
                           timeout=120).stdout.split() for flag in ("1", "0")]
     assert got == [["false", "0.800"], ["None", "0.800"]]
+
+
+def _logging_child(env_level: str | None, configure_root: bool) -> subprocess.CompletedProcess:
+    """A fresh interpreter (the variable is read when jaxserve is imported) that logs one INFO line."""
+    code = ("import logging, jaxserve\n"
+            + ("logging.basicConfig(level=logging.INFO, format='root %(message)s')\n" if configure_root else "")
+            + "logging.getLogger('jaxserve.engine').info('KV cache: 7 blocks')\n")
+    env = {k: v for k, v in os.environ.items() if k != "JAXSERVE_LOGGING_LEVEL"}
+    if env_level is not None:
+        env["JAXSERVE_LOGGING_LEVEL"] = env_level
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_logging_level_env_shows_info_lines_once():
+    assert "KV cache: 7 blocks" not in _logging_child(None, False).stderr  # default: warnings only
+    shown = _logging_child("info", False)
+    assert shown.returncode == 0 and shown.stderr.count("KV cache: 7 blocks") == 1
+    assert "INFO jaxserve.engine" in shown.stderr
+    # A program that configures the root logger (the server does) prints each record once, through its handler.
+    both = _logging_child("INFO", True)
+    assert both.stderr.count("KV cache: 7 blocks") == 1 and "root KV cache" in both.stderr
+    bad = _logging_child("loud", False)
+    assert bad.returncode != 0 and "JAXSERVE_LOGGING_LEVEL='LOUD' is not a logging level" in bad.stderr
