@@ -211,6 +211,47 @@ def collective_scratch_estimate(plan, runner, platform: str) -> int:
     return collective_scratch_bytes(runner.num_step_programs(), 2 * layers + 2)
 
 
+def cuda_total_memory() -> int | None:
+    """Bytes of GPU 0's memory from the CUDA driver, before JAX starts (no context is made); None without one."""
+    import ctypes
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    dev, total = ctypes.c_int(), ctypes.c_size_t()
+    try:
+        if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(dev), 0) or cuda.cuDeviceTotalMem_v2(ctypes.byref(total),
+                                                                                              dev):
+            return None
+    except AttributeError:
+        return None
+    return total.value or None
+
+
+def collective_pool_fraction(args: EngineArgs, arch, total: int | None) -> tuple[float, int]:
+    """JAX's share of each GPU under tensor parallelism, and the all-reduce scratch estimated for it: the share is
+    --gpu-memory-utilization less what of the estimate (kv_cache.collective_scratch_bytes) does not fit in the rest
+    of the device (less kv_cache.OUTSIDE_POOL_BASE). Measured on 2 x H200 (docs/PERF.md, session 15): JAX's allocator
+    holds its whole share once the KV cache is allocated, growing or not, so the scratch's room must be outside it.
+    Counted before JAX starts, from the flags, with the GPU defaults where they are not given (512 running requests,
+    8192 tokens per step: an upper bound). Unchanged on one device, without a CUDA driver, with --kv-cache-memory, or
+    where XLA_PYTHON_CLIENT_MEM_FRACTION is set (the user's share wins)."""
+    from jaxserve.batch import make_buckets
+    from jaxserve.kv_cache import OUTSIDE_POOL_BASE, collective_scratch_bytes
+    from jaxserve.model_runner import step_program_count
+    util = args.gpu_memory_utilization
+    if (args.tensor_parallel_size == 1 or not total or args.kv_cache_memory or args.device == "cpu"
+            or "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ):
+        return util, 0
+    layers = -(-arch.num_hidden_layers // args.pipeline_parallel_size)
+    seqs = args.max_num_seqs or 512
+    buckets = make_buckets(max(args.max_num_batched_tokens or 8192, seqs))
+    fused = args.pipeline_parallel_size == 1 and args.num_processes == 1
+    est = collective_scratch_bytes(step_program_count(buckets, seqs, True, fused), 2 * layers + 2)
+    excess = max(0, est - (total * (1 - util) - OUTSIDE_POOL_BASE))
+    return max(0.05, util - excess / total), est
+
+
 def build_engine(cls, args: EngineArgs, on_config=None):
     """on_config(EngineConfig), if given, is called as soon as the configuration is known (before weights load
     and compiles): the server's front-end process loads its tokenizer meanwhile (jaxserve/mp_engine.py)."""
@@ -218,8 +259,17 @@ def build_engine(cls, args: EngineArgs, on_config=None):
     if args.num_processes > 1:
         from jaxserve.multihost import init_distributed
         init_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    init_platform(args.device, args.gpu_memory_utilization, args.compile_cache_dir,
-                  multi_device=args.tensor_parallel_size * args.pipeline_parallel_size > 1)
+    multi_device = args.tensor_parallel_size * args.pipeline_parallel_size > 1
+    pool_fraction, scratch_est = args.gpu_memory_utilization, 0
+    if multi_device:
+        from jaxserve.models.arch import load_arch as _load_arch
+        pool_fraction, scratch_est = collective_pool_fraction(args, _load_arch(resolve_model_path(args.model)),
+                                                              cuda_total_memory())
+    init_platform(args.device, pool_fraction, args.compile_cache_dir, multi_device=multi_device)
+    if pool_fraction < args.gpu_memory_utilization:
+        log.info("XLA's all-reduce scratch (%.2f GiB estimated per device) does not fit beside JAX's share: the share "
+                 "is %.1f%% of device memory instead of %.0f%%", scratch_est / 2**30, 100 * pool_fraction,
+                 100 * args.gpu_memory_utilization)
     from jaxserve.attention import get_backend
     from jaxserve.block_manager import BlockManager
     from jaxserve.kv_cache import bytes_per_block, kv_memory_budget, round_blocks
@@ -269,7 +319,7 @@ def build_engine(cls, args: EngineArgs, on_config=None):
                  f"{activation / 2**30:.2f} GiB of activations", time.perf_counter() - t_prof)
         devices = plan.local_devices() if plan else jax.devices()[:1]
         scratch = collective_scratch_estimate(plan, runner, devices[0].platform)
-        budget, why = kv_memory_budget(devices, cc.gpu_memory_utilization, cc.kv_cache_memory, activation, scratch)
+        budget, why = kv_memory_budget(devices, pool_fraction, cc.kv_cache_memory, activation, scratch)
         num_blocks = budget // per_block
         if args.num_processes > 1:  # every process must allocate the same pages: the smallest count wins
             from jaxserve.multihost import agree_min

@@ -67,8 +67,9 @@ def kv_memory_budget(devices, gpu_memory_utilization: float, kv_cache_memory: in
     between a cold start and a warm one.
     outside_pool_bytes: device memory that will be allocated outside JAX's allocator later (the collective kernels'
     scratch, `collective_scratch_bytes`). What of it does not fit beside the allocator's share (less
-    OUTSIDE_POOL_BASE) comes off the budget; the allocator must then grow on demand (platform.init_platform's
-    multi_device), or its share stays taken."""
+    OUTSIDE_POOL_BASE) comes off the budget. Measured on 2 x H200 (docs/PERF.md, session 15): that leaves the
+    bytes free inside JAX's allocator, which still takes its whole share as it grows, not outside it, so it
+    does not give the collectives room; a lower --gpu-memory-utilization does (the StartupError says so)."""
     if kv_cache_memory:
         return int(kv_cache_memory), "--kv-cache-memory"
     # Several devices (tensor/pipeline parallel): the one with the least free memory bounds them all.

@@ -250,6 +250,31 @@ def _runtime_tag() -> str:
     return dev.platform
 
 
+def warm_shapes(token_buckets: list[int], max_num_seqs: int, has_decode_kernel: bool) -> list[tuple[int, bool]]:
+    """(tokens, decode_only) of every step program the warm-up compiles."""
+    shapes = [(T, False) for T in token_buckets]
+    if has_decode_kernel:  # the XLA path serves decode with the same program
+        shapes += [(T, True) for T in token_buckets if T <= max_num_seqs]
+    return shapes
+
+
+def fused_shape(T: int, decode_only: bool, token_buckets: list[int], max_num_seqs: int,
+                has_decode_kernel: bool) -> bool:
+    """ModelRunner._fused_shape for given buckets."""
+    return T <= max(min(max_num_seqs, FUSED_SAMPLING_MAX_TOKENS), token_buckets[0]) and (
+        decode_only or not has_decode_kernel)
+
+
+def step_program_count(token_buckets: list[int], max_num_seqs: int, has_decode_kernel: bool,
+                       sampled_forward: bool) -> int:
+    """ModelRunner.num_step_programs from the buckets alone (engine_builder needs it before JAX starts)."""
+    shapes = warm_shapes(token_buckets, max_num_seqs, has_decode_kernel)
+    n = len(shapes)
+    if sampled_forward:
+        n += 2 * sum(fused_shape(T, dec, token_buckets, max_num_seqs, has_decode_kernel) for T, dec in shapes)
+    return n
+
+
 class ModelRunner:
     def __init__(self, model, params, arch, *, block_size: int, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, kv_dtype, mesh=None, kv_sharding=None, num_kv_heads=None,
@@ -439,18 +464,13 @@ class ModelRunner:
         return self._forward, (self.params, kv, ids, meta, li), {}
 
     def _warm_shapes(self) -> list[tuple[int, bool]]:
-        shapes = [(T, False) for T in self.token_buckets]
-        if self.model.backend.has_decode_kernel:  # the XLA path serves decode with the same program
-            shapes += [(T, True) for T in self.token_buckets if T <= self.max_num_seqs]
-        return shapes
+        return warm_shapes(self.token_buckets, self.max_num_seqs, self.model.backend.has_decode_kernel)
 
     def num_step_programs(self) -> int:
         """Forward programs the warm-up makes and keeps: one per step shape, and under tensor parallelism one more
         per (shape, sampler) pair that samples inside its program (greedy and plain random)."""
-        n = len(self._warm_shapes())
-        if self._sampled_forward is not None and self.fuse_unpack:
-            n += 2 * sum(self._fused_shape(T, dec) for T, dec in self._warm_shapes())
-        return n
+        return step_program_count(self.token_buckets, self.max_num_seqs, self.model.backend.has_decode_kernel,
+                                  self._sampled_forward is not None and self.fuse_unpack)
 
     def _program_store(self) -> ProgramStore | None:
         if not self._store_made:
@@ -762,8 +782,7 @@ class ModelRunner:
         FUSED_SAMPLING_MAX_TOKENS tokens (max_num_seqs if smaller; at least the smallest bucket), or any step of
         that size where one program serves decode and prefill (the XLA backend). There the host's per-step cost
         shows."""
-        return T <= max(min(self.max_num_seqs, FUSED_SAMPLING_MAX_TOKENS), self.token_buckets[0]) and (
-            decode_only or not self.model.backend.has_decode_kernel)
+        return fused_shape(T, decode_only, self.token_buckets, self.max_num_seqs, self.model.backend.has_decode_kernel)
 
     def fuses_sampling(self, fwd_in: tuple, smp_in) -> bool:
         """Whether this step's forward and sampling run as one program (launch_sampled)."""

@@ -69,8 +69,9 @@ def init_platform(device: str = "auto", gpu_memory_utilization: float = 0.9,
     """Configure JAX once per process; returns the platform name ("cpu" or "gpu").
 
     multi_device (tensor or pipeline parallel): JAX's allocator grows on demand instead of taking its whole share
-    at start-up, so that what the KV cache sizing leaves outside it stays free for the memory XLA's collectives
-    allocate on their own (kv_cache.collective_scratch_bytes)."""
+    at start-up. Measured on 2 x H200 (docs/PERF.md, session 15): its regions double as it grows, so once the KV
+    cache is allocated it holds its whole share anyway; what XLA's collectives allocate on their own
+    (kv_cache.collective_scratch_bytes) must fit in the device memory beyond that share (1 - the fraction)."""
     global _initialized
     if not 0.0 < gpu_memory_utilization <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Session 15, one 2 x H200 call (after scripts/gpu_setup.sh): the collective-scratch fix of session 14 on a GPU.
+# Session 15 note: every run here timed out in the warm-up (no --compile-threads: one thread on several devices);
+# add --compile-threads 8 to B before running it again (docs/PERF.md, session 15).
 # 1. dummy Llama-3-8B at TP=2, bench_latency batch 1 / 64 with the new default (JAX's allocator grows on demand for
 #    several devices) on a cold compile cache, then the same programs with the allocator preallocated as before
 #    (XLA_PYTHON_CLIENT_PREALLOCATE=true): does growing on demand cost step time?

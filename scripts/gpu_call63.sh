@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Not run in session 15 (call 62 timed out in its warm-ups; see docs/PERF.md, session 15).
 # Session 15, the 2 x H200 machine of call 62, right after it: dummy Llama-3-70B at TP=2 offline, 200 ShareGPT-like
 # prompts with the defaults (512 running requests: more step programs than call 62's 64), on call 62's compile
 # cache. Device memory sampled every 5 s.
