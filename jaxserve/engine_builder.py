@@ -243,7 +243,7 @@ def collective_pool_fraction(args: EngineArgs, arch, total: int | None) -> tuple
     if (args.tensor_parallel_size == 1 or not total or args.kv_cache_memory or args.device == "cpu"
             or "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ):
         return util, 0
-    layers = -(-arch.num_hidden_layers // args.pipeline_parallel_size)
+    layers = -(-arch.num_layers // args.pipeline_parallel_size)
     seqs = args.max_num_seqs or 512
     buckets = make_buckets(max(args.max_num_batched_tokens or 8192, seqs))
     fused = args.pipeline_parallel_size == 1 and args.num_processes == 1

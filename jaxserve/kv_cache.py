@@ -94,6 +94,7 @@ def kv_memory_budget(devices, gpu_memory_utilization: float, kv_cache_memory: in
     if outside_pool_bytes:
         outside = limit / gpu_memory_utilization - limit  # the device's memory beyond the allocator's share
         excess = max(0, int(outside_pool_bytes - max(0.0, outside - OUTSIDE_POOL_BASE)))
+        excess = 0 if excess < 64 << 20 else excess  # the share's own rounding (engine_builder lowered it to fit)
         why += (f", and {excess / 2**30:.2f} GiB left free for the collective kernels' scratch "
                 f"({outside_pool_bytes / 2**30:.2f} GiB estimated)") if excess else ""
     return max(0, int(limit - peak - reserve - excess)), why

@@ -100,8 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
     out_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     device_kind = jax.devices()[0].device_kind
     peak_tflops, peak_tbps = detect_peaks(device_kind)
-    peak_tflops = ns.peak_tflops or peak_tflops
-    peak_tbps = ns.peak_tbps or peak_tbps
+    # Per device, times the tensor-parallel devices that read and multiply in parallel (as bench_latency.py).
+    tp = getattr(ns, "tensor_parallel_size", 1) or 1
+    peak_tflops = (ns.peak_tflops or peak_tflops or 0) * tp or None
+    peak_tbps = (ns.peak_tbps or peak_tbps or 0) * tp or None
     wbytes = weight_bytes_per_step(arch, ITEMSIZE.get(mc.dtype, 4))
     tbps = wbytes * steps / elapsed / 1e12
     tflops = 2 * matmul_params(arch) * (in_tokens + out_tokens) / elapsed / 1e12

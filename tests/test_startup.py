@@ -409,7 +409,7 @@ def test_collective_pool_fraction_lowers_jax_share_by_the_scratch_that_does_not_
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     monkeypatch.delenv("JAXSERVE_COLLECTIVE_SCRATCH_MIB", raising=False)
     GiB, MiB = 1 << 30, 1 << 20
-    arch70 = SimpleNamespace(num_hidden_layers=80)
+    arch70 = SimpleNamespace(num_layers=80)
     args = EngineArgs(model="x", tensor_parallel_size=2, gpu_memory_utilization=0.9)
     # Defaults 512 running requests, 8192 tokens: buckets 8 .. 8192 (11), decode-only 8 .. 512 (7), and the fused
     # greedy/random programs of decode shapes 8 .. 64 (2 x 4): 26 programs of 162 all-reduces.
@@ -419,7 +419,7 @@ def test_collective_pool_fraction_lowers_jax_share_by_the_scratch_that_does_not_
     assert frac == pytest.approx(0.9 - excess / (140 * GiB), abs=1e-9) and 0.80 < frac < 0.82
     # Fewer programs (64 running requests, 2048 tokens: 9 + 4 + 8), 8 layers: it fits, the share stays.
     small = EngineArgs(model="x", tensor_parallel_size=2, max_num_seqs=64, max_num_batched_tokens=2048)
-    assert collective_pool_fraction(small, SimpleNamespace(num_hidden_layers=8), 80 * GiB) == (0.9, 21 * 18 * 6 * MiB)
+    assert collective_pool_fraction(small, SimpleNamespace(num_layers=8), 80 * GiB) == (0.9, 21 * 18 * 6 * MiB)
     # Pipeline stages halve the layers per device and have no fused programs.
     pp = EngineArgs(model="x", tensor_parallel_size=2, pipeline_parallel_size=2)
     assert collective_pool_fraction(pp, arch70, 140 * GiB)[1] == 18 * 82 * 6 * MiB
