@@ -69,7 +69,9 @@ def kv_memory_budget(devices, gpu_memory_utilization: float, kv_cache_memory: in
     scratch, `collective_scratch_bytes`). What of it does not fit beside the allocator's share (less
     OUTSIDE_POOL_BASE) comes off the budget. Measured on 2 x H200 (docs/PERF.md, session 15): that leaves the
     bytes free inside JAX's allocator, which still takes its whole share as it grows, not outside it, so it
-    does not give the collectives room; a lower --gpu-memory-utilization does (the StartupError says so)."""
+    gives the collectives no room. What does is a smaller share: engine_builder.collective_pool_fraction lowers
+    it before JAX starts, after which nothing is left to take off here (where the user set the share, this still
+    applies)."""
     if kv_cache_memory:
         return int(kv_cache_memory), "--kv-cache-memory"
     # Several devices (tensor/pipeline parallel): the one with the least free memory bounds them all.
