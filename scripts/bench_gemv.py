@@ -12,6 +12,7 @@ H100 (docs/PERF.md, session 13): the kernel ties XLA per projection at best, and
 against 5.04 ms with XLA's dots, so the engine does not use it.
 
     python scripts/bench_gemv.py --output-json gemv.json     # on a GPU
+    python scripts/bench_gemv.py --only --prefetch qkv=8,o=8 qkv=16   # the layers only, with L2 prefetches
     python scripts/bench_gemv.py --smoke                     # tiny shapes, interpreted (CPU)
 """
 from __future__ import annotations
@@ -28,8 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.attention import parse_l2_prefetch
 from jaxserve.pallas_kernels.add_rms_norm import add_rms_norm
 from jaxserve.pallas_kernels.gemv import GemvTuning, gemv
+from jaxserve.pallas_kernels.l2_prefetch import after_prefetch, l2_prefetch
 
 BF = jnp.bfloat16
 
@@ -123,21 +126,29 @@ def sweep(p: Proj, T: int, copies: int, iters: int, interpret: bool, smoke: bool
                 best=rows[0] if rows else None)
 
 
-def layer_chain(ps: list[Proj], tunes: dict, interpret: bool, eps: float = 1e-5):
-    """32 decode layers' matmuls and norms as models.llama runs them; tunes[name] = GemvTuning or None (XLA)."""
+def layer_chain(ps: list[Proj], tunes: dict, interpret: bool, eps: float = 1e-5, prefetch: str = ""):
+    """32 decode layers' matmuls and norms as models.llama runs them; tunes[name] = GemvTuning or None (XLA).
+    prefetch: a JAXSERVE_L2_PREFETCH spec; its L2 prefetches are issued where models.llama issues them."""
     qkv, o, gu, down = ps
+    specs = {n: (b, k) for n, b, k in parse_l2_prefetch(prefetch)}
 
     def mm(p, x, w):
         t = tunes.get(p.name)
         return xla_op(p)(x, w) if t is None else gemv_op(p, t, interpret)(x, w)
 
+    def pf(name, w, after):
+        if name not in specs:
+            return after
+        tok = l2_prefetch(w, after, nbytes=specs[name][0], bands=specs[name][1], interpret=interpret)
+        return after_prefetch(after, tok)
+
     def chain(x, ws):
         pending = jnp.zeros_like(x)
         for wqkv, wo, wgu, wd, n1, n2 in ws:
-            x, n = add_rms_norm(x, pending, n1, eps=eps, interpret=interpret)
-            a = mm(qkv, n, wqkv)[:, :o.K]  # stands in for the attention output
-            x, n = add_rms_norm(x, mm(o, a, wo), n2, eps=eps, interpret=interpret)
-            g = mm(gu, n, wgu).reshape(x.shape[0], 2, -1)
+            x, n = add_rms_norm(x, pf("qkv", wqkv, pending), n1, eps=eps, interpret=interpret)
+            a = pf("o", wo, mm(qkv, n, wqkv))[:, :o.K]  # stands in for the attention output
+            x, n = add_rms_norm(x, pf("gate_up", wgu, mm(o, a, wo)), n2, eps=eps, interpret=interpret)
+            g = pf("down", wd, mm(gu, n, wgu).reshape(x.shape[0], 2, -1))
             pending = mm(down, g, wd)
         if pending.ndim == 3:
             pending = jnp.sum(pending, 0).astype(x.dtype)
@@ -155,6 +166,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--only", nargs="*", default=None, help="projections to sweep (qkv o gate_up down)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one tuning each, interpreted (CPU)")
+    ap.add_argument("--prefetch", nargs="*", default=[],
+                    help="JAXSERVE_L2_PREFETCH specs: the layer chain is also timed with each (e.g. qkv=8,o=8)")
     ap.add_argument("--output-json", default=None)
     a = ap.parse_args(argv)
     if a.smoke:
@@ -175,7 +188,7 @@ def main(argv=None) -> dict:
 
     l2 = 60e6  # bytes: more than an H100's 50 MB L2, so no copy is read from it
     for p in ps:
-        if a.only and p.name not in a.only:
+        if a.only is not None and p.name not in a.only:
             continue
         copies = 2 if a.smoke else max(4, math.ceil(4 * l2 / (p.K * p.N * 2)))
         res["sweeps"][p.name] = sweep(p, a.tokens, copies, a.iters, interpret, a.smoke, n_sm, log)
@@ -183,19 +196,23 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(1)
     D, Q, F = a.hidden, a.qkv, a.intermediate
 
-    def rnd(shape, k):
-        return jnp.asarray(rng.standard_normal(shape, np.float32) * k ** -0.5, BF)
+    keys = iter(jax.random.split(jax.random.key(1), 4 * a.layers))
+
+    def rnd(shape, k):  # on the device: 14 GB of numpy normals took over a minute of host time
+        return (jax.random.normal(next(keys), shape, jnp.float32) * k ** -0.5).astype(BF)
     ws = [(rnd((D, Q), D), rnd((D, D), D), rnd((D, 2 * F), D), rnd((F, D), F), jnp.ones(D, BF), jnp.ones(D, BF))
           for _ in range(a.layers)]
     x = jnp.asarray(rng.standard_normal((a.tokens, D), np.float32), BF)
     best = {n: GemvTuning(**s["best"]["tuning"]) for n, s in res["sweeps"].items() if s["best"]}
-    variants = {"xla": {}, "gemv_best (qkv, o, down)": {k: v for k, v in best.items() if k != "gate_up"},
-                "gemv_best (all four)": best}
+    variants = {"xla": ({}, ""), "gemv_best (qkv, o, down)": ({k: v for k, v in best.items() if k != "gate_up"}, ""),
+                "gemv_best (all four)": (best, "")}
+    variants.update({f"xla, prefetch {spec}": ({}, spec) for spec in a.prefetch})
+    variants["xla (again)"] = ({}, "")  # drift across the run
     ref = None
-    for name, tunes in variants.items():
-        if name != "xla" and not tunes:
+    for name, (tunes, spec) in variants.items():
+        if name.startswith("gemv") and not tunes:
             continue
-        f = layer_chain(ps, tunes, interpret)
+        f = layer_chain(ps, tunes, interpret, prefetch=spec)
         ms = time_program(f, (x, ws), a.iters) * 1e3
         y = np.asarray(f(x, ws), np.float32)
         ref = y if ref is None else ref

@@ -1,0 +1,118 @@
+"""Start fetching the first bytes of a weight matrix into the L2 cache, ahead of the GEMV that reads it.
+
+Design note. At batch 1 a Llama-3-8B decode step streams 15 GB of weights through 129 GEMVs, and the small ones
+stream below the copy rate: QKV at 2.36 TB/s and the o projection at 2.27 (docs/PERF.md, session 13), against
+~2.9 for gate/up. A 15-50 MB GEMV spends microseconds ramping up and draining, and the memory system sits idle
+under the latency-bound kernels between the GEMVs (norm, RoPE + KV write, attention, SiLU; ~20 us per layer).
+This kernel issues TMA bulk prefetches into L2 (`cp.async.bulk.prefetch.tensor.L2`, Mosaic GPU's
+`plgpu.async_prefetch`) of the rows that a GEMV reads first and exits without waiting for them: the fetch runs
+under the kernels that come before the GEMV, and the GEMV finds those rows in L2.
+
+A prefetch changes no value, so the pure-jnp reference is the identity (`l2_prefetch_reference`) and the caller
+orders it by data: the returned token is tied to the value the next kernel consumes (`after_prefetch`).
+
+Where. The weight is viewed as [R, C]: its first `row_dims` dims (the GEMV's contracted ones) folded into R, the
+rest into C (a free reshape of a row-major array).
+`bands` row bands of `nbytes / bands` bytes each start at rows 0, R/bands, 2R/bands, ...: a split-K GEMV's
+blocks start at the first rows of each of their K ranges. One CUDA block per TMA box of at most 256 x 256
+elements (TMA's box limit).
+
+Whether it helps is a measurement (scripts/bench_gemv.py --prefetch, bench_latency.py with
+JAXSERVE_L2_PREFETCH): the engine does not issue it unless that variable asks for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+_BOX = 256  # TMA box limit per dimension (elements)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefetchPlan:
+    rows: int  # R of the [R, C] view
+    cols: int  # C
+    band_rows: int  # rows prefetched per band (a multiple of box_rows)
+    box_rows: int
+    box_cols: int
+    bands: int
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.bands, self.band_rows // self.box_rows, self.cols // self.box_cols
+
+    def band_start(self, band: int) -> int:
+        return band * (self.rows // self.bands)
+
+    @property
+    def nbytes(self) -> int:  # elements, times the itemsize
+        return self.bands * self.band_rows * self.cols
+
+
+def plan(shape: tuple[int, ...], itemsize: int, nbytes: int, bands: int = 1,
+         row_dims: int = 1) -> PrefetchPlan | None:
+    """The boxes that cover about `nbytes` (rounded up to whole boxes) of an array of `shape`, in `bands` bands;
+    None where nothing would be fetched (nbytes <= 0) or the view does not tile (C not a multiple of a box
+    width that is a multiple of 16 bytes)."""
+    if nbytes <= 0 or bands < 1 or not 1 <= row_dims < len(shape):
+        return None
+    R, C = math.prod(shape[:row_dims]), math.prod(shape[row_dims:])
+    box_cols = math.gcd(C, _BOX)
+    if box_cols * itemsize % 16:
+        return None
+    bands = min(bands, R)
+    per_band = max(1, math.ceil(nbytes / bands / (C * itemsize)))  # rows
+    per_band = min(per_band, R // bands)
+    box_rows = math.ceil(per_band / math.ceil(per_band / _BOX))  # boxes of equal height that cover per_band
+    band_rows = min(math.ceil(per_band / box_rows) * box_rows, R // bands // box_rows * box_rows)
+    if box_rows < 1 or band_rows < 1:
+        return None
+    return PrefetchPlan(rows=R, cols=C, band_rows=band_rows, box_rows=box_rows, box_cols=box_cols, bands=bands)
+
+
+def l2_prefetch(w: jax.Array, after: jax.Array, *, nbytes: int, bands: int = 1, row_dims: int = 1,
+                interpret: bool = False) -> jax.Array:
+    """Issue L2 prefetches of about `nbytes` of w (see the design note) once `after` exists; returns a token
+    (i32[1], never written) for `after_prefetch`. `after` is not read: it only orders the launch after the
+    kernel that produces it. Where `plan` finds nothing to fetch, returns a token without a kernel."""
+    p = plan(w.shape, w.dtype.itemsize, nbytes, bands, row_dims)
+    if p is None:
+        return jnp.zeros((1,), jnp.int32)
+    w2 = w.reshape(p.rows, p.cols)
+    band_stride = p.rows // p.bands
+
+    def kernel(w_ref, after_ref, tok_ref):
+        del after_ref, tok_ref
+        b, i, j = (jax.lax.axis_index(n) for n in ("b", "i", "j"))
+        r0 = b * band_stride + i * p.box_rows
+        plgpu.async_prefetch(w_ref.at[pl.ds(r0, p.box_rows), pl.ds(j * p.box_cols, p.box_cols)])
+
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((1,), jnp.int32),
+        grid=p.grid,
+        grid_names=("b", "i", "j"),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+        kernel_name=f"l2_prefetch_{p.bands}x{p.band_rows}x{p.cols}",
+    )(w2, after)
+
+
+def l2_prefetch_reference(w: jax.Array, after: jax.Array, *, nbytes: int, bands: int = 1,
+                          row_dims: int = 1) -> jax.Array:
+    """What l2_prefetch computes: nothing (a token). Its effect is on timing only."""
+    del w, after, nbytes, bands, row_dims
+    return jnp.zeros((1,), jnp.int32)
+
+
+def after_prefetch(x, token: jax.Array):
+    """x, unchanged, but not available before `token`: the kernels that consume the result start after the
+    prefetch was issued (an optimization barrier ties the two; XLA adds no kernel for it)."""
+    x, _ = jax.lax.optimization_barrier((x, token))
+    return x
+
