@@ -156,6 +156,47 @@ def layer_chain(ps: list[Proj], tunes: dict, interpret: bool, eps: float = 1e-5,
     return jax.jit(chain)
 
 
+def _spin(x, *, iters: int, interpret: bool):
+    """x, after one GPU thread block has spun through `iters` dependent multiply-adds (an idle gap of a few
+    microseconds for the memory system), as a Pallas kernel (Triton lowering)."""
+    from jax.experimental import pallas as pl
+
+    def kernel(x_ref, o_ref):
+        v = jax.lax.fori_loop(0, iters, lambda i, v: v * 1.0000001 + 1e-9, x_ref[...].astype(jnp.float32))
+        o_ref[...] = v.astype(o_ref.dtype)
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=interpret)(x)
+
+
+def check_prefetch(K: int, N: int, T: int, copies: int, iters: int, spin_iters: int, interpret: bool, log) -> dict:
+    """Does the prefetch reach L2? `copies` GEMVs on distinct [K, N] weights, each after an idle gap (_spin),
+    with the whole weight prefetched before the gap or not: a weight that fits L2 (an o projection is 32 MiB of
+    the H100's 50 MB) should then read from L2. Also the gap alone, so the GEMV's own time can be told apart."""
+    keys = jax.random.split(jax.random.key(2), copies)
+    ws = [jax.random.normal(k, (K, N), jnp.float32).astype(BF) for k in keys]
+    x = jnp.ones((T, K), BF)
+
+    def prog(prefetch: bool, gemv_too: bool = True):
+        def f(x, ws):
+            for w in ws:
+                if prefetch:
+                    x = after_prefetch(x, l2_prefetch(w, x, nbytes=w.size * w.dtype.itemsize, interpret=interpret))
+                x = _spin(x, iters=spin_iters, interpret=interpret)
+                if gemv_too:
+                    x = (x @ w)[:, :K] * 1e-3
+            return x
+        return jax.jit(f)
+    res = {}
+    for name, f in (("gap only", prog(False, False)), ("gap, gemv", prog(False)),
+                    ("prefetch, gap, gemv", prog(True)), ("gap, gemv (again)", prog(False))):
+        res[name] = time_program(f, (x, ws), iters) / copies * 1e6
+        log(f"prefetch check K={K} N={N}: {name:22s} {res[name]:8.2f} us per copy")
+    gemv = res["gap, gemv"] - res["gap only"]
+    res["gemv_us"], res["gemv_after_prefetch_us"] = gemv, res["prefetch, gap, gemv"] - res["gap only"]
+    log(f"prefetch check: GEMV {gemv:.2f} us ({K * N * 2 / gemv / 1e6:.2f} TB/s) without, "
+        f"{res['gemv_after_prefetch_us']:.2f} us with the weight prefetched (launch of the prefetch included)")
+    return res
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=8, help="rows of x (the engine's batch-1 decode bucket is 8)")
@@ -168,6 +209,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one tuning each, interpreted (CPU)")
     ap.add_argument("--prefetch", nargs="*", default=[],
                     help="JAXSERVE_L2_PREFETCH specs: the layer chain is also timed with each (e.g. qkv=8,o=8)")
+    ap.add_argument("--check-prefetch", action="store_true",
+                    help="first: does a prefetched o-projection weight read from L2 after an idle gap?")
+    ap.add_argument("--spin-iters", type=int, default=20000, help="length of the idle gap of --check-prefetch")
     ap.add_argument("--output-json", default=None)
     a = ap.parse_args(argv)
     if a.smoke:
@@ -186,6 +230,10 @@ def main(argv=None) -> dict:
     def log(msg):
         print(msg, flush=True)
 
+    if a.check_prefetch:
+        res["prefetch_check"] = check_prefetch(a.hidden, a.hidden, a.tokens, 2 if a.smoke else 8, a.iters,
+                                               50 if a.smoke else a.spin_iters, interpret, log)
+        save()
     l2 = 60e6  # bytes: more than an H100's 50 MB L2, so no copy is read from it
     for p in ps:
         if a.only is not None and p.name not in a.only:
