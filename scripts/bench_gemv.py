@@ -175,11 +175,13 @@ def check_prefetch(K: int, N: int, T: int, copies: int, iters: int, spin_iters: 
     ws = [jax.random.normal(k, (K, N), jnp.float32).astype(BF) for k in keys]
     x = jnp.ones((T, K), BF)
 
-    def prog(prefetch: bool, gemv_too: bool = True):
+    def prog(prefetch: bool, gemv_too: bool = True, read_first: bool = False):
         def f(x, ws):
             for w in ws:
                 if prefetch:
                     x = after_prefetch(x, l2_prefetch(w, x, nbytes=w.size * w.dtype.itemsize, interpret=interpret))
+                if read_first:  # the same GEMV before the gap: does a plain read leave the weight in L2?
+                    x = (x @ w)[:, :K] * 1e-3
                 x = _spin(x, iters=spin_iters, interpret=interpret)
                 if gemv_too:
                     x = (x @ w)[:, :K] * 1e-3
@@ -187,13 +189,16 @@ def check_prefetch(K: int, N: int, T: int, copies: int, iters: int, spin_iters: 
         return jax.jit(f)
     res = {}
     for name, f in (("gap only", prog(False, False)), ("gap, gemv", prog(False)),
-                    ("prefetch, gap, gemv", prog(True)), ("gap, gemv (again)", prog(False))):
+                    ("prefetch, gap, gemv", prog(True)), ("gemv, gap, gemv", prog(False, read_first=True)),
+                    ("gap, gemv (again)", prog(False))):
         res[name] = time_program(f, (x, ws), iters) / copies * 1e6
         log(f"prefetch check K={K} N={N}: {name:22s} {res[name]:8.2f} us per copy")
     gemv = res["gap, gemv"] - res["gap only"]
     res["gemv_us"], res["gemv_after_prefetch_us"] = gemv, res["prefetch, gap, gemv"] - res["gap only"]
+    res["second_gemv_us"] = res["gemv, gap, gemv"] - res["gap only"] - gemv
     log(f"prefetch check: GEMV {gemv:.2f} us ({K * N * 2 / gemv / 1e6:.2f} TB/s) without, "
-        f"{res['gemv_after_prefetch_us']:.2f} us with the weight prefetched (launch of the prefetch included)")
+        f"{res['gemv_after_prefetch_us']:.2f} us with the weight prefetched (launch of the prefetch included), "
+        f"{res['second_gemv_us']:.2f} us when the same GEMV ran before the gap")
     return res
 
 
@@ -212,6 +217,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--check-prefetch", action="store_true",
                     help="first: does a prefetched o-projection weight read from L2 after an idle gap?")
     ap.add_argument("--spin-iters", type=int, default=20000, help="length of the idle gap of --check-prefetch")
+    ap.add_argument("--check-n", type=int, default=0, help="N of --check-prefetch's weights (0: the hidden size)")
     ap.add_argument("--output-json", default=None)
     a = ap.parse_args(argv)
     if a.smoke:
@@ -231,7 +237,7 @@ def main(argv=None) -> dict:
         print(msg, flush=True)
 
     if a.check_prefetch:
-        res["prefetch_check"] = check_prefetch(a.hidden, a.hidden, a.tokens, 2 if a.smoke else 8, a.iters,
+        res["prefetch_check"] = check_prefetch(a.hidden, a.check_n or a.hidden, a.tokens, 2 if a.smoke else 8, a.iters,
                                                50 if a.smoke else a.spin_iters, interpret, log)
         save()
     l2 = 60e6  # bytes: more than an H100's 50 MB L2, so no copy is read from it
