@@ -181,10 +181,10 @@ def check_prefetch(K: int, N: int, T: int, copies: int, iters: int, spin_iters: 
                 if prefetch:
                     x = after_prefetch(x, l2_prefetch(w, x, nbytes=w.size * w.dtype.itemsize, interpret=interpret))
                 if read_first:  # the same GEMV before the gap: does a plain read leave the weight in L2?
-                    x = (x @ w)[:, :K] * 1e-3
+                    x = jnp.tile(x @ w, (1, -(-K // N)))[:, :K] * 1e-3
                 x = _spin(x, iters=spin_iters, interpret=interpret)
                 if gemv_too:
-                    x = (x @ w)[:, :K] * 1e-3
+                    x = jnp.tile(x @ w, (1, -(-K // N)))[:, :K] * 1e-3
             return x
         return jax.jit(f)
     res = {}
