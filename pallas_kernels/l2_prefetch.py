@@ -76,30 +76,45 @@ def plan(shape: tuple[int, ...], itemsize: int, nbytes: int, bands: int = 1,
     return PrefetchPlan(rows=R, cols=C, band_rows=band_rows, box_rows=box_rows, box_cols=box_cols, bands=bands)
 
 
+MODES = ("prefetch", "load")
+
+
 def l2_prefetch(w: jax.Array, after: jax.Array, *, nbytes: int, bands: int = 1, row_dims: int = 1,
-                interpret: bool = False) -> jax.Array:
+                mode: str = "prefetch", interpret: bool = False) -> jax.Array:
     """Issue L2 prefetches of about `nbytes` of w (see the design note) once `after` exists; returns a token
     (i32[1], never written) for `after_prefetch`. `after` is not read: it only orders the launch after the
-    kernel that produces it. Where `plan` finds nothing to fetch, returns a token without a kernel."""
+    kernel that produces it. Where `plan` finds nothing to fetch, returns a token without a kernel.
+    mode "load": each block copies its box into shared memory (TMA) and waits for it instead, so the bytes have
+    passed through L2 when the kernel ends (a control for the prefetch: it costs the transfer's time)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     p = plan(w.shape, w.dtype.itemsize, nbytes, bands, row_dims)
     if p is None:
         return jnp.zeros((1,), jnp.int32)
     w2 = w.reshape(p.rows, p.cols)
     band_stride = p.rows // p.bands
 
-    def kernel(w_ref, after_ref, tok_ref):
+    def kernel(w_ref, after_ref, tok_ref, *scratch):
         del after_ref, tok_ref
         b, i, j = (jax.lax.axis_index(n) for n in ("b", "i", "j"))
-        r0 = b * band_stride + i * p.box_rows
-        plgpu.async_prefetch(w_ref.at[pl.ds(r0, p.box_rows), pl.ds(j * p.box_cols, p.box_cols)])
+        box = w_ref.at[pl.ds(b * band_stride + i * p.box_rows, p.box_rows), pl.ds(j * p.box_cols, p.box_cols)]
+        if mode == "prefetch":
+            plgpu.async_prefetch(box)
+        else:
+            smem, bar = scratch
+            plgpu.copy_gmem_to_smem(box, smem, bar.at[0])
+            plgpu.barrier_wait(bar.at[0])
 
+    scratch = [] if mode == "prefetch" else [plgpu.SMEM((p.box_rows, p.box_cols), w.dtype),
+                                             plgpu.Barrier(num_barriers=1)]
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((1,), jnp.int32),
+        scratch_types=scratch,
         grid=p.grid,
         grid_names=("b", "i", "j"),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
-        kernel_name=f"l2_prefetch_{p.bands}x{p.band_rows}x{p.cols}",
+        kernel_name=f"l2_{mode}_{p.bands}x{p.band_rows}x{p.cols}",
     )(w2, after)
 
 
@@ -116,3 +131,24 @@ def after_prefetch(x, token: jax.Array):
     x, _ = jax.lax.optimization_barrier((x, token))
     return x
 
+
+
+WEIGHTS = ("qkv", "o", "gate_up", "down")  # a Llama decode layer's GEMVs, in order
+
+
+def parse_spec(spec: str) -> tuple[tuple[str, int, int], ...]:
+    """A prefetch spec (scripts/bench_gemv.py --prefetch): comma-separated WEIGHT=MIB or WEIGHT=MIBxBANDS (weights:
+    qkv, o, gate_up, down), e.g. "qkv=8,o=8x2" -> (("qkv", 8 MiB, 1), ("o", 8 MiB, 2)). Empty: none."""
+    out = []
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, size = item.partition("=")
+        mib, _, bands = size.partition("x")
+        try:
+            nbytes, nb = int(float(mib) * (1 << 20)), int(bands or 1)
+        except ValueError:
+            nbytes = nb = -1
+        if name not in WEIGHTS or nbytes <= 0 or nb < 1 or name in (o[0] for o in out):
+            raise ValueError(f"prefetch spec: want WEIGHT=MIB[xBANDS] items, WEIGHT one of {WEIGHTS} (each once), "
+                             f"MIB > 0, BANDS >= 1; got {item!r}")
+        out.append((name, nbytes, nb))
+    return tuple(out)

@@ -29,10 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.attention import parse_l2_prefetch
 from jaxserve.pallas_kernels.add_rms_norm import add_rms_norm
 from jaxserve.pallas_kernels.gemv import GemvTuning, gemv
-from jaxserve.pallas_kernels.l2_prefetch import after_prefetch, l2_prefetch
+from jaxserve.pallas_kernels.l2_prefetch import after_prefetch, l2_prefetch, parse_spec
 
 BF = jnp.bfloat16
 
@@ -128,9 +127,10 @@ def sweep(p: Proj, T: int, copies: int, iters: int, interpret: bool, smoke: bool
 
 def layer_chain(ps: list[Proj], tunes: dict, interpret: bool, eps: float = 1e-5, prefetch: str = ""):
     """32 decode layers' matmuls and norms as models.llama runs them; tunes[name] = GemvTuning or None (XLA).
-    prefetch: a JAXSERVE_L2_PREFETCH spec; its L2 prefetches are issued where models.llama issues them."""
+    prefetch: a prefetch spec (l2_prefetch.parse_spec); each weight's L2 prefetch is issued right after the kernel
+    before the GEMV's input (its norm, or the GEMV before it)."""
     qkv, o, gu, down = ps
-    specs = {n: (b, k) for n, b, k in parse_l2_prefetch(prefetch)}
+    specs = {n: (b, k) for n, b, k in parse_spec(prefetch)}
 
     def mm(p, x, w):
         t = tunes.get(p.name)
@@ -175,12 +175,13 @@ def check_prefetch(K: int, N: int, T: int, copies: int, iters: int, spin_iters: 
     ws = [jax.random.normal(k, (K, N), jnp.float32).astype(BF) for k in keys]
     x = jnp.ones((T, K), BF)
 
-    def prog(prefetch: bool, gemv_too: bool = True, read_first: bool = False):
+    def prog(warm: str = "", gemv_too: bool = True):
         def f(x, ws):
             for w in ws:
-                if prefetch:
-                    x = after_prefetch(x, l2_prefetch(w, x, nbytes=w.size * w.dtype.itemsize, interpret=interpret))
-                if read_first:  # the same GEMV before the gap: does a plain read leave the weight in L2?
+                if warm in ("prefetch", "load"):
+                    x = after_prefetch(x, l2_prefetch(w, x, nbytes=w.size * w.dtype.itemsize, mode=warm,
+                                                      interpret=interpret))
+                if warm == "gemv":  # the same GEMV before the gap: does a plain read leave the weight in L2?
                     x = jnp.tile(x @ w, (1, -(-K // N)))[:, :K] * 1e-3
                 x = _spin(x, iters=spin_iters, interpret=interpret)
                 if gemv_too:
@@ -188,17 +189,21 @@ def check_prefetch(K: int, N: int, T: int, copies: int, iters: int, spin_iters: 
             return x
         return jax.jit(f)
     res = {}
-    for name, f in (("gap only", prog(False, False)), ("gap, gemv", prog(False)),
-                    ("prefetch, gap, gemv", prog(True)), ("gemv, gap, gemv", prog(False, read_first=True)),
-                    ("gap, gemv (again)", prog(False))):
+    for name, f in (("gap only", prog()), ("gap, gemv", prog()), ("prefetch, gap, gemv", prog("prefetch")),
+                    ("load, gap", prog("load", False)), ("load, gap, gemv", prog("load")),
+                    ("gemv, gap, gemv", prog("gemv")), ("gap, gemv (again)", prog())):
+        if name == "gap only":
+            f = prog(gemv_too=False)
         res[name] = time_program(f, (x, ws), iters) / copies * 1e6
         log(f"prefetch check K={K} N={N}: {name:22s} {res[name]:8.2f} us per copy")
     gemv = res["gap, gemv"] - res["gap only"]
     res["gemv_us"], res["gemv_after_prefetch_us"] = gemv, res["prefetch, gap, gemv"] - res["gap only"]
+    res["gemv_after_load_us"] = res["load, gap, gemv"] - res["load, gap"]
     res["second_gemv_us"] = res["gemv, gap, gemv"] - res["gap only"] - gemv
-    log(f"prefetch check: GEMV {gemv:.2f} us ({K * N * 2 / gemv / 1e6:.2f} TB/s) without, "
-        f"{res['gemv_after_prefetch_us']:.2f} us with the weight prefetched (launch of the prefetch included), "
-        f"{res['second_gemv_us']:.2f} us when the same GEMV ran before the gap")
+    log(f"prefetch check: GEMV {gemv:.2f} us ({K * N * 2 / gemv / 1e6:.2f} TB/s) from DRAM; after the weight's "
+        f"TMA prefetch {res['gemv_after_prefetch_us']:.2f} us (the prefetch's launch included); after its TMA "
+        f"load {res['gemv_after_load_us']:.2f} us (the load kernel: {res['load, gap'] - res['gap only']:.2f} us); "
+        f"when the same GEMV ran before the gap {res['second_gemv_us']:.2f} us")
     return res
 
 
@@ -213,7 +218,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one tuning each, interpreted (CPU)")
     ap.add_argument("--prefetch", nargs="*", default=[],
-                    help="JAXSERVE_L2_PREFETCH specs: the layer chain is also timed with each (e.g. qkv=8,o=8)")
+                    help="L2 prefetch specs (l2_prefetch.parse_spec): the layer chain is also timed with each, "
+                         "e.g. qkv=8,o=8")
     ap.add_argument("--check-prefetch", action="store_true",
                     help="first: does a prefetched o-projection weight read from L2 after an idle gap?")
     ap.add_argument("--spin-iters", type=int, default=20000, help="length of the idle gap of --check-prefetch")
