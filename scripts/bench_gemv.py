@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxserve.pallas_kernels.add_rms_norm import add_rms_norm
 from jaxserve.pallas_kernels.gemv import GemvTuning, gemv
-from jaxserve.pallas_kernels.l2_prefetch import after_prefetch, l2_prefetch, parse_spec
+from jaxserve.pallas_kernels.l2_prefetch import l2_prefetch, parse_spec
 
 BF = jnp.bfloat16
 
@@ -139,8 +139,7 @@ def layer_chain(ps: list[Proj], tunes: dict, interpret: bool, eps: float = 1e-5,
     def pf(name, w, after):
         if name not in specs:
             return after
-        tok = l2_prefetch(w, after, nbytes=specs[name][0], bands=specs[name][1], interpret=interpret)
-        return after_prefetch(after, tok)
+        return l2_prefetch(w, after, nbytes=specs[name][0], bands=specs[name][1], interpret=interpret)
 
     def chain(x, ws):
         pending = jnp.zeros_like(x)
@@ -179,8 +178,7 @@ def check_prefetch(K: int, N: int, T: int, copies: int, iters: int, spin_iters: 
         def f(x, ws):
             for w in ws:
                 if warm in ("prefetch", "load"):
-                    x = after_prefetch(x, l2_prefetch(w, x, nbytes=w.size * w.dtype.itemsize, mode=warm,
-                                                      interpret=interpret))
+                    x = l2_prefetch(w, x, nbytes=w.size * w.dtype.itemsize, mode=warm, interpret=interpret)
                 if warm == "gemv":  # the same GEMV before the gap: does a plain read leave the weight in L2?
                     x = jnp.tile(x @ w, (1, -(-K // N)))[:, :K] * 1e-3
                 x = _spin(x, iters=spin_iters, interpret=interpret)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Session 16, one H100 (after scripts/gpu_setup.sh): calls 66-69 timed no prefetch at all (XLA dropped the kernel:
+# its token output was unused). With the kernel now updating `after` in place: 1. the L2 check (a 32 MiB weight
+# after an idle gap: DRAM, after its prefetch, after a TMA load, after the same GEMV); 2. bench_gemv's 32 decode
+# layers without and with six prefetch specs; 3. bench_latency batch 1 / 64 (128 + 128) without prefetches, with the
+# two best specs of part 2, and without again, all on one compile cache.
+set -u
+export PYTHONUNBUFFERED=1
+L=/tmp/logs70; mkdir -p $L
+nvidia-smi --query-gpu=name --format=csv,noheader
+run() { local name=$1; shift; local t0=$SECONDS
+        if [ $((SECONDS + $1)) -gt 590 ]; then echo "== $name skipped"; return; fi
+        timeout "$@" > "$L/$name.log" 2>&1; echo "== $name rc=$? $((SECONDS - t0)) s"
+        grep -E "^batch|layers,|prefetch check:|Error|error:" "$L/$name.log" | cut -c1-300 | tail -12; }
+run check 60 python3 scripts/bench_gemv.py --only --layers 1 --iters 50 --check-prefetch --spin-iters 300 \
+  --output-json $OUT/check.json
+run gemv 150 python3 scripts/bench_gemv.py --only --output-json $OUT/gemv.json --prefetch \
+  qkv=8,o=8,gate_up=8,down=8 qkv=16,o=16,gate_up=16,down=16 qkv=8x4,o=8x4,gate_up=8,down=8x4 \
+  qkv=16x4,o=16x4,gate_up=16,down=16x4 qkv=16,o=16 gate_up=16,down=16
+BEST=$(python3 - <<'PY'
+import json, os
+try:
+    r = json.load(open(os.environ["OUT"] + "/gemv.json"))["layers"]
+    pf = sorted((v["ms"], k.split("prefetch ")[1]) for k, v in r.items() if "prefetch" in k)
+    print(" ".join(s for _, s in pf[:2]))
+except Exception:
+    print("qkv=8,o=8,gate_up=8,down=8")
+PY
+)
+echo "engine specs: $BEST"
+M="--model benchmarks/configs/llama3-8b.json --load-format dummy --skip-tokenizer-init --dtype bfloat16"
+B="python3 scripts/bench_latency.py $M --max-model-len 2048 --compile-cache-dir /tmp/jc --max-num-seqs 64
+   --batch-sizes 1 64 --input-len 128 --output-len 128"
+run lat_base 140 $B --output-json $OUT/lat_base.json
+i=0
+for spec in $BEST; do
+  i=$((i + 1)); echo "spec $i: $spec"
+  export JAXSERVE_L2_PREFETCH=$spec; run lat_pf$i 110 $B --output-json $OUT/lat_pf$i.json; unset JAXSERVE_L2_PREFETCH
+done
+run lat_base2 60 $B --output-json $OUT/lat_base2.json
+tar czf $OUT/logs70.tgz -C /tmp logs70
