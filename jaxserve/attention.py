@@ -55,12 +55,6 @@ class AttentionBackend(Protocol):
     def add_rms_norm(self, x: jax.Array, d: jax.Array, w: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
         """(x + d, w * rmsnorm(x + d)) for x, d [T, hidden]: the residual add and the next sublayer's norm."""
 
-    def prefetch(self, w: jax.Array, after, which: str, row_dims: int = 1):
-        """`after` (its first dim: the step's tokens), unchanged; where the backend prefetches weight `which`
-        (qkv, o, gate_up, down) into L2 for this step, the value is tied to that prefetch, so the kernels that
-        consume it start after it was issued (pallas_kernels/l2_prefetch.py). w's first row_dims dims are the
-        GEMV's contracted ones."""
-
 
 @dataclasses.dataclass(frozen=True)
 class XlaBackend:
@@ -90,9 +84,6 @@ class XlaBackend:
         from jaxserve.pallas_kernels.add_rms_norm import add_rms_norm_reference
         return add_rms_norm_reference(x, d, w, eps=eps)
 
-    def prefetch(self, w, after, which, row_dims=1):
-        return after
-
 
 @dataclasses.dataclass(frozen=True)
 class PallasBackend:
@@ -114,10 +105,6 @@ class PallasBackend:
     # (select.MOSAIC_DECODE_PERSISTENT_MIN_ITEMS; JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS overrides it for A/B runs,
     # 0 = never).
     decode_persistent_min_items: int = 0
-    # L2 prefetches of weights ahead of their GEMVs on steps of at most l2_prefetch_max_tokens tokens:
-    # ((weight, bytes, bands), ...), empty = none (pallas_mosaic only; JAXSERVE_L2_PREFETCH, parse_l2_prefetch).
-    l2_prefetch: tuple[tuple[str, int, int], ...] = ()
-    l2_prefetch_max_tokens: int = 64
 
     def write_kv(self, k_cache, v_cache, k, v, meta):
         from jaxserve.pallas_kernels.kv_write import kv_write_pallas
@@ -159,13 +146,6 @@ class PallasBackend:
         if self.fuse_small_ops and arn.supports(x.shape[-1]):
             return arn.add_rms_norm(x, d, w, eps=eps, interpret=self.interpret)
         return arn.add_rms_norm_reference(x, d, w, eps=eps)
-
-    def prefetch(self, w, after, which, row_dims=1):
-        spec = next((s for s in self.l2_prefetch if s[0] == which), None)
-        if spec is None or self.name != "pallas_mosaic" or after.shape[0] > self.l2_prefetch_max_tokens:
-            return after
-        from jaxserve.pallas_kernels.l2_prefetch import l2_prefetch
-        return l2_prefetch(w, after, nbytes=spec[1], bands=spec[2], row_dims=row_dims, interpret=self.interpret)
 
     def attend(self, q, k_cache, v_cache, meta, scale):
         from jaxserve.pallas_kernels import paged_decode, ragged_prefill
@@ -215,24 +195,9 @@ def get_backend(name: str = "auto", prefill_warpgroups: int | None = None) -> At
             raise ValueError(f"JAXSERVE_DECODE_PERSISTENT_MIN_ITEMS must be an integer (0 = never take the "
                              f"persistent decode kernel), got {env!r}") from None
     wg = select.MOSAIC_PREFILL_WARPGROUPS if prefill_warpgroups is None else prefill_warpgroups
-    prefetch = parse_l2_prefetch(os.environ.get("JAXSERVE_L2_PREFETCH", ""))
-    max_tokens = os.environ.get("JAXSERVE_L2_PREFETCH_MAX_TOKENS", "64").strip()
-    if not max_tokens.isdigit():
-        raise ValueError(f"JAXSERVE_L2_PREFETCH_MAX_TOKENS must be a non-negative integer, got {max_tokens!r}")
     return PallasBackend(name=choice, prefill_warpgroups=wg, fuse_small_ops=fuse,
-                         decode_persistent_min_items=persistent, l2_prefetch=prefetch,
-                         l2_prefetch_max_tokens=int(max_tokens))
+                         decode_persistent_min_items=persistent)
 
-
-
-def parse_l2_prefetch(spec: str) -> tuple[tuple[str, int, int], ...]:
-    """JAXSERVE_L2_PREFETCH: comma-separated WEIGHT=MIB or WEIGHT=MIBxBANDS (weights: qkv, o, gate_up, down), e.g.
-    "qkv=8,o=8x2"; empty: none (the default). See pallas_kernels/l2_prefetch.parse_spec."""
-    from jaxserve.pallas_kernels.l2_prefetch import parse_spec
-    try:
-        return parse_spec(spec)
-    except ValueError as e:
-        raise ValueError(f"JAXSERVE_L2_PREFETCH: {e}") from None
 
 def dummy_metadata(num_tokens: int, num_seqs: int, pages_per_seq: int, decode_only: bool = False) -> AttentionMetadata:
     """All-padding metadata of the given bucket shape (warm-up, shape inference)."""

@@ -94,8 +94,6 @@ class Attention(nn.Module):
         qkv = jnp.einsum("TD,DKCE->TKCE", x, wqkv)  # (T, K, G+2, E)
         if c.qkv_bias:
             qkv = qkv + _param(self, "bqkv", (K, G + 2, E), P(TP, None, None), nn.initializers.zeros, self.dtype)
-        if not self.is_initializing():
-            qkv = self.backend.prefetch(wo, qkv, "o", row_dims=2)  # under RoPE, KV write and attention
         T = x.shape[0]
         cos, sin = rope_cos_sin(meta.positions, c.rope_inv_freq())
         fused = self.backend.fused_decode(qkv, cos, sin, kv[0], kv[1], meta, E ** -0.5)
@@ -115,7 +113,6 @@ class Mlp(nn.Module):
     cfg: ArchConfig
     dtype: jnp.dtype
     tp_axis: str | None = None
-    backend: AttentionBackend | None = None  # only for its weight prefetch (None: none)
 
     @nn.compact
     def __call__(self, x):
@@ -123,8 +120,6 @@ class Mlp(nn.Module):
         w_gu = _param(self, "w_gate_up", (c.hidden_size, 2, c.intermediate_size), P(None, None, TP), dtype=self.dtype)
         w_down = _param(self, "w_down", (c.intermediate_size, c.hidden_size), P(TP, None), dtype=self.dtype)
         gu = jnp.einsum("TD,DCI->TCI", x, w_gu)  # (T, 2, I)
-        if self.backend is not None and not self.is_initializing():
-            gu = self.backend.prefetch(w_down, gu, "down")  # under the SiLU x up kernel
         h = jnp.einsum("TI,ID->TD", nn.silu(gu[:, 0]) * gu[:, 1], w_down)  # (T, D): partial sum under TP
         return _all_reduce(h, self.tp_axis)
 
@@ -145,17 +140,10 @@ class DecoderLayer(nn.Module):
         attn_norm = _param(self, "attn_norm", (c.hidden_size,), P(None), ones, self.dtype)
         mlp_norm = _param(self, "mlp_norm", (c.hidden_size,), P(None), ones, self.dtype)
         attn = Attention(c, self.dtype, self.backend, self.tp_axis, name="attn")
-        # Weight prefetches into L2 (backend.prefetch; none by default) start under the norm before each GEMV.
-        # The submodules' weights exist once the layer is applied with its params (not while initializing).
-        weights = {} if self.is_initializing() else self.variables["params"]
-        if weights:
-            pending = self.backend.prefetch(weights["attn"]["wqkv"], pending, "qkv")
         x, n = self.backend.add_rms_norm(x, pending, attn_norm, c.rms_norm_eps)
         h, kv = attn(n, kv, meta)
-        if weights:
-            h = self.backend.prefetch(weights["mlp"]["w_gate_up"], h, "gate_up")
         x, n = self.backend.add_rms_norm(x, h, mlp_norm, c.rms_norm_eps)
-        return x, Mlp(c, self.dtype, self.tp_axis, self.backend, name="mlp")(n), kv
+        return x, Mlp(c, self.dtype, self.tp_axis, name="mlp")(n), kv
 
 
 # JAXSERVE_TRACE_LAYER_ONCE=0 calls the Flax submodules instead (an A/B switch for measurements).

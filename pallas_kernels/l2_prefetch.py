@@ -9,7 +9,7 @@ This kernel issues TMA bulk prefetches into L2 (`cp.async.bulk.prefetch.tensor.L
 under the kernels that come before the GEMV, and the GEMV finds those rows in L2.
 
 A prefetch changes no value, so the pure-jnp reference is the identity (`l2_prefetch_reference`). The caller
-orders it by data: the kernel passes through (aliases) the value that the next kernel consumes.
+orders it by data: the kernel updates in place (aliases) the value that the next kernel consumes.
 
 Where. The weight is viewed as [R, C]: its first `row_dims` dims (the GEMV's contracted ones) folded into R, the
 rest into C (a free reshape of a row-major array).
@@ -17,8 +17,14 @@ rest into C (a free reshape of a row-major array).
 blocks start at the first rows of each of their K ranges. One CUDA block per TMA box of at most 256 x 256
 elements (TMA's box limit).
 
-Whether it helps is a measurement (scripts/bench_gemv.py --prefetch, bench_latency.py with
-JAXSERVE_L2_PREFETCH): the engine does not issue it unless that variable asks for it.
+Measured on an H100 (docs/PERF.md, session 16, gpu_call70.sh): it does not help, so the engine does not use it.
+- A 32 MiB o-projection GEMV after an idle gap: 13.7 us from DRAM; 18.0 us with its TMA prefetch issued before the
+  gap (the prefetch kernel included); 8.9 us after a TMA *load* of the weight (mode "load": the bytes do stay in
+  L2), but that load kernel itself took 13.7 us, as long as the GEMV it would save.
+- 32 decode layers (bench_gemv --prefetch): 5.07 ms without, 5.64-5.92 ms with prefetches of 8-16 MiB per weight.
+- The engine at batch 1 (wired in behind an environment variable for the run, then taken out): 5.67 ms without,
+  5.79 and 5.89 ms with the two best specs.
+The kernel stays with its benchmark and tests as the record, like gemv.py.
 """
 
 from __future__ import annotations

@@ -8,11 +8,14 @@ Two parts, both on Llama-3-8B's projections at T tokens (8: the engine's batch-1
   2. layers: 32 decode layers without attention, as models.llama runs them (add_rms_norm kernels, the four
      projections), once with XLA's dots and once with the kernel at the sweep's best tunings (partials into
      add_rms_norm for o and down), in one program: ms per 32 layers, the figure the decode step would see.
+  --prefetch: the layers again with L2 prefetches of the weights (pallas_kernels/l2_prefetch.py) issued before
+     each GEMV; --check-prefetch: first, whether a prefetched (or TMA-loaded) weight reads from L2 after a gap.
 H100 (docs/PERF.md, session 13): the kernel ties XLA per projection at best, and the layers ran 5.16 ms with it
-against 5.04 ms with XLA's dots, so the engine does not use it.
+against 5.04 ms with XLA's dots, so the engine does not use it. Session 16: the prefetches made the layers slower
+(5.64-5.92 ms against 5.07), so the engine does not issue them either.
 
     python scripts/bench_gemv.py --output-json gemv.json     # on a GPU
-    python scripts/bench_gemv.py --only --prefetch qkv=8,o=8 qkv=16   # the layers only, with L2 prefetches
+    python scripts/bench_gemv.py --only --check-prefetch --prefetch qkv=8,o=8 qkv=16   # layers and prefetches only
     python scripts/bench_gemv.py --smoke                     # tiny shapes, interpreted (CPU)
 """
 from __future__ import annotations

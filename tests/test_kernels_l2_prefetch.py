@@ -1,14 +1,12 @@
-"""L2 prefetch of GEMV weights (pallas_kernels/l2_prefetch.py; measured by scripts/bench_gemv.py and, in the engine,
-with JAXSERVE_L2_PREFETCH): the boxes it plans (by hand), the kernel interpreted in both modes and lowered for an
-H100, and where models.llama issues it (traced, per weight and step size)."""
+"""L2 prefetch of GEMV weights (pallas_kernels/l2_prefetch.py, measured by scripts/bench_gemv.py; not in the engine:
+it made batch-1 decode slower on the H100, docs/PERF.md session 16): the boxes it plans (by hand), the kernel
+interpreted in both modes and lowered for an H100, and its result aliased so that XLA keeps it."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from gpu_lowering import lower_for_h100
 
-from jaxserve.attention import PallasBackend, XlaBackend, dummy_metadata, get_backend, parse_l2_prefetch
-from jaxserve.pallas_kernels import l2_prefetch as l2p
 from jaxserve.pallas_kernels.l2_prefetch import l2_prefetch, parse_spec, plan
 
 MiB = 1 << 20
@@ -76,61 +74,3 @@ def test_parse_spec(spec, want):
 def test_parse_spec_errors(spec):
     with pytest.raises(ValueError, match="prefetch spec"):
         parse_spec(spec)
-
-
-def test_env_errors_are_clear():
-    with pytest.raises(ValueError, match="JAXSERVE_L2_PREFETCH"):
-        parse_l2_prefetch("qkv=8,attn=8")
-
-
-def test_env_reaches_the_mosaic_backend(monkeypatch):
-    from jaxserve.pallas_kernels import select
-    monkeypatch.setattr(select, "device_attention_backend", lambda override=None: "pallas_mosaic")
-    monkeypatch.setenv("JAXSERVE_L2_PREFETCH", "qkv=4,gate_up=2x2")
-    monkeypatch.setenv("JAXSERVE_L2_PREFETCH_MAX_TOKENS", "16")
-    b = get_backend("pallas_mosaic")
-    assert b.l2_prefetch == (("qkv", 4 * MiB, 1), ("gate_up", 2 * MiB, 2)) and b.l2_prefetch_max_tokens == 16
-    monkeypatch.setenv("JAXSERVE_L2_PREFETCH_MAX_TOKENS", "-1")
-    with pytest.raises(ValueError, match="MAX_TOKENS"):
-        get_backend("pallas_mosaic")
-
-
-def _traced_prefetches(backend, num_tokens, monkeypatch):
-    """Trace (no run) a tiny bf16 Llama decode step with `backend`; the l2_prefetch calls it makes per layer
-    trace: (weight shape, row_dims, nbytes, bands, rows of `after`)."""
-    from jaxserve.models.arch import ArchConfig
-    from jaxserve.models.llama import LlamaForCausalLM, abstract_params
-    calls = []
-    real = l2p.l2_prefetch
-    monkeypatch.setattr(l2p, "l2_prefetch", lambda w, after, **k: calls.append(
-        (w.shape, k["row_dims"], k["nbytes"], k["bands"], after.shape[0])) or real(w, after, **k))
-    cfg = ArchConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=256, intermediate_size=512,
-                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=1e4,
-                     max_position_embeddings=256)
-    model = LlamaForCausalLM(cfg, jnp.bfloat16, backend)
-    params, _ = abstract_params(model, num_blocks=8, block_size=16)
-    page = jax.ShapeDtypeStruct((2, 8, 16, 64), jnp.bfloat16)
-    kv = tuple((page, page) for _ in range(2))
-    meta = dummy_metadata(num_tokens, num_tokens, 4, decode_only=True)
-    ids = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
-    jax.eval_shape(lambda p, kv, t, li: model.apply({"params": p}, t, kv, meta, li), params, kv, ids, ids)
-    return calls
-
-
-def test_model_issues_each_weight_prefetch_on_small_steps(monkeypatch):
-    from jaxserve.models import llama
-    llama._layer_fn.cache_clear()  # one trace per (config, backend): start from none
-    spec = parse_l2_prefetch("qkv=1,o=2x2,gate_up=3,down=4x4")
-    backend = PallasBackend(name="pallas_mosaic", interpret=True, l2_prefetch=spec, l2_prefetch_max_tokens=8)
-    calls = _traced_prefetches(backend, 8, monkeypatch)
-    # one traced layer (models.llama._layer_fn) serves both: qkv [D, K, G+2, E], o [H, E, D] (2 contracted dims),
-    # gate/up [D, 2, I], down [I, D], each with its own size and bands, after the step's 8 token rows
-    assert sorted(calls) == sorted([((256, 2, 4, 64), 1, MiB, 1, 8), ((4, 64, 256), 2, 2 * MiB, 2, 8),
-                                    ((256, 2, 512), 1, 3 * MiB, 1, 8), ((512, 256), 1, 4 * MiB, 4, 8)])
-    llama._layer_fn.cache_clear()
-    assert _traced_prefetches(backend, 16, monkeypatch) == []  # above l2_prefetch_max_tokens
-    for b in (PallasBackend(name="pallas_mosaic", interpret=True), XlaBackend(),  # none asked / not this backend
-              PallasBackend(name="pallas_triton", interpret=True, l2_prefetch=spec)):
-        llama._layer_fn.cache_clear()
-        assert _traced_prefetches(b, 8, monkeypatch) == []
-    llama._layer_fn.cache_clear()
