@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Session 16, one 2-GPU call (after scripts/gpu_setup.sh): issue 6's TP=1 baseline beside TP=2 on one machine with
+# the current code (session 15 ran TP=2 without it): dummy Llama-3-8B, bench_latency batch 1 / 64 (128 + 128) and
+# offline 1000 ShareGPT-like prompts at TP=1 and TP=2, one compile cache, --compile-threads 8 throughout.
+set -u
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 JAXSERVE_LOGGING_LEVEL=INFO
+E="--model benchmarks/configs/llama3-8b.json --load-format dummy --skip-tokenizer-init --dtype bfloat16 --max-model-len 2048
+   --compile-cache-dir /tmp/jc --compile-threads 8"
+L=/tmp/logs71; mkdir -p $L
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+run() { local name=$1; shift; local t0=$SECONDS
+        if [ $((SECONDS + $1)) -gt 590 ]; then echo "== $name skipped"; return; fi
+        timeout "$@" > "$L/$name.log" 2>&1; echo "== $name rc=$? $((SECONDS - t0)) s"
+        grep -E "^batch|Throughput|engine ready|Error|error:" "$L/$name.log" | cut -c1-230 | tail -4; }
+B="python3 scripts/bench_latency.py $E --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 128"
+run lat_tp1 110 $B --output-json $OUT/lat_tp1.json
+run lat_tp2 130 $B --tensor-parallel-size 2 --output-json $OUT/lat_tp2.json
+T="python3 scripts/bench_throughput.py $E --dataset sharegpt-like --num-prompts 1000 --disable-tqdm"
+run off_tp2 170 $T --tensor-parallel-size 2 --output-json $OUT/off_tp2.json
+run off_tp1 $((588 - SECONDS)) $T --output-json $OUT/off_tp1.json
+tar czf $OUT/logs71.tgz -C /tmp logs71
