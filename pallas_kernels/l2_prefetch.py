@@ -56,7 +56,7 @@ class PrefetchPlan:
         return band * (self.rows // self.bands)
 
     @property
-    def nbytes(self) -> int:  # elements, times the itemsize
+    def elements(self) -> int:  # of the array that the boxes cover
         return self.bands * self.band_rows * self.cols
 
 
@@ -131,6 +131,7 @@ def l2_prefetch(w: jax.Array, after: jax.Array, *, nbytes: int, bands: int = 1, 
     )
     _, out = pl.run_state(lambda refs: run(*refs))((w2, after))
     return out
+
 
 def l2_prefetch_reference(w: jax.Array, after: jax.Array, *, nbytes: int, bands: int = 1,
                           row_dims: int = 1) -> jax.Array:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gpu_lowering import lower_for_h100
 
-from jaxserve.pallas_kernels.l2_prefetch import l2_prefetch, parse_spec, plan
+from jaxserve.pallas_kernels.l2_prefetch import l2_prefetch, l2_prefetch_reference, parse_spec, plan
 
 MiB = 1 << 20
 
@@ -16,7 +16,7 @@ def test_plan_covers_the_first_rows_in_equal_boxes():
     # Llama-3-8B's QKV weight [4096, 8, 6, 128] as [4096, 6144] bf16: 8 MiB = 682.7 rows -> 683 -> 3 boxes of 228
     p = plan((4096, 8, 6, 128), 2, 8 * MiB)
     assert (p.rows, p.cols, p.box_rows, p.band_rows, p.box_cols, p.bands) == (4096, 6144, 228, 684, 256, 1)
-    assert p.grid == (1, 3, 24) and p.nbytes * 2 >= 8 * MiB
+    assert p.grid == (1, 3, 24) and p.elements * 2 >= 8 * MiB
     # o [32, 128, 4096] with row_dims=2 -> [4096, 4096]: 8 MiB = 1024 rows exactly, 4 boxes of 256
     p = plan((32, 128, 4096), 2, 8 * MiB, row_dims=2)
     assert (p.rows, p.cols, p.band_rows, p.box_rows) == (4096, 4096, 1024, 256)
@@ -25,7 +25,7 @@ def test_plan_covers_the_first_rows_in_equal_boxes():
     assert p.grid == (4, 1, 16) and [p.band_start(b) for b in range(4)] == [0, 3584, 7168, 10752]
     # more than the array: capped at the whole of it
     p = plan((64, 256), 2, 100 * MiB)
-    assert p.band_rows == 64 and p.nbytes == 64 * 256
+    assert p.band_rows == 64 and p.elements == 64 * 256
 
 
 @pytest.mark.parametrize("args", [((4096, 6144), 2, 0, 1, 1), ((4096, 6144), 2, MiB, 0, 1), ((4096,), 2, MiB, 1, 1),
@@ -40,7 +40,8 @@ def test_kernel_interpreted_changes_nothing(mode):
     w = jnp.asarray(np.random.default_rng(0).standard_normal((512, 256)), jnp.bfloat16)
     x = jnp.arange(24.0).reshape(8, 3)
     y = jax.jit(lambda w, x: l2_prefetch(w, x, nbytes=96 * 1024, bands=2, mode=mode, interpret=True) * 2)(w, x)
-    np.testing.assert_array_equal(np.asarray(y), 2 * np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), 2 * np.asarray(l2_prefetch_reference(w, x, nbytes=96 * 1024)))
+    np.testing.assert_array_equal(np.asarray(y), 2 * np.arange(24.0).reshape(8, 3))
 
 
 @pytest.mark.parametrize("mode", ["prefetch", "load"])
