@@ -75,3 +75,24 @@ def test_parse_spec(spec, want):
 def test_parse_spec_errors(spec):
     with pytest.raises(ValueError, match="prefetch spec"):
         parse_spec(spec)
+
+
+def test_bench_gemv_prefetch_smoke(tmp_path):
+    """scripts/bench_gemv.py's prefetch parts in --smoke mode (tiny shapes, interpreted): they run, and the layer
+    chain gives the same values with prefetches as without (a prefetch changes no value)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gemv.json"
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "bench_gemv.py"), "--smoke", "--only",
+                           "--check-prefetch", "--prefetch", "qkv=0.01,o=0.01x2,gate_up=0.01,down=0.01x2",
+                           "--output-json", str(out)], capture_output=True, text=True, timeout=600, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["prefetch_check"]) >= {"gap only", "prefetch, gap, gemv", "load, gap, gemv", "gemv_us"}
+    assert r["sweeps"] == {}  # --only with no projection: the layers alone
+    layers = r["layers"]
+    assert set(layers) == {"xla", "xla, prefetch qkv=0.01,o=0.01x2,gate_up=0.01,down=0.01x2", "xla (again)"}
+    assert all(v["max_rel_diff_vs_xla"] == 0 for v in layers.values())
