@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Part 2 needs the tree of commit ce02ea0: the engine read JAXSERVE_L2_PREFETCH only there (taken out after call 70).
 # Session 16, one H100 (after scripts/gpu_setup.sh): L2 prefetches of the GEMV weights at batch 1
 # (pallas_kernels/l2_prefetch.py). 1. bench_gemv's 32 decode layers (XLA's dots, no attention) without and with
 #    six prefetch specs; 2. bench_latency batch 1 / 64 (128 + 128) without them, with the two best specs of part 1,
