@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Part 2 needs the tree of commit bbd6e92: the engine read JAXSERVE_L2_PREFETCH only there (taken out after call 70).
+# Part 3 needs the tree of commit bbd6e92: the engine read JAXSERVE_L2_PREFETCH only there (taken out after call 70).
 # Session 16, one H100 (after scripts/gpu_setup.sh): calls 66-69 timed no prefetch at all (XLA dropped the kernel:
 # its token output was unused). With the kernel now updating `after` in place: 1. the L2 check (a 32 MiB weight
 # after an idle gap: DRAM, after its prefetch, after a TMA load, after the same GEMV); 2. bench_gemv's 32 decode
