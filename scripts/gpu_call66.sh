@@ -6,12 +6,9 @@
 #    and without them again (the drift), all on one compile cache.
 set -u
 export PYTHONUNBUFFERED=1
-L=/tmp/logs66; mkdir -p $L
+L=/tmp/logs66
 nvidia-smi --query-gpu=name --format=csv,noheader
-run() { local name=$1; shift; local t0=$SECONDS
-        if [ $((SECONDS + $1)) -gt 590 ]; then echo "== $name skipped"; return; fi
-        timeout "$@" > "$L/$name.log" 2>&1; echo "== $name rc=$? $((SECONDS - t0)) s"
-        grep -E "^batch|layers,|Error|error:" "$L/$name.log" | cut -c1-220 | tail -12; }
+RUN_SHOW="^batch|layers,|Error|error:" RUN_TAIL=12 RUN_CUT=220; source scripts/gpu_run_lib.sh
 run gemv 170 python3 scripts/bench_gemv.py --only --output-json $OUT/gemv.json --prefetch \
   qkv=8,o=8,gate_up=8,down=8 qkv=16,o=16,gate_up=16,down=16 qkv=8x4,o=8x4,gate_up=8,down=8x4 \
   qkv=16x4,o=16x4,gate_up=16,down=16x4 qkv=16,o=16 gate_up=16,down=16

@@ -7,12 +7,9 @@
 # two best specs of part 2, and without again, all on one compile cache.
 set -u
 export PYTHONUNBUFFERED=1
-L=/tmp/logs70; mkdir -p $L
+L=/tmp/logs70
 nvidia-smi --query-gpu=name --format=csv,noheader
-run() { local name=$1; shift; local t0=$SECONDS
-        if [ $((SECONDS + $1)) -gt 590 ]; then echo "== $name skipped"; return; fi
-        timeout "$@" > "$L/$name.log" 2>&1; echo "== $name rc=$? $((SECONDS - t0)) s"
-        grep -E "^batch|layers,|prefetch check:|Error|error:" "$L/$name.log" | cut -c1-300 | tail -12; }
+RUN_SHOW="^batch|layers,|prefetch check:|Error|error:" RUN_TAIL=12 RUN_CUT=300; source scripts/gpu_run_lib.sh
 run check 60 python3 scripts/bench_gemv.py --only --layers 1 --iters 50 --check-prefetch --spin-iters 300 \
   --output-json $OUT/check.json
 run gemv 150 python3 scripts/bench_gemv.py --only --output-json $OUT/gemv.json --prefetch \

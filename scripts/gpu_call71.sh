@@ -6,12 +6,9 @@ set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 JAXSERVE_LOGGING_LEVEL=INFO
 E="--model benchmarks/configs/llama3-8b.json --load-format dummy --skip-tokenizer-init --dtype bfloat16 --max-model-len 2048
    --compile-cache-dir /tmp/jc --compile-threads 8"
-L=/tmp/logs71; mkdir -p $L
+L=/tmp/logs71
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-run() { local name=$1; shift; local t0=$SECONDS
-        if [ $((SECONDS + $1)) -gt 590 ]; then echo "== $name skipped"; return; fi
-        timeout "$@" > "$L/$name.log" 2>&1; echo "== $name rc=$? $((SECONDS - t0)) s"
-        grep -E "^batch|Throughput|engine ready|Error|error:" "$L/$name.log" | cut -c1-230 | tail -4; }
+RUN_SHOW="^batch|Throughput|engine ready|Error|error:"; source scripts/gpu_run_lib.sh
 B="python3 scripts/bench_latency.py $E --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 128"
 run lat_tp1 110 $B --output-json $OUT/lat_tp1.json
 run lat_tp2 130 $B --tensor-parallel-size 2 --output-json $OUT/lat_tp2.json

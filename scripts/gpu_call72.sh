@@ -7,12 +7,9 @@ set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 E="--model benchmarks/configs/llama3-8b.json --load-format dummy --skip-tokenizer-init --dtype bfloat16 --max-model-len 2048
    --compile-threads 8 --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 128"
-L=/tmp/logs72; mkdir -p $L
+L=/tmp/logs72
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-run() { local name=$1; shift; local t0=$SECONDS
-        if [ $((SECONDS + $1)) -gt 590 ]; then echo "== $name skipped"; return; fi
-        timeout "$@" > "$L/$name.log" 2>&1; echo "== $name rc=$? $((SECONDS - t0)) s"
-        grep -E "^batch|Error|error:" "$L/$name.log" | cut -c1-230 | tail -4; }
+source scripts/gpu_run_lib.sh
 B="python3 scripts/bench_latency.py $E"
 run tp2 140 $B --tensor-parallel-size 2 --compile-cache-dir /tmp/jc --output-json $OUT/tp2.json
 export XLA_FLAGS="--xla_gpu_enable_command_buffer="
