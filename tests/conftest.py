@@ -32,6 +32,10 @@ import pytest
 # tests that count compiles or traces must not find programs that an earlier test (or an earlier run of the suite)
 # stored there. tests/test_program_store.py turns it on, each test with a cache folder of its own.
 os.environ["JAXSERVE_PROGRAM_STORE"] = "0"
+# Under pytest-xdist (.ci/run's -n 2) the workers are separate processes that may share one GPU: none may take
+# XLA's default 75% of its memory up front. Harmless on CPU.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "tiny"
