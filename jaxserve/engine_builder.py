@@ -272,7 +272,7 @@ def build_engine(cls, args: EngineArgs, on_config=None):
                  100 * args.gpu_memory_utilization)
     from jaxserve.attention import get_backend
     from jaxserve.block_manager import BlockManager
-    from jaxserve.kv_cache import bytes_per_block, kv_memory_budget, round_blocks
+    from jaxserve.kv_cache import bytes_per_block, kv_memory_budget, memory_summary, round_blocks
     from jaxserve.model_runner import ModelRunner
     from jaxserve.models.arch import load_arch
     from jaxserve.models.llama import abstract_params
@@ -346,9 +346,14 @@ def build_engine(cls, args: EngineArgs, on_config=None):
         raise StartupError(f"--compile-threads must be >= 1 (got {threads})")
     # Threaded compiles autotune several programs at once: before the pages take the memory (compile_ahead).
     compile_s = 0.0 if config.enforce_eager else runner.compile_ahead(num_blocks, threads)
+    devices = plan.local_devices() if plan else jax.devices()[:1]
+    if log.isEnabledFor(logging.DEBUG) and (mem := memory_summary(devices)):
+        log.debug("device memory before the KV cache: %s", mem)
     runner.allocate_kv(num_blocks, host_blocks)
     log.info("KV cache: %d blocks of %d tokens (%.2f GiB per device, %s); %d host swap blocks", num_blocks,
              cc.block_size, num_blocks * per_block / 2**30, why, host_blocks)
+    if mem := memory_summary(devices):
+        log.info("device memory after the KV cache: %s", mem)
     try:
         compile_s += 0.0 if config.enforce_eager else runner.warmup()
     except Exception as e:  # noqa: BLE001 - one known failure gets its numbers and remedies; others pass through

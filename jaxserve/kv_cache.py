@@ -102,6 +102,20 @@ def kv_memory_budget(devices, gpu_memory_utilization: float, kv_cache_memory: in
     return max(0, int(limit - peak - reserve - excess)), why
 
 
+def memory_summary(devices) -> str:
+    """One line of each device's allocator state: in use, peak, and the largest free block (what the next large
+    allocation, a layer's pages, can take at most). Empty where the runtime keeps no statistics (CPU)."""
+    parts = []
+    for d in devices:
+        st = d.memory_stats() or {}
+        if "bytes_in_use" not in st:
+            continue
+        g = lambda k: f"{st[k] / 2**30:.2f}" if k in st else "?"  # noqa: E731
+        parts.append(f"{d.platform}:{d.id} in use {g('bytes_in_use')} GiB, peak {g('peak_bytes_in_use')} GiB, "
+                     f"largest free block {g('largest_free_block_bytes')} GiB of {g('bytes_limit')} GiB")
+    return "; ".join(parts)
+
+
 def round_blocks(num_blocks: int, quantum: int = 32) -> int:
     """Blocks rounded down to a multiple of `quantum` from 1024 blocks up (under 3.2% less), so that a few
     bytes more or less in use at start-up give the same cache shape, and the same compiled programs."""

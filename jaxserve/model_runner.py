@@ -602,6 +602,9 @@ class ModelRunner:
                 logits, self.kv_caches = fn(*args, **kw)
             jax.block_until_ready(logits)
             self.compiled[("forward", T, dec)] = time.perf_counter() - t1
+            if log.isEnabledFor(logging.DEBUG) and (mem := kv_cache.memory_summary(
+                    self.parallel.local_devices() if self.parallel else jax.devices()[:1])):
+                log.debug("warm-up T=%d%s ran: %s", T, " decode" if dec else "", mem)
         if self.device_inputs:
             self._warmup_step_helpers()
         dt = time.perf_counter() - t0

@@ -150,6 +150,22 @@ def test_kv_budget_from_memory_analysis_ignores_the_compile_time_peak():
     assert kv_memory_budget([warm, cold], 0.9, None)[0] == 72 * GiB - 30 * GiB - reserve
 
 
+def test_memory_summary_names_each_device_and_its_largest_free_block():
+    from jaxserve.kv_cache import memory_summary
+    GiB = 1 << 30
+    a = _FakeDevice(bytes_limit=72 * GiB, bytes_in_use=16 * GiB, peak_bytes_in_use=18 * GiB,
+                    largest_free_block_bytes=GiB // 2)
+    a.platform, a.id = "gpu", 0
+    b = _FakeDevice(bytes_limit=72 * GiB, bytes_in_use=GiB)  # no peak or free-block figures
+    b.platform, b.id = "gpu", 1
+    cpu = _FakeDevice()  # no statistics at all
+    cpu.platform, cpu.id = "cpu", 0
+    assert memory_summary([a, b, cpu]) == (
+        "gpu:0 in use 16.00 GiB, peak 18.00 GiB, largest free block 0.50 GiB of 72.00 GiB; "
+        "gpu:1 in use 1.00 GiB, peak ? GiB, largest free block ? GiB of 72.00 GiB")
+    assert memory_summary([cpu]) == ""
+
+
 def test_round_blocks():
     from jaxserve.kv_cache import round_blocks
     assert [round_blocks(n) for n in (5, 1023, 1024, 1055, 1056, 30001)] == [5, 1023, 1024, 1024, 1056, 29984]
