@@ -272,7 +272,7 @@ def build_engine(cls, args: EngineArgs, on_config=None):
                  100 * args.gpu_memory_utilization)
     from jaxserve.attention import get_backend
     from jaxserve.block_manager import BlockManager
-    from jaxserve.kv_cache import bytes_per_block, kv_memory_budget, memory_summary, round_blocks
+    from jaxserve.kv_cache import bytes_per_block, kv_memory_budget, memory_summary, pipeline_slack, round_blocks
     from jaxserve.model_runner import ModelRunner
     from jaxserve.models.arch import load_arch
     from jaxserve.models.llama import abstract_params
@@ -321,6 +321,9 @@ def build_engine(cls, args: EngineArgs, on_config=None):
         scratch = collective_scratch_estimate(plan, runner, devices[0].platform)
         budget, why = kv_memory_budget(devices, pool_fraction, cc.kv_cache_memory, activation, scratch)
         num_blocks = budget // per_block
+        if plan and plan.pp > 1 and not cc.kv_cache_memory and devices[0].platform != "cpu":
+            num_blocks -= pipeline_slack(num_blocks, max(b - a for a, b in plan.stages))
+            why += ", less one layer's pages per device (pipeline stages: kv_cache.pipeline_slack)"
         if args.num_processes > 1:  # every process must allocate the same pages: the smallest count wins
             from jaxserve.multihost import agree_min
             num_blocks = agree_min(num_blocks)
@@ -367,6 +370,12 @@ def build_engine(cls, args: EngineArgs, on_config=None):
                 f"{os.environ.get('JAXSERVE_COLLECTIVE_SCRATCH_MIB', 'the default')}) so that the KV cache leaves "
                 f"more free, or set XLA_FLAGS=--xla_gpu_experimental_use_collective_kernels= to use NCCL's "
                 f"all-reduce, which keeps no scratch per program.") from e
+        if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
+            raise StartupError(
+                f"the warm-up ran out of device memory after the KV cache took {num_blocks * per_block / 2**30:.2f} "
+                f"GiB per device ({why}): {e}. Give the cache less with --kv-cache-memory BYTES or "
+                f"--num-gpu-blocks-override N ({num_blocks} now). A lower --gpu-memory-utilization shrinks the "
+                f"cache and JAX's share of the device together, so it leaves the warm-up no more room.") from e
         raise
     freeze_startup_heap()
     if args.num_processes > 1 and jax.process_index() != 0:

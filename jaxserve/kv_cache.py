@@ -116,6 +116,17 @@ def memory_summary(devices) -> str:
     return "; ".join(parts)
 
 
+def pipeline_slack(num_blocks: int, layers_per_stage: int) -> int:
+    """Pages to leave unallocated on pipeline-parallel engines: one layer's k (or v) page array per device.
+
+    Measured (docs/PERF.md, session 17; 2 x H100 and 2 x H200, Llama-3-8B at PP=2): engines sized by the allocator's
+    peak with 2.1-3.8 GiB of headroom failed their warm-up when a stage's step asked for one more allocation of
+    exactly one page array's size (1.89 and 3.33 GiB), while those whose profiling peak had left 0.6-0.9 GiB more
+    passed. What makes that allocation was not found (XLA's memory analysis shows every page output aliased to its
+    donated input); this slack covers it. Single-stage engines never showed it."""
+    return -(-num_blocks // (2 * layers_per_stage)) if num_blocks > 0 else 0
+
+
 def round_blocks(num_blocks: int, quantum: int = 32) -> int:
     """Blocks rounded down to a multiple of `quantum` from 1024 blocks up (under 3.2% less), so that a few
     bytes more or less in use at start-up give the same cache shape, and the same compiled programs."""

@@ -166,6 +166,27 @@ def test_memory_summary_names_each_device_and_its_largest_free_block():
     assert memory_summary([cpu]) == ""
 
 
+def test_pipeline_slack_is_one_layers_page_array():
+    from jaxserve.kv_cache import pipeline_slack
+    # 62,016 pages (call 74's PP=2 engine, 16 layers a stage): each of the 32 arrays holds them all, so one array
+    # is 1/32 of the pages' bytes; rounded up.
+    assert pipeline_slack(62016, 16) == 1938 and pipeline_slack(33, 16) == 2 and pipeline_slack(0, 16) == 0
+
+
+def test_warm_up_out_of_memory_is_a_startup_error_with_the_remedies(monkeypatch):
+    from jaxserve.model_runner import ModelRunner
+
+    def oom(self):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.89GiB with allocator "
+                           "GPU_1_bfc on device 1.")
+    monkeypatch.setattr(ModelRunner, "warmup", oom)
+    with pytest.raises(StartupError) as e:
+        make(max_model_len=64, num_gpu_blocks_override=9, enforce_eager=False)
+    msg = str(e.value)
+    assert "warm-up ran out of device memory" in msg and "allocate 1.89GiB" in msg
+    assert "--kv-cache-memory" in msg and "--num-gpu-blocks-override N (9 now)" in msg
+
+
 def test_round_blocks():
     from jaxserve.kv_cache import round_blocks
     assert [round_blocks(n) for n in (5, 1023, 1024, 1055, 1056, 30001)] == [5, 1023, 1024, 1024, 1056, 29984]
