@@ -252,6 +252,38 @@ def collective_pool_fraction(args: EngineArgs, arch, total: int | None) -> tuple
     return max(0.05, util - excess / total), est
 
 
+def _is_oom(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)
+
+
+def _allocate_pages(runner, num_blocks: int, host_blocks: int, need: int, adjustable: bool, tries: int = 3) -> int:
+    """Allocate the KV pages and wait for them; where the allocator cannot place them all (multi-device engines
+    grow their pool in regions, and each page array must fit one; docs/PARALLEL.md), free them and try again with
+    5% fewer pages, at most `tries` times. Returns the page count allocated. Not `adjustable` (the user fixed the
+    count or the bytes, or several processes must agree on it): a failure is a StartupError at once."""
+    for attempt in range(tries):
+        try:
+            runner.allocate_kv(num_blocks, host_blocks)
+            jax.block_until_ready(runner.kv_caches)  # an allocation that failed surfaces here, not at its first use
+            return num_blocks
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; everything else passes through
+            if not _is_oom(e):
+                raise
+            runner.kv_caches = None
+            gc.collect()
+            from jaxserve.kv_cache import round_blocks
+            smaller = round_blocks(num_blocks - max(1, num_blocks // 20))
+            if not adjustable or attempt == tries - 1 or smaller < need:
+                raise StartupError(
+                    f"the device could not hold the KV cache's {num_blocks} pages ({e}). Give the cache less with "
+                    f"--kv-cache-memory BYTES or --num-gpu-blocks-override N.") from e
+            log.warning("the KV cache's %d pages did not fit the device allocator (%s); trying %d", num_blocks,
+                        str(e).splitlines()[0][:200], smaller)
+            runner.discard_programs()  # compiled ahead for the old page count
+            num_blocks = smaller
+    raise AssertionError("unreachable")
+
+
 def build_engine(cls, args: EngineArgs, on_config=None):
     """on_config(EngineConfig), if given, is called as soon as the configuration is known (before weights load
     and compiles): the server's front-end process loads its tokenizer meanwhile (jaxserve/mp_engine.py)."""
@@ -352,7 +384,8 @@ def build_engine(cls, args: EngineArgs, on_config=None):
     devices = plan.local_devices() if plan else jax.devices()[:1]
     if log.isEnabledFor(logging.DEBUG) and (mem := memory_summary(devices)):
         log.debug("device memory before the KV cache: %s", mem)
-    runner.allocate_kv(num_blocks, host_blocks)
+    adjustable = not (cc.num_gpu_blocks_override or cc.kv_cache_memory or args.num_processes > 1)
+    num_blocks = _allocate_pages(runner, num_blocks, host_blocks, need, adjustable)
     log.info("KV cache: %d blocks of %d tokens (%.2f GiB per device, %s); %d host swap blocks", num_blocks,
              cc.block_size, num_blocks * per_block / 2**30, why, host_blocks)
     if mem := memory_summary(devices):
@@ -370,7 +403,7 @@ def build_engine(cls, args: EngineArgs, on_config=None):
                 f"{os.environ.get('JAXSERVE_COLLECTIVE_SCRATCH_MIB', 'the default')}) so that the KV cache leaves "
                 f"more free, or set XLA_FLAGS=--xla_gpu_experimental_use_collective_kernels= to use NCCL's "
                 f"all-reduce, which keeps no scratch per program.") from e
-        if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
+        if _is_oom(e):
             raise StartupError(
                 f"the warm-up ran out of device memory after the KV cache took {num_blocks * per_block / 2**30:.2f} "
                 f"GiB per device ({why}): {e}. Give the cache less with --kv-cache-memory BYTES or "

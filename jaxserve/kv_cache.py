@@ -122,8 +122,11 @@ def pipeline_slack(num_blocks: int, layers_per_stage: int) -> int:
     Measured (docs/PERF.md, session 17; 2 x H100 and 2 x H200, Llama-3-8B at PP=2): engines sized by the allocator's
     peak with 2.1-3.8 GiB of headroom failed their warm-up when a stage's step asked for one more allocation of
     exactly one page array's size (1.89 and 3.33 GiB), while those whose profiling peak had left 0.6-0.9 GiB more
-    passed. What makes that allocation was not found (XLA's memory analysis shows every page output aliased to its
-    donated input); this slack covers it. Single-stage engines never showed it."""
+    passed. XLA's memory analysis shows every page output aliased to its donated input. Our reading, not verified:
+    the failing engines had logged the allocator running out while the pages themselves were allocated (their pool
+    grows in regions and a page array must fit one), and a step cannot reuse a page array whose allocation failed,
+    so it asks for a new one. This slack avoids that; engine_builder._allocate_pages backs off where it still
+    happens. Single-stage engines never showed it."""
     return -(-num_blocks // (2 * layers_per_stage)) if num_blocks > 0 else 0
 
 

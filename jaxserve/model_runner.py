@@ -364,6 +364,13 @@ class ModelRunner:
             self.swap = kv_cache.HostSwapSpace(self.arch, num_host_blocks, self.block_size, self.kv_dtype,
                                                self.num_kv_heads)
 
+    def discard_programs(self) -> None:
+        """Forget the step programs compiled or loaded for the current page count (compile_ahead), so that warm-up
+        makes them for another one (the engine builder's allocation fell back to fewer pages)."""
+        self._programs.clear()
+        self._from_store.clear()
+        self._store_tried.clear()
+
     def profile_run(self) -> int | None:
         """The largest token bucket's step program on a tiny cache, so its activation memory is known.
 

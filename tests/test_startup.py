@@ -187,6 +187,43 @@ def test_warm_up_out_of_memory_is_a_startup_error_with_the_remedies(monkeypatch)
     assert "--kv-cache-memory" in msg and "--num-gpu-blocks-override N (9 now)" in msg
 
 
+def _fail_first_allocations(monkeypatch, n: int) -> list[int]:
+    """ModelRunner.allocate_kv fails its first n calls as an out-of-memory device does; returns the page counts
+    asked for, call by call."""
+    from jaxserve.model_runner import ModelRunner
+    real, asked = ModelRunner.allocate_kv, []
+
+    def allocate_kv(self, num_blocks, num_host_blocks=0):
+        asked.append(num_blocks)
+        if len(asked) <= n:
+            raise RuntimeError(f"RESOURCE_EXHAUSTED: Out of memory while trying to allocate {num_blocks} pages")
+        return real(self, num_blocks, num_host_blocks)
+    monkeypatch.setattr(ModelRunner, "allocate_kv", allocate_kv)
+    return asked
+
+
+def test_pages_that_do_not_fit_the_allocator_fall_back_to_fewer(monkeypatch, caplog):
+    from jaxserve.kv_cache import round_blocks
+    asked = _fail_first_allocations(monkeypatch, 1)
+    with caplog.at_level("WARNING", logger="jaxserve"):
+        llm = make(max_model_len=64)
+    first, second = asked
+    assert second == round_blocks(first - first // 20) < first
+    assert llm.llm_engine.block_manager.num_allocatable_blocks == second - 1  # less the null block
+    assert any("did not fit the device allocator" in r.getMessage() for r in caplog.records)
+
+
+def test_pages_the_user_fixed_are_not_shrunk_when_they_do_not_fit(monkeypatch):
+    asked = _fail_first_allocations(monkeypatch, 1)
+    with pytest.raises(StartupError, match=r"could not hold the KV cache's 9 pages.*--kv-cache-memory"):
+        make(max_model_len=64, num_gpu_blocks_override=9)
+    assert asked == [9]
+    asked = _fail_first_allocations(monkeypatch, 3)  # three failures in a row: no fourth try
+    with pytest.raises(StartupError, match="could not hold the KV cache"):
+        make(max_model_len=64)
+    assert len(asked) == 3
+
+
 def test_round_blocks():
     from jaxserve.kv_cache import round_blocks
     assert [round_blocks(n) for n in (5, 1023, 1024, 1055, 1056, 30001)] == [5, 1023, 1024, 1024, 1056, 29984]
