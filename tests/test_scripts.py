@@ -1,4 +1,4 @@
-"""scripts/bench_throughput.py, bench_startup.py and run_batch.py, tiny, on CPU.
+"""scripts/bench_throughput.py, bench_startup.py, run_batch.py and the other scripts, tiny, on CPU.
 
 The tiny llama (tests/data/tiny/llama: vocab 512, 256 positions, no tokenizer) runs with
 --skip-tokenizer-init, so prompts are token ids and text fields come back empty. One slow test runs
@@ -344,3 +344,27 @@ def test_bench_dispatch_times_launches_by_argument_count(tmp_path):
     assert [(r["buffers"], r["donated"]) for r in rows] == [(2, 0), (400, 0)]
     assert json.loads(out.read_text()) == rows
     assert 0 < rows[0]["host_us_per_call"] < rows[1]["host_us_per_call"]
+
+
+# ------------------------------------------------------------------------------------------- step_memory
+def test_step_memory_finds_every_stages_pages_aliased(tmp_path):
+    """PP=2 over 2 CPU devices, tiny llama (2 layers: one a stage; 2 kv heads x 16 dims, f32): each stage's program
+    of every warm-up shape aliases its layer's k and v pages (1024 pages of 16 tokens: 2 x 1024 x 16 x 16 x 4 bytes
+    = 2 MiB each) to the donated inputs, and nothing of that size is a temporary."""
+    import os
+    out = tmp_path / "m.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "step_memory.py"), "--model", TINY, "--skip-tokenizer-init",
+         "--pipeline-parallel-size", "2", "--num-gpu-blocks-override", "1024", "--enforce-eager", "--max-model-len",
+         "64", "--max-num-seqs", "2", "--max-num-batched-tokens", "16", "--output-json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    page = 2 * 1024 * 16 * 16 * 4
+    assert sorted({(r["T"], r["decode_only"]) for r in rows}) == [(8, False), (16, False)]
+    assert sorted(r["program"] for r in rows) == ["stage0", "stage0", "stage1", "stage1"]
+    for r in rows:
+        assert r["page_bytes"] == page and r["alias"] == 2 * page and r["out"] >= r["alias"], r
+        assert r["temp"] < page and not r["copy_suspected"], r
+    assert "one layer's k pages on one device: 2.0 MiB" in proc.stdout
