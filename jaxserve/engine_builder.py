@@ -261,6 +261,7 @@ def _allocate_pages(runner, num_blocks: int, host_blocks: int, need: int, adjust
     grow their pool in regions, and each page array must fit one; docs/PARALLEL.md), free them and try again with
     5% fewer pages, at most `tries` times. Returns the page count allocated. Not `adjustable` (the user fixed the
     count or the bytes, or several processes must agree on it): a failure is a StartupError at once."""
+    from jaxserve.kv_cache import round_blocks
     for attempt in range(tries):
         try:
             runner.allocate_kv(num_blocks, host_blocks)
@@ -271,7 +272,6 @@ def _allocate_pages(runner, num_blocks: int, host_blocks: int, need: int, adjust
                 raise
             runner.kv_caches = None
             gc.collect()
-            from jaxserve.kv_cache import round_blocks
             smaller = round_blocks(num_blocks - max(1, num_blocks // 20))
             if not adjustable or attempt == tries - 1 or smaller < need:
                 raise StartupError(
@@ -342,6 +342,7 @@ def build_engine(cls, args: EngineArgs, on_config=None):
     # Per device: the stage's layers and num_kv_heads / tp heads of each (all layers, all heads on one device).
     per_block = plan.kv_bytes_per_block(cc.block_size, kv_dtype) if plan else bytes_per_block(arch, cc.block_size,
                                                                                               kv_dtype)
+    devices = plan.local_devices() if plan else jax.devices()[:1]  # this process's, the pages' per-device figures
     if cc.num_gpu_blocks_override:
         num_blocks, why = cc.num_gpu_blocks_override, "--num-gpu-blocks-override"
     else:
@@ -349,7 +350,6 @@ def build_engine(cls, args: EngineArgs, on_config=None):
         activation = runner.profile_run()
         log.info("profile run: %s in %.1f s", "no memory analysis" if activation is None else
                  f"{activation / 2**30:.2f} GiB of activations", time.perf_counter() - t_prof)
-        devices = plan.local_devices() if plan else jax.devices()[:1]
         scratch = collective_scratch_estimate(plan, runner, devices[0].platform)
         budget, why = kv_memory_budget(devices, pool_fraction, cc.kv_cache_memory, activation, scratch)
         num_blocks = budget // per_block
@@ -381,7 +381,6 @@ def build_engine(cls, args: EngineArgs, on_config=None):
         raise StartupError(f"--compile-threads must be >= 1 (got {threads})")
     # Threaded compiles autotune several programs at once: before the pages take the memory (compile_ahead).
     compile_s = 0.0 if config.enforce_eager else runner.compile_ahead(num_blocks, threads)
-    devices = plan.local_devices() if plan else jax.devices()[:1]
     if log.isEnabledFor(logging.DEBUG) and (mem := memory_summary(devices)):
         log.debug("device memory before the KV cache: %s", mem)
     adjustable = not (cc.num_gpu_blocks_override or cc.kv_cache_memory or args.num_processes > 1)

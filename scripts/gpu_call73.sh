@@ -6,12 +6,11 @@
 # Given H200s instead it stops at once unless ANY_CARD=1 (sessions 11-16 have six H200-pair calls of this already).
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 JAXSERVE_LOGGING_LEVEL=INFO
-card=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee /dev/stderr | head -1)
-case "$card" in *H200*) [ "${ANY_CARD:-0}" = 1 ] || { echo "H200 pair, not run"; exit 3; } ;; esac
 E="--model benchmarks/configs/llama3-8b.json --load-format dummy --skip-tokenizer-init --dtype bfloat16 --max-model-len 2048
    --compile-cache-dir /tmp/jc --compile-threads 8"
 L=/tmp/logs73
 RUN_SHOW="^batch|Throughput|engine ready|Error|error:"; source scripts/gpu_run_lib.sh
+h100_pair_or_stop
 B="python3 scripts/bench_latency.py $E --max-num-seqs 64 --batch-sizes 1 64 --input-len 128 --output-len 128"
 run lat_tp1 110 $B --output-json $OUT/lat_tp1.json
 run lat_tp2 130 $B --tensor-parallel-size 2 --output-json $OUT/lat_tp2.json

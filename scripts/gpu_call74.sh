@@ -5,12 +5,11 @@
 # compile cache, --compile-threads 8. Given H200s it stops at once unless ANY_CARD=1.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 JAXSERVE_LOGGING_LEVEL=INFO
-card=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee /dev/stderr | head -1)
-case "$card" in *H200*) [ "${ANY_CARD:-0}" = 1 ] || { echo "H200 pair, not run"; exit 3; } ;; esac
 E="--model benchmarks/configs/llama3-8b.json --load-format dummy --skip-tokenizer-init --dtype bfloat16 --max-model-len 2048
    --compile-cache-dir /tmp/jc --compile-threads 8"
 L=/tmp/logs74
 RUN_SHOW="^batch|Throughput|engine ready|Error|error:"; RUN_TAIL=5; source scripts/gpu_run_lib.sh
+h100_pair_or_stop
 B="python3 scripts/bench_latency.py $E --max-num-seqs 256 --batch-sizes 1 64 256 --input-len 128 --output-len 128"
 run lat_tp1 120 $B --output-json $OUT/lat_tp1.json
 run lat_tp2 140 $B --tensor-parallel-size 2 --output-json $OUT/lat_tp2.json

@@ -8,3 +8,6 @@ run() { local name=$1; shift; local t0=$SECONDS
         if [ $((SECONDS + $1)) -gt "$RUN_BUDGET" ]; then echo "== $name skipped"; return; fi
         timeout "$@" > "$L/$name.log" 2>&1; echo "== $name rc=$? $((SECONDS - t0)) s"
         grep -E "$RUN_SHOW" "$L/$name.log" | cut -c1-"$RUN_CUT" | tail -"$RUN_TAIL"; }
+# `h100_pair_or_stop`: print the cards; on H200s exit 3 unless ANY_CARD=1 (calls meant for an H100 pair, session 17).
+h100_pair_or_stop() { local card; card=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee /dev/stderr | head -1)
+        case "$card" in *H200*) [ "${ANY_CARD:-0}" = 1 ] || { echo "H200 pair, not run"; exit 3; } ;; esac; }
